@@ -1,0 +1,106 @@
+/*
+ * Transport ops: how rdma-x moves wire frames between the two hosts.
+ *
+ * Every transport (tcp.c, rdma.c) exports one const ops table, listed in
+ * transport.c. The data path above it (transport/wire.c) speaks in whole
+ * frames for sending and exact byte counts for receiving, so a transport may
+ * be a byte stream (TCP) or a message transport (RDMA SEND/RECV) underneath.
+ *
+ * Threads: one connection is used by at most one sending thread and at most
+ * one receiving thread at a time (the wire layer serialises senders with its
+ * own mutex). shutdown() may be called from any thread to wake both.
+ *
+ * Return convention: 0 or -errno (see docs/errors.md).
+ */
+#ifndef RDMAX_TRANSPORT_H
+#define RDMAX_TRANSPORT_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+struct rdmax_transport_ops;
+
+/* Embedded as the first member of each transport's own connection struct. */
+struct rdmax_conn {
+    const struct rdmax_transport_ops *ops; /* set by the transport, read-only */
+    char peer[64];                         /* "host:port" for messages */
+};
+
+struct rdmax_listener {
+    const struct rdmax_transport_ops *ops;
+};
+
+/* Options given to listen/connect; set by the CLI, read-only afterwards. */
+struct rdmax_transport_opts {
+    int connect_timeout_ms; /* give up connecting after this long */
+    size_t sndbuf;          /* socket buffer hint, 0 = transport default */
+    size_t pinned_max;      /* rdma: bound on registered memory per process */
+    int busy_poll;          /* rdma: poll the CQ instead of sleeping on events */
+};
+
+struct rdmax_transport_ops {
+    const char *name; /* "tcp", "rdma" */
+
+    /*
+     * Bind and listen on host:port (host may be "0.0.0.0", "::", a name).
+     * Called once by the receiver's main thread.
+     */
+    int (*listen)(const char *host, const char *port, const struct rdmax_transport_opts *o,
+                  struct rdmax_listener **out);
+
+    /*
+     * Wait up to timeout_ms (-1: forever) for one incoming connection.
+     * Returns -ETIMEDOUT when none came. The connection belongs to the
+     * caller until close().
+     */
+    int (*accept)(struct rdmax_listener *l, int timeout_ms, struct rdmax_conn **out);
+
+    /* Stop listening and free the listener. Accepts NULL. */
+    void (*listener_close)(struct rdmax_listener *l);
+
+    /* Connect to host:port, retrying until o->connect_timeout_ms passed. */
+    int (*connect)(const char *host, const char *port, const struct rdmax_transport_opts *o,
+                   struct rdmax_conn **out);
+
+    /*
+     * Send all bytes of iov as one unit (one wire frame). Blocks while the
+     * peer applies back-pressure. The iov buffers are only read until
+     * return. Returns 0, or -ECONNRESET/-EPIPE/-ETIMEDOUT/... on failure.
+     */
+    int (*send)(struct rdmax_conn *c, const struct iovec *iov, int iovcnt);
+
+    /*
+     * Receive exactly len bytes into buf, waiting at most timeout_ms
+     * (-1: forever) for the first byte and for each further chunk.
+     * Returns 0, -ECONNRESET when the peer closed (also cleanly) before
+     * len bytes came, -ETIMEDOUT, or another -errno.
+     */
+    int (*recv)(struct rdmax_conn *c, void *buf, size_t len, int timeout_ms);
+
+    /* Wake any thread blocked in send/recv on c; they return -ECONNRESET. */
+    void (*shutdown)(struct rdmax_conn *c);
+
+    /* Free the connection. Accepts NULL. No other thread may be inside c. */
+    void (*close)(struct rdmax_conn *c);
+};
+
+extern const struct rdmax_transport_ops rdmax_tcp_ops;
+#ifdef RDMAX_HAVE_RDMA
+extern const struct rdmax_transport_ops rdmax_rdma_ops;
+#endif
+
+/* The transport called name, or NULL when it is unknown or not built. */
+const struct rdmax_transport_ops *rdmax_transport_find(const char *name);
+
+/* Comma-separated names of the transports this binary was built with. */
+const char *rdmax_transport_list(void);
+
+/*
+ * Split "host:port" or "[v6addr]:port" into its parts. Returns 0 or
+ * -EINVAL with the reason in err.
+ */
+int rdmax_addr_split(const char *spec, char *host, size_t host_len, char *port,
+                     size_t port_len, char *err, size_t err_len);
+
+#endif
