@@ -24,7 +24,7 @@ struct rdmax_transport_ops;
 /* Embedded as the first member of each transport's own connection struct. */
 struct rdmax_conn {
     const struct rdmax_transport_ops *ops; /* set by the transport, read-only */
-    char peer[64];                         /* "host:port" for messages */
+    char peer[128];                        /* "host:port" for messages */
 };
 
 struct rdmax_listener {

@@ -1,0 +1,244 @@
+/* Command line of rdma-x send / rdma-x recv. */
+#include <stdio.h>
+
+#include "cli.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "transport.h"
+
+void rdmax_cli_usage(FILE *f)
+{
+    fprintf(f,
+            "Usage: rdma-x send --to HOST:PORT [OPTIONS]\n"
+            "       rdma-x recv --listen ADDR:PORT [OPTIONS]\n"
+            "       rdma-x --help | --version\n"
+            "\n"
+            "A QEMU live-migration accelerator. QEMU starts both halves itself:\n"
+            "  destination:  qemu-system-x86_64 ... -incoming 'exec:rdma-x recv --listen 0.0.0.0:7070'\n"
+            "  source (QMP): migrate-set-capabilities return-path=on,\n"
+            "                migrate-set-parameters max-bandwidth=<above the link rate>,\n"
+            "                migrate uri=\"exec:rdma-x send --to DEST:7070\"\n"
+            "\n"
+            "Run 'rdma-x send --help' or 'rdma-x recv --help' for the options.\n");
+}
+
+static void usage_sub(FILE *f, bool sender)
+{
+    if (sender) {
+        fprintf(f,
+                "Usage: rdma-x send --to HOST:PORT [OPTIONS]\n"
+                "\n"
+                "Source side. Reads the QEMU migration stream on stdin, carries it to\n"
+                "'rdma-x recv' on HOST:PORT, and writes the return path (the destination\n"
+                "QEMU's replies) to stdout. Exits 0 only when the receiver confirmed that\n"
+                "every byte reached the destination QEMU; otherwise prints one line\n"
+                "'rdma-x: error: REASON' and exits 1.\n"
+                "\n"
+                "  --to HOST:PORT        receiver address ([IPv6]:PORT allowed)\n"
+                "  --lanes N             parallel lanes, 1..%u (default: number of cores)\n"
+                "  --transport T         tcp, rdma or auto (default: auto)\n"
+                "  --cache-size BYTES    page cache per lane, K/M/G suffixes (default: from\n"
+                "                        the guest RAM size in the stream; 0 disables)\n"
+                "  --zstd-level N        zstd level for pages, 0 = adaptive (default), -1 = off\n"
+                "  --connect-timeout S   keep retrying the receiver for S seconds (default 10)\n"
+                "  --timeout S           give up when the peer is silent S seconds (default 10)\n"
+                "  --stats-json FILE     write figures as JSON at exit, also on failure\n"
+                "  --progress            a live status line on stderr\n"
+                "  -h, --help            this help\n",
+                RDMAX_LANES_MAX);
+    } else {
+        fprintf(f,
+                "Usage: rdma-x recv --listen ADDR:PORT [OPTIONS]\n"
+                "\n"
+                "Destination side. Accepts one migration from 'rdma-x send', writes the\n"
+                "QEMU migration stream to stdout, byte for byte as the source QEMU wrote\n"
+                "it, and carries the return path from stdin back to the source. Exits 0\n"
+                "once the stream was delivered and QEMU closed its side; otherwise prints\n"
+                "'rdma-x: error: REASON' and exits 1. Connections that are not a valid\n"
+                "rdma-x sender are refused with a reason and do not stop the listener.\n"
+                "\n"
+                "  --listen ADDR:PORT    address to listen on (0.0.0.0:PORT, [::]:PORT)\n"
+                "  --lanes N             refuse senders with another lane count\n"
+                "                        (default: accept the sender's)\n"
+                "  --transport T         tcp, rdma or auto (default: auto)\n"
+                "  --timeout S           give up when the peer is silent S seconds (default 10)\n"
+                "  --stats-json FILE     write figures as JSON at exit, also on failure\n"
+                "  --progress            a live status line on stderr\n"
+                "  -h, --help            this help\n");
+    }
+}
+
+static int parse_size(const char *s, uint64_t *out)
+{
+    char *end;
+    unsigned long long v;
+
+    errno = 0;
+    v = strtoull(s, &end, 10);
+    if (errno || end == s) {
+        return -1;
+    }
+    switch (*end) {
+    case 'k':
+    case 'K':
+        v <<= 10;
+        end++;
+        break;
+    case 'm':
+    case 'M':
+        v <<= 20;
+        end++;
+        break;
+    case 'g':
+    case 'G':
+        v <<= 30;
+        end++;
+        break;
+    }
+    if (*end == 'i' || *end == 'B') {
+        end += *end == 'i' ? 1 : 0;
+        end += *end == 'B' ? 1 : 0;
+    }
+    if (*end) {
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+static int parse_int(const char *s, long lo, long hi, long *out)
+{
+    char *end;
+    long v;
+
+    errno = 0;
+    v = strtol(s, &end, 10);
+    if (errno || end == s || *end || v < lo || v > hi) {
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
+{
+    enum { O_STATS = 256, O_PROGRESS, O_TRANSPORT, O_TIMEOUT, O_CTIMEOUT, O_CACHE, O_ZSTD };
+    static const struct option send_opts[] = {
+        {"to", required_argument, NULL, 't'},
+        {"lanes", required_argument, NULL, 'l'},
+        {"stats-json", required_argument, NULL, O_STATS},
+        {"progress", no_argument, NULL, O_PROGRESS},
+        {"transport", required_argument, NULL, O_TRANSPORT},
+        {"timeout", required_argument, NULL, O_TIMEOUT},
+        {"connect-timeout", required_argument, NULL, O_CTIMEOUT},
+        {"cache-size", required_argument, NULL, O_CACHE},
+        {"zstd-level", required_argument, NULL, O_ZSTD},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    static const struct option recv_opts[] = {
+        {"listen", required_argument, NULL, 'L'},
+        {"lanes", required_argument, NULL, 'l'},
+        {"stats-json", required_argument, NULL, O_STATS},
+        {"progress", no_argument, NULL, O_PROGRESS},
+        {"transport", required_argument, NULL, O_TRANSPORT},
+        {"timeout", required_argument, NULL, O_TIMEOUT},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    const char *sub = argv[0];
+    long v;
+    int c;
+
+    o->sender = strcmp(sub, "send") == 0;
+    o->transport = "auto";
+    o->timeout_ms = 10000;
+    o->connect_timeout_ms = 10000;
+    o->cache_bytes = UINT64_MAX; /* "not given" */
+    optind = 1;
+    opterr = 0;
+    while ((c = getopt_long(argc, argv, "h", o->sender ? send_opts : recv_opts, NULL)) != -1) {
+        switch (c) {
+        case 't':
+        case 'L':
+            o->addr = optarg;
+            break;
+        case 'l':
+            if (parse_int(optarg, 1, RDMAX_LANES_MAX, &v) < 0) {
+                fprintf(stderr, "rdma-x: error: --lanes takes 1..%u, not '%s'\n",
+                        RDMAX_LANES_MAX, optarg);
+                return -1;
+            }
+            o->lanes = (unsigned)v;
+            break;
+        case O_STATS:
+            o->stats_json = optarg;
+            break;
+        case O_PROGRESS:
+            o->progress = true;
+            break;
+        case O_TRANSPORT:
+            if (strcmp(optarg, "auto") != 0 && !rdmax_transport_find(optarg)) {
+                fprintf(stderr,
+                        "rdma-x: error: unknown transport '%s' (this build has: %s, auto)\n",
+                        optarg, rdmax_transport_list());
+                return -1;
+            }
+            o->transport = optarg;
+            break;
+        case O_TIMEOUT:
+        case O_CTIMEOUT:
+            if (parse_int(optarg, 1, 3600, &v) < 0) {
+                fprintf(stderr, "rdma-x: error: timeouts take 1..3600 seconds, not '%s'\n",
+                        optarg);
+                return -1;
+            }
+            if (c == O_TIMEOUT) {
+                o->timeout_ms = (int)v * 1000;
+            } else {
+                o->connect_timeout_ms = (int)v * 1000;
+            }
+            break;
+        case O_CACHE:
+            if (parse_size(optarg, &o->cache_bytes) < 0 || o->cache_bytes > (64ull << 30)) {
+                fprintf(stderr, "rdma-x: error: --cache-size takes 0..64G, not '%s'\n", optarg);
+                return -1;
+            }
+            break;
+        case O_ZSTD:
+            if (parse_int(optarg, -1, 19, &v) < 0) {
+                fprintf(stderr, "rdma-x: error: --zstd-level takes -1..19, not '%s'\n", optarg);
+                return -1;
+            }
+            o->zstd_level = (int)v;
+            break;
+        case 'h':
+            usage_sub(stdout, o->sender);
+            return 1;
+        default:
+            fprintf(stderr, "rdma-x: error: unknown option '%s' for 'rdma-x %s' (see --help)\n",
+                    argv[optind - 1], sub);
+            return -1;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "rdma-x: error: unexpected argument '%s' (see 'rdma-x %s --help')\n",
+                argv[optind], sub);
+        return -1;
+    }
+    if (!o->addr) {
+        fprintf(stderr, "rdma-x: error: 'rdma-x %s' needs %s (see --help)\n", sub,
+                o->sender ? "--to HOST:PORT" : "--listen ADDR:PORT");
+        return -1;
+    }
+    if (o->sender && o->lanes == 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        o->lanes = n < 1 ? 1 : n > (long)RDMAX_LANES_MAX ? RDMAX_LANES_MAX : (unsigned)n;
+    }
+    return 0;
+}

@@ -1,0 +1,70 @@
+/* rdma-x: entry point. */
+#include "config.h"
+
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "cli.h"
+#include "recv.h"
+#include "send.h"
+#include "session.h"
+#include "transport.h"
+
+/* Default page cache per lane when the stream does not tell the RAM size yet. */
+#define DEFAULT_CACHE_TOTAL (256ull << 20)
+
+static const struct rdmax_transport_ops *pick_transport(void)
+{
+    const char *t = rdmax_s.o.transport;
+
+    if (strcmp(t, "auto") != 0) {
+        return rdmax_transport_find(t);
+    }
+    /* auto: the RDMA transport decides in its connect/listen whether a
+     * device reaches the peer; until it can, tcp is the one that always works. */
+    return rdmax_transport_find("tcp");
+}
+
+int main(int argc, char **argv)
+{
+    int r;
+
+    if (argc < 2) {
+        rdmax_cli_usage(stderr);
+        return 2;
+    }
+    if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 ||
+        strcmp(argv[1], "help") == 0) {
+        rdmax_cli_usage(stdout);
+        return 0;
+    }
+    if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "-V") == 0) {
+        printf("rdma-x %s (wire protocol v%u; transports: %s)\n", RDMAX_VERSION,
+               RDMAX_WIRE_VERSION, rdmax_transport_list());
+        return 0;
+    }
+    if (strcmp(argv[1], "send") != 0 && strcmp(argv[1], "recv") != 0) {
+        fprintf(stderr, "rdma-x: error: unknown command '%s' (expected send or recv)\n",
+                argv[1]);
+        return 2;
+    }
+    r = rdmax_cli_parse(argc - 1, argv + 1, &rdmax_s.o);
+    if (r != 0) {
+        return r > 0 ? 0 : 2;
+    }
+    /* A closed peer or QEMU pipe is an error to report, not a signal to die of. */
+    signal(SIGPIPE, SIG_IGN);
+    rdmax_s.t0 = rdmax_now();
+    rdmax_s.tp = pick_transport();
+    rdmax_s.topts.connect_timeout_ms = rdmax_s.o.connect_timeout_ms;
+    if (rdmax_s.o.sender) {
+        rdmax_s.nlanes = rdmax_s.o.lanes;
+        rdmax_s.codec.zstd_level = rdmax_s.o.zstd_level;
+        rdmax_s.codec.cache_bytes = rdmax_s.o.cache_bytes == UINT64_MAX
+                                        ? DEFAULT_CACHE_TOTAL / rdmax_s.nlanes
+                                        : rdmax_s.o.cache_bytes;
+        return rdmax_send_run();
+    }
+    return rdmax_recv_run();
+}

@@ -1,0 +1,397 @@
+/*
+ * rdma-x recv: the destination side.
+ *
+ * control reader: CTRL frames -> zstd -> control ring; EOF with totals
+ * lane thread k:  PAGES frames -> lane decoder -> lane ring k
+ * return path:    stdin -> RP frames
+ * main (splice):  control bytes -> the same parser as the sender; at each
+ *                 page slot, the next page of lane hash(page) -> stdout
+ *
+ * The parser rebuilds the interleaving of control bytes and pages exactly,
+ * so nothing about the order has to travel. Before the splice waits for
+ * anything it writes out what it holds, so QEMU never waits on us.
+ */
+#include "recv.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <zstd.h>
+
+#include "queue.h"
+#include "session.h"
+#include "stream.h"
+
+#define CTRL_CHUNK (64u << 10)
+#define CTRL_RING_CHUNKS 64u /* 4 MiB of control bytes in flight */
+#define LANE_RING_PAGES 256u
+#define OUT_BUF (256u << 10)
+#define RP_BUF (64u << 10)
+
+struct page_slot {
+    struct rdmax_page_key key;
+    uint8_t data[RDMAX_PAGE_SIZE];
+};
+
+struct ctrl_chunk {
+    uint32_t len;
+    uint8_t data[CTRL_CHUNK];
+};
+
+struct recv_lane {
+    unsigned idx;
+    struct rdmax_ring ring; /* lane thread -> splice */
+    struct rdmax_lane_decoder *dec;
+    uint64_t pages;     /* lane thread: pages decoded */
+    uint64_t eof_pages; /* lane thread: count announced by LANE_EOF */
+    pthread_t thread;
+};
+
+static struct recv_lane lanes[RDMAX_LANES_MAX];
+static struct rdmax_ring ctrl_ring;
+static uint64_t eof_stream_bytes, eof_pages; /* from EOF; read after ctrl_ring closes */
+static _Atomic bool stream_done;             /* splice finished, FIN_ACK sent */
+
+static uint8_t *out_buf;
+static size_t out_len;
+static uint64_t out_total;
+
+static int lane_page(void *arg, struct rdmax_page_key key, const uint8_t *page)
+{
+    struct recv_lane *l = arg;
+    struct page_slot *s = rdmax_ring_reserve(&l->ring, false);
+
+    s->key = key;
+    memcpy(s->data, page, RDMAX_PAGE_SIZE);
+    rdmax_ring_commit(&l->ring);
+    l->pages++;
+    return 0;
+}
+
+static void *lane_main(void *arg)
+{
+    struct recv_lane *l = arg;
+    struct rdmax_wire *w = &rdmax_s.lane[l->idx];
+    uint8_t *buf = malloc(RDMAX_FRAME_MAX + 1);
+    struct rdmax_frame_hdr h;
+
+    if (!buf) {
+        rdmax_fail("out of memory");
+    }
+    for (;;) {
+        int r = rdmax_wire_recv(w, &h, buf, RDMAX_FRAME_MAX, -1);
+        if (r < 0) {
+            rdmax_fail("lane %u from %s: %s", l->idx, w->conn->peer, rdmax_wire_strerror(r));
+        }
+        if (h.type == RDMAX_F_PAGES) {
+            r = rdmax_lane_decoder_decode(l->dec, buf, h.len, lane_page, l);
+            if (r < 0) {
+                rdmax_fail("lane %u: corrupt page batch from the sender", l->idx);
+            }
+        } else if (h.type == RDMAX_F_LANE_EOF && h.len == 8) {
+            for (int i = 0; i < 8; i++) {
+                l->eof_pages = l->eof_pages << 8 | buf[i];
+            }
+            if (l->eof_pages != l->pages) {
+                rdmax_fail("lane %u: sender sent %llu pages, %llu arrived", l->idx,
+                           (unsigned long long)l->eof_pages, (unsigned long long)l->pages);
+            }
+            rdmax_ring_close(&l->ring);
+            break;
+        } else if (h.type == RDMAX_F_ERROR) {
+            buf[h.len] = '\0';
+            rdmax_fail("sender: %s", (char *)buf);
+        } else {
+            rdmax_fail("lane %u: unexpected %s frame", l->idx, rdmax_frame_type_name(h.type));
+        }
+    }
+    free(buf);
+    return NULL;
+}
+
+static void ctrl_push(const uint8_t *p, size_t n)
+{
+    while (n) {
+        struct ctrl_chunk *c = rdmax_ring_reserve(&ctrl_ring, false);
+        size_t k = n < CTRL_CHUNK ? n : CTRL_CHUNK;
+        memcpy(c->data, p, k);
+        c->len = (uint32_t)k;
+        rdmax_ring_commit(&ctrl_ring);
+        p += k;
+        n -= k;
+    }
+}
+
+static void *ctrl_reader_main(void *arg)
+{
+    uint8_t *buf = malloc(RDMAX_FRAME_MAX + 1);
+    uint8_t *zout = malloc(CTRL_CHUNK);
+    ZSTD_DStream *z = ZSTD_createDStream();
+    struct rdmax_frame_hdr h;
+    bool eof = false;
+
+    if (!buf || !zout || !z) {
+        rdmax_fail("out of memory");
+    }
+    /* Bound the decoder's window: a hostile sender cannot make us allocate more. */
+    ZSTD_DCtx_setParameter(z, ZSTD_d_windowLogMax, 23);
+    for (;;) {
+        int r = rdmax_wire_recv(&rdmax_s.ctrl, &h, buf, RDMAX_FRAME_MAX, rdmax_s.o.timeout_ms);
+        if (r < 0) {
+            if (eof && atomic_load(&stream_done) && r == -ECONNRESET) {
+                break; /* the sender finished and left */
+            }
+            rdmax_fail("control connection from %s: %s", rdmax_s.ctrl.conn->peer,
+                       rdmax_wire_strerror(r));
+        }
+        switch (h.type) {
+        case RDMAX_F_CTRL: {
+            ZSTD_inBuffer in = {buf, h.len, 0};
+            if (eof || !(h.flags & RDMAX_FF_ZSTD)) {
+                rdmax_fail("sender broke the protocol (control bytes %s)",
+                           eof ? "after EOF" : "not compressed");
+            }
+            while (in.pos < in.size) {
+                ZSTD_outBuffer out = {zout, CTRL_CHUNK, 0};
+                size_t zr = ZSTD_decompressStream(z, &out, &in);
+                if (ZSTD_isError(zr)) {
+                    rdmax_fail("corrupt control stream from the sender: %s",
+                               ZSTD_getErrorName(zr));
+                }
+                ctrl_push(zout, out.pos);
+                if (out.pos == 0 && in.pos < in.size && zr == 0) {
+                    break;
+                }
+            }
+            /* Flushed blocks may leave output inside zstd: drain it. */
+            for (;;) {
+                ZSTD_outBuffer out = {zout, CTRL_CHUNK, 0};
+                ZSTD_inBuffer none = {NULL, 0, 0};
+                size_t zr = ZSTD_decompressStream(z, &out, &none);
+                if (ZSTD_isError(zr)) {
+                    rdmax_fail("corrupt control stream from the sender: %s",
+                               ZSTD_getErrorName(zr));
+                }
+                if (out.pos == 0) {
+                    break;
+                }
+                ctrl_push(zout, out.pos);
+            }
+            break;
+        }
+        case RDMAX_F_EOF:
+            if (h.len != 16 || eof) {
+                rdmax_fail("sender broke the protocol (EOF frame)");
+            }
+            for (int i = 0; i < 8; i++) {
+                eof_stream_bytes = eof_stream_bytes << 8 | buf[i];
+                eof_pages = eof_pages << 8 | buf[8 + i];
+            }
+            eof = true;
+            rdmax_ring_close(&ctrl_ring);
+            break;
+        case RDMAX_F_ERROR:
+            buf[h.len] = '\0';
+            rdmax_fail("sender: %s", (char *)buf);
+        case RDMAX_F_KEEPALIVE:
+            break;
+        default:
+            rdmax_fail("sender sent an unexpected %s frame on the control connection",
+                       rdmax_frame_type_name(h.type));
+        }
+    }
+    ZSTD_freeDStream(z);
+    free(zout);
+    free(buf);
+    return arg;
+}
+
+static void *rp_main(void *arg)
+{
+    uint8_t *buf = malloc(RP_BUF);
+
+    if (!buf) {
+        rdmax_fail("out of memory");
+    }
+    for (;;) {
+        ssize_t n = read(STDIN_FILENO, buf, RP_BUF);
+        int r;
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n <= 0) {
+            /* QEMU closed its end: it finished, or gave up on the stream. */
+            r = rdmax_wire_send(&rdmax_s.ctrl, RDMAX_F_RP_EOF, 0, 0, NULL, 0);
+            if (!atomic_load(&stream_done)) {
+                if (r < 0) {
+                    rdmax_fail("control connection: %s", rdmax_wire_strerror(r));
+                }
+                /* Let the splice notice the closed stdout on its own. */
+                break;
+            }
+            break;
+        }
+        atomic_fetch_add_explicit(&rdmax_s.c.rp_bytes, (uint64_t)n, memory_order_relaxed);
+        r = rdmax_wire_send(&rdmax_s.ctrl, RDMAX_F_RP, 0, 0, buf, (size_t)n);
+        if (r < 0 && !atomic_load(&stream_done)) {
+            rdmax_fail("control connection: %s", rdmax_wire_strerror(r));
+        }
+    }
+    free(buf);
+    return arg;
+}
+
+static void out_flush(void)
+{
+    const uint8_t *p = out_buf;
+
+    while (out_len) {
+        ssize_t w = write(STDOUT_FILENO, p, out_len);
+        if (w < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            rdmax_fail("destination QEMU closed the stream (it rejected the migration?): %s",
+                       strerror(errno));
+        }
+        p += w;
+        out_len -= (size_t)w;
+        out_total += (uint64_t)w;
+    }
+    atomic_store_explicit(&rdmax_s.c.bytes_in, out_total, memory_order_relaxed);
+}
+
+static void out_put(const uint8_t *p, size_t n)
+{
+    while (n) {
+        size_t k = OUT_BUF - out_len;
+        if (k > n) {
+            k = n;
+        }
+        memcpy(out_buf + out_len, p, k);
+        out_len += k;
+        p += k;
+        n -= k;
+        if (out_len == OUT_BUF) {
+            out_flush();
+        }
+    }
+}
+
+/* Next item of a ring; write out what we hold before waiting. */
+static void *ring_next(struct rdmax_ring *r)
+{
+    void *s = rdmax_ring_peek(r, true);
+
+    if (!s && !rdmax_ring_closed_and_empty(r)) {
+        out_flush();
+        s = rdmax_ring_peek(r, false);
+    }
+    return s;
+}
+
+static void splice(struct rdmax_stream *st)
+{
+    uint64_t pages = 0;
+
+    for (;;) {
+        struct ctrl_chunk *c = ring_next(&ctrl_ring);
+        size_t pos = 0;
+
+        if (!c) {
+            break; /* EOF frame and every control byte consumed */
+        }
+        while (pos < c->len) {
+            bool page;
+            struct rdmax_page_key key;
+            ssize_t n = rdmax_stream_scan(st, c->data + pos, c->len - pos, &page, &key);
+            if (n < 0) {
+                rdmax_fail("%s", rdmax_stream_error(st));
+            }
+            out_put(c->data + pos, (size_t)n);
+            pos += (size_t)n;
+            if (page) {
+                unsigned k = rdmax_stream_lane_of(key, rdmax_s.nlanes);
+                struct page_slot *s = ring_next(&lanes[k].ring);
+                if (!s) {
+                    rdmax_fail("lane %u ended before page 0x%llx of block %u", k,
+                               (unsigned long long)key.offset, key.block);
+                }
+                if (s->key.block != key.block || s->key.offset != key.offset) {
+                    rdmax_fail("lane %u out of step: expected page 0x%llx, got 0x%llx", k,
+                               (unsigned long long)key.offset,
+                               (unsigned long long)s->key.offset);
+                }
+                out_put(s->data, RDMAX_PAGE_SIZE);
+                rdmax_ring_release(&lanes[k].ring);
+                rdmax_stream_page_done(st);
+                pages++;
+                atomic_store_explicit(&rdmax_s.c.pages, pages, memory_order_relaxed);
+            }
+        }
+        rdmax_ring_release(&ctrl_ring);
+    }
+    if (rdmax_stream_finish(st) < 0) {
+        rdmax_fail("%s", rdmax_stream_error(st));
+    }
+    out_flush();
+    if (out_total != eof_stream_bytes || pages != eof_pages) {
+        rdmax_fail("stream ended with %llu bytes and %llu pages, sender sent %llu and %llu",
+                   (unsigned long long)out_total, (unsigned long long)pages,
+                   (unsigned long long)eof_stream_bytes, (unsigned long long)eof_pages);
+    }
+    for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
+        pthread_join(lanes[i].thread, NULL);
+        if (!rdmax_ring_closed_and_empty(&lanes[i].ring)) {
+            rdmax_fail("lane %u carried pages the stream has no place for", i);
+        }
+    }
+    atomic_store(&rdmax_s.c.zero_pages, rdmax_stream_stats(st)->zero_pages);
+    atomic_store(&rdmax_s.c.ctrl_bytes, out_total - pages * RDMAX_PAGE_SIZE);
+}
+
+int rdmax_recv_run(void)
+{
+    struct rdmax_stream *st = rdmax_stream_create(RDMAX_STREAM_ELIDED);
+    pthread_t reader, rp;
+    int r;
+
+    out_buf = malloc(OUT_BUF);
+    if (!st || !out_buf || rdmax_ring_init(&ctrl_ring, sizeof(struct ctrl_chunk),
+                                           CTRL_RING_CHUNKS) < 0) {
+        rdmax_fail("out of memory");
+    }
+    rdmax_session_accept();
+    for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
+        struct recv_lane *l = &lanes[i];
+        l->idx = i;
+        if (rdmax_ring_init(&l->ring, sizeof(struct page_slot), LANE_RING_PAGES) < 0 ||
+            rdmax_lane_decoder_create(&rdmax_s.codec, &l->dec) < 0) {
+            rdmax_fail("out of memory setting up lane %u", i);
+        }
+        pthread_create(&l->thread, NULL, lane_main, l);
+    }
+    pthread_create(&reader, NULL, ctrl_reader_main, NULL);
+    pthread_detach(reader);
+    pthread_create(&rp, NULL, rp_main, NULL);
+    rdmax_keepalive_start();
+    rdmax_progress_start();
+
+    splice(st);
+
+    atomic_store(&stream_done, true);
+    atomic_store(&rdmax_s.finishing, true);
+    r = rdmax_wire_send(&rdmax_s.ctrl, RDMAX_F_FIN_ACK, 0, 0, NULL, 0);
+    if (r < 0) {
+        rdmax_fail("control connection: %s", rdmax_wire_strerror(r));
+    }
+    /* Keep relaying the return path (QEMU's SHUT) until QEMU closes it. */
+    pthread_join(rp, NULL);
+    rdmax_progress_final();
+    rdmax_stats_write("ok");
+    rdmax_stream_destroy(st);
+    return 0;
+}

@@ -1,0 +1,363 @@
+/*
+ * rdma-x send: the source side.
+ *
+ * main thread:    stdin -> parser -> control bytes (zstd stream, control
+ *                 connection) and page payloads (into the lane rings)
+ * lane thread k:  ring k -> lane encoder -> PAGES frames on connection k
+ * control reader: return path (RP frames) -> stdout; FIN_ACK; ERROR
+ *
+ * Whenever the main thread is about to block (stdin empty, a lane ring
+ * full), it flushes its control bytes first: the receiver can only place a
+ * page once it has the control bytes in front of it, so holding them back
+ * while waiting could deadlock.
+ */
+#include "send.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <zstd.h>
+
+#include "queue.h"
+#include "session.h"
+#include "stream.h"
+
+#define IN_BUF (256u << 10)
+#define CTRL_FLUSH (64u << 10)
+#define LANE_RING_PAGES 64u
+
+struct page_slot {
+    struct rdmax_page_key key;
+    uint8_t data[RDMAX_PAGE_SIZE];
+};
+
+struct send_lane {
+    unsigned idx;
+    struct rdmax_ring ring; /* main thread -> lane thread */
+    struct rdmax_lane_encoder *enc;
+    uint8_t *out;
+    size_t out_cap;
+    pthread_t thread;
+};
+
+static struct send_lane lanes[RDMAX_LANES_MAX];
+
+/* Control stream state: main thread only. */
+static ZSTD_CStream *ctrl_z;
+static uint8_t *ctrl_buf;
+static size_t ctrl_len;
+static uint8_t *ctrl_zbuf;
+static size_t ctrl_zcap;
+
+/* Set by the control reader, waited for by the main thread. */
+static pthread_mutex_t fin_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t fin_cv = PTHREAD_COND_INITIALIZER;
+static bool fin_acked;
+
+static void ctrl_flush(void)
+{
+    ZSTD_inBuffer in = {ctrl_buf, ctrl_len, 0};
+    size_t rem;
+    int r;
+
+    if (ctrl_len == 0) {
+        return;
+    }
+    do {
+        ZSTD_outBuffer out = {ctrl_zbuf, ctrl_zcap, 0};
+        rem = ZSTD_compressStream2(ctrl_z, &out, &in, ZSTD_e_flush);
+        if (ZSTD_isError(rem)) {
+            rdmax_fail("compressing control bytes: %s", ZSTD_getErrorName(rem));
+        }
+        if (out.pos) {
+            r = rdmax_wire_send(&rdmax_s.ctrl, RDMAX_F_CTRL, RDMAX_FF_ZSTD, 0, ctrl_zbuf,
+                                out.pos);
+            if (r < 0) {
+                rdmax_fail("control connection to %s: %s", rdmax_s.ctrl.conn->peer,
+                           rdmax_wire_strerror(r));
+            }
+        }
+    } while (rem != 0 || in.pos < in.size);
+    ctrl_len = 0;
+}
+
+static void ctrl_append(const uint8_t *p, size_t n)
+{
+    atomic_fetch_add_explicit(&rdmax_s.c.ctrl_bytes, n, memory_order_relaxed);
+    while (n) {
+        size_t room = CTRL_FLUSH - ctrl_len;
+        size_t k = n < room ? n : room;
+        memcpy(ctrl_buf + ctrl_len, p, k);
+        ctrl_len += k;
+        p += k;
+        n -= k;
+        if (ctrl_len == CTRL_FLUSH) {
+            ctrl_flush();
+        }
+    }
+}
+
+static void lane_send_batch(struct send_lane *l)
+{
+    ssize_t n = rdmax_lane_encoder_flush(l->enc, l->out, l->out_cap);
+    int r;
+
+    if (n < 0) {
+        rdmax_fail("lane %u: encoding a batch: %s", l->idx, strerror((int)-n));
+    }
+    r = rdmax_wire_send(&rdmax_s.lane[l->idx], RDMAX_F_PAGES, 0, (uint16_t)(l->idx + 1), l->out,
+                        (size_t)n);
+    if (r < 0) {
+        rdmax_fail("lane %u to %s: %s", l->idx, rdmax_s.lane[l->idx].conn->peer,
+                   rdmax_wire_strerror(r));
+    }
+}
+
+static void *lane_main(void *arg)
+{
+    struct send_lane *l = arg;
+    uint64_t pages = 0;
+    uint8_t eof[8];
+
+    for (;;) {
+        struct page_slot *s = rdmax_ring_peek(&l->ring, false);
+        if (!s) {
+            break; /* closed and drained */
+        }
+        rdmax_lane_encoder_add(l->enc, s->key, s->data);
+        rdmax_ring_release(&l->ring);
+        pages++;
+        /* Batch while more pages wait; send as soon as the lane runs dry. */
+        if (rdmax_lane_encoder_pending(l->enc) == RDMAX_BATCH_MAX_PAGES ||
+            rdmax_ring_count(&l->ring) == 0) {
+            lane_send_batch(l);
+        }
+    }
+    if (rdmax_lane_encoder_pending(l->enc)) {
+        lane_send_batch(l);
+    }
+    for (int i = 0; i < 8; i++) {
+        eof[i] = (uint8_t)(pages >> (56 - 8 * i));
+    }
+    int r = rdmax_wire_send(&rdmax_s.lane[l->idx], RDMAX_F_LANE_EOF, 0, (uint16_t)(l->idx + 1),
+                            eof, sizeof(eof));
+    if (r < 0) {
+        rdmax_fail("lane %u: %s", l->idx, rdmax_wire_strerror(r));
+    }
+    return NULL;
+}
+
+static void write_all_stdout(const uint8_t *p, size_t n)
+{
+    while (n) {
+        ssize_t w = write(STDOUT_FILENO, p, n);
+        if (w < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            /* QEMU stopped reading its return path: it is tearing down. */
+            rdmax_fail("source QEMU closed the return path: %s", strerror(errno));
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+}
+
+static void *ctrl_reader_main(void *arg)
+{
+    uint8_t *buf = malloc(RDMAX_FRAME_MAX + 1);
+    struct rdmax_frame_hdr h;
+
+    if (!buf) {
+        rdmax_fail("out of memory");
+    }
+    for (;;) {
+        int r = rdmax_wire_recv(&rdmax_s.ctrl, &h, buf, RDMAX_FRAME_MAX, rdmax_s.o.timeout_ms);
+        if (r < 0) {
+            rdmax_fail("control connection to %s: %s", rdmax_s.ctrl.conn->peer,
+                       rdmax_wire_strerror(r));
+        }
+        switch (h.type) {
+        case RDMAX_F_RP:
+            atomic_fetch_add_explicit(&rdmax_s.c.rp_bytes, h.len, memory_order_relaxed);
+            write_all_stdout(buf, h.len);
+            break;
+        case RDMAX_F_RP_EOF:
+            /* The destination QEMU closed its return path: pass that on. */
+            close(STDOUT_FILENO);
+            break;
+        case RDMAX_F_FIN_ACK:
+            /* Done: the receiver may leave now, and that is no error. */
+            atomic_store(&rdmax_s.finishing, true);
+            pthread_mutex_lock(&fin_mu);
+            fin_acked = true;
+            pthread_cond_signal(&fin_cv);
+            pthread_mutex_unlock(&fin_mu);
+            free(buf);
+            return arg;
+        case RDMAX_F_ERROR:
+            buf[h.len] = '\0';
+            rdmax_fail("receiver: %s", (char *)buf);
+        case RDMAX_F_KEEPALIVE:
+            break;
+        default:
+            rdmax_fail("receiver sent an unexpected %s frame", rdmax_frame_type_name(h.type));
+        }
+    }
+    return arg;
+}
+
+/* A free slot in lane k's ring; flush the control bytes before waiting. */
+static struct page_slot *lane_slot(unsigned k)
+{
+    struct page_slot *s = rdmax_ring_reserve(&lanes[k].ring, true);
+
+    if (!s) {
+        ctrl_flush();
+        s = rdmax_ring_reserve(&lanes[k].ring, false);
+    }
+    return s;
+}
+
+static void lanes_start(void)
+{
+    for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
+        struct send_lane *l = &lanes[i];
+        l->idx = i;
+        l->out_cap = rdmax_lane_encoder_bound();
+        l->out = malloc(l->out_cap);
+        if (!l->out || rdmax_ring_init(&l->ring, sizeof(struct page_slot), LANE_RING_PAGES) < 0 ||
+            rdmax_lane_encoder_create(&rdmax_s.codec, &l->enc) < 0) {
+            rdmax_fail("out of memory setting up lane %u", i);
+        }
+        atomic_store(&rdmax_s.lane_stats[i], rdmax_lane_encoder_stats(l->enc));
+        pthread_create(&l->thread, NULL, lane_main, l);
+    }
+}
+
+static void send_eof(uint64_t stream_bytes, uint64_t pages)
+{
+    uint8_t p[16];
+    int r;
+
+    for (int i = 0; i < 8; i++) {
+        p[i] = (uint8_t)(stream_bytes >> (56 - 8 * i));
+        p[8 + i] = (uint8_t)(pages >> (56 - 8 * i));
+    }
+    r = rdmax_wire_send(&rdmax_s.ctrl, RDMAX_F_EOF, 0, 0, p, sizeof(p));
+    if (r < 0) {
+        rdmax_fail("control connection to %s: %s", rdmax_s.ctrl.conn->peer,
+                   rdmax_wire_strerror(r));
+    }
+}
+
+int rdmax_send_run(void)
+{
+    struct rdmax_stream *st = rdmax_stream_create(RDMAX_STREAM_FULL);
+    uint8_t *in = malloc(IN_BUF);
+    struct page_slot *slot = NULL; /* page being filled */
+    unsigned slot_lane = 0;
+    size_t slot_fill = 0;
+    pthread_t reader;
+    uint64_t total = 0;
+
+    ctrl_buf = malloc(CTRL_FLUSH);
+    ctrl_zcap = ZSTD_CStreamOutSize();
+    ctrl_zbuf = malloc(ctrl_zcap);
+    ctrl_z = ZSTD_createCStream();
+    if (!st || !in || !ctrl_buf || !ctrl_zbuf || !ctrl_z) {
+        rdmax_fail("out of memory");
+    }
+    ZSTD_CCtx_setParameter(ctrl_z, ZSTD_c_compressionLevel, 1);
+
+    rdmax_session_connect();
+    lanes_start();
+    pthread_create(&reader, NULL, ctrl_reader_main, NULL);
+    pthread_detach(reader);
+    rdmax_keepalive_start();
+    rdmax_progress_start();
+
+    for (;;) {
+        struct pollfd pfd = {.fd = STDIN_FILENO, .events = POLLIN};
+        ssize_t n;
+        size_t pos = 0;
+
+        if (poll(&pfd, 1, 0) == 0) {
+            ctrl_flush(); /* about to block on QEMU */
+        }
+        n = read(STDIN_FILENO, in, IN_BUF);
+        if (n < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            rdmax_fail("reading the stream from QEMU: %s", strerror(errno));
+        }
+        if (n == 0) {
+            break;
+        }
+        total += (uint64_t)n;
+        atomic_store_explicit(&rdmax_s.c.bytes_in, total, memory_order_relaxed);
+        while (pos < (size_t)n) {
+            if (slot) {
+                size_t k = RDMAX_PAGE_SIZE - slot_fill;
+                if (k > (size_t)n - pos) {
+                    k = (size_t)n - pos;
+                }
+                memcpy(slot->data + slot_fill, in + pos, k);
+                slot_fill += k;
+                pos += k;
+                if (slot_fill == RDMAX_PAGE_SIZE) {
+                    rdmax_ring_commit(&lanes[slot_lane].ring);
+                    atomic_fetch_add_explicit(&rdmax_s.c.pages, 1, memory_order_relaxed);
+                    rdmax_stream_page_done(st);
+                    slot = NULL;
+                }
+                continue;
+            }
+            bool page;
+            struct rdmax_page_key key;
+            ssize_t c = rdmax_stream_scan(st, in + pos, (size_t)n - pos, &page, &key);
+            if (c < 0) {
+                rdmax_fail("%s", rdmax_stream_error(st));
+            }
+            ctrl_append(in + pos, (size_t)c);
+            pos += (size_t)c;
+            if (page) {
+                slot_lane = rdmax_stream_lane_of(key, rdmax_s.nlanes);
+                slot = lane_slot(slot_lane);
+                slot->key = key;
+                slot_fill = 0;
+            }
+        }
+    }
+
+    /* QEMU closed the stream: it is complete, or the migration was abandoned. */
+    if (rdmax_stream_finish(st) < 0) {
+        rdmax_fail("source QEMU closed the stream before its end (migration cancelled?): %s",
+                   rdmax_stream_error(st));
+    }
+    atomic_store(&rdmax_s.c.zero_pages, rdmax_stream_stats(st)->zero_pages);
+    ctrl_flush();
+    for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
+        rdmax_ring_close(&lanes[i].ring);
+    }
+    for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
+        pthread_join(lanes[i].thread, NULL);
+    }
+    send_eof(total, atomic_load(&rdmax_s.c.pages));
+
+    /* Exit 0 only once the receiver confirms every byte reached its QEMU. */
+    pthread_mutex_lock(&fin_mu);
+    while (!fin_acked) {
+        pthread_cond_wait(&fin_cv, &fin_mu);
+    }
+    pthread_mutex_unlock(&fin_mu);
+    rdmax_progress_final();
+    rdmax_stats_write("ok");
+    rdmax_stream_destroy(st);
+    return 0;
+}

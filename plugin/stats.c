@@ -1,0 +1,134 @@
+/*
+ * --stats-json (written at exit, also on failure) and --progress (one live
+ * line on stderr).
+ */
+#include "session.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+static void json_string(FILE *f, const char *s)
+{
+    fputc('"', f);
+    for (; *s; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\') {
+            fprintf(f, "\\%c", ch);
+        } else if (ch < 0x20) {
+            fprintf(f, "\\u%04x", ch);
+        } else {
+            fputc(ch, f);
+        }
+    }
+    fputc('"', f);
+}
+
+static uint64_t wire_bytes(void)
+{
+    uint64_t n = rdmax_s.ctrl.bytes_sent + rdmax_s.ctrl.bytes_received;
+
+    for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
+        n += rdmax_s.lane[i].bytes_sent + rdmax_s.lane[i].bytes_received;
+    }
+    return n;
+}
+
+void rdmax_stats_write(const char *result)
+{
+    const struct rdmax_counters *c = &rdmax_s.c;
+    char tmp[4096];
+    FILE *f;
+    double secs = rdmax_now() - rdmax_s.t0;
+    uint64_t in = atomic_load(&c->bytes_in);
+    uint64_t wire = wire_bytes();
+
+    if (!rdmax_s.o.stats_json) {
+        return;
+    }
+    snprintf(tmp, sizeof(tmp), "%s.tmp", rdmax_s.o.stats_json);
+    f = fopen(tmp, "w");
+    if (!f) {
+        fprintf(stderr, "rdma-x: warning: cannot write %s\n", rdmax_s.o.stats_json);
+        return;
+    }
+    fprintf(f, "{\n  \"role\": \"%s\",\n", rdmax_s.o.sender ? "send" : "recv");
+    fprintf(f, "  \"result\": ");
+    json_string(f, result);
+    fprintf(f, ",\n  \"transport\": \"%s\",\n", rdmax_s.tp ? rdmax_s.tp->name : "none");
+    fprintf(f, "  \"seconds\": %.3f,\n", secs);
+    fprintf(f, "  \"lanes\": %u,\n", rdmax_s.nlanes);
+    fprintf(f, "  \"bytes_in\": %llu,\n", (unsigned long long)in);
+    fprintf(f, "  \"bytes_wire\": %llu,\n", (unsigned long long)wire);
+    fprintf(f, "  \"ratio\": %.4f,\n", wire ? (double)in / (double)wire : 0.0);
+    fprintf(f, "  \"pages\": %llu,\n", (unsigned long long)atomic_load(&c->pages));
+    fprintf(f, "  \"zero_pages\": %llu,\n", (unsigned long long)atomic_load(&c->zero_pages));
+    fprintf(f, "  \"control_bytes\": %llu,\n", (unsigned long long)atomic_load(&c->ctrl_bytes));
+    fprintf(f, "  \"return_path_bytes\": %llu,\n",
+            (unsigned long long)atomic_load(&c->rp_bytes));
+    fprintf(f, "  \"cache_bytes_per_lane\": %llu,\n",
+            (unsigned long long)rdmax_s.codec.cache_bytes);
+    fprintf(f, "  \"lane\": [");
+    for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
+        const struct rdmax_lane_stats *ls = atomic_load(&rdmax_s.lane_stats[i]);
+        fprintf(f, "%s\n    {\"wire_bytes\": %llu", i ? "," : "",
+                (unsigned long long)(rdmax_s.lane[i].bytes_sent +
+                                     rdmax_s.lane[i].bytes_received));
+        if (ls) {
+            fprintf(f, ", \"pages\": %llu, \"batches\": %llu, \"page_bytes\": %llu, "
+                       "\"batch_bytes\": %llu",
+                    (unsigned long long)ls->pages, (unsigned long long)ls->batches,
+                    (unsigned long long)ls->bytes_raw, (unsigned long long)ls->bytes_wire);
+        }
+        fprintf(f, "}");
+    }
+    fprintf(f, "%s]\n}\n", rdmax_s.nlanes ? "\n  " : "");
+    if (fclose(f) != 0 || rename(tmp, rdmax_s.o.stats_json) != 0) {
+        fprintf(stderr, "rdma-x: warning: cannot write %s\n", rdmax_s.o.stats_json);
+    }
+}
+
+static void progress_line(bool final)
+{
+    static double last_t;
+    static uint64_t last_in;
+    double t = rdmax_now();
+    uint64_t in = atomic_load(&rdmax_s.c.bytes_in);
+    double rate = t > last_t && last_t > 0 ? (double)(in - last_in) / (t - last_t) : 0;
+
+    fprintf(stderr, "\rrdma-x %s: %.1f MiB stream, %.1f MiB wire, %.1f MiB/s, %llu pages, %u lanes%s",
+            rdmax_s.o.sender ? "send" : "recv", (double)in / 1048576.0,
+            (double)wire_bytes() / 1048576.0, rate / 1048576.0,
+            (unsigned long long)atomic_load(&rdmax_s.c.pages), rdmax_s.nlanes,
+            final ? "\n" : "   ");
+    last_t = t;
+    last_in = in;
+}
+
+static void *progress_main(void *arg)
+{
+    for (;;) {
+        sleep(1);
+        progress_line(false);
+    }
+    return arg;
+}
+
+void rdmax_progress_start(void)
+{
+    pthread_t t;
+
+    if (!rdmax_s.o.progress) {
+        return;
+    }
+    pthread_create(&t, NULL, progress_main, NULL);
+    pthread_detach(t);
+}
+
+void rdmax_progress_final(void)
+{
+    if (rdmax_s.o.progress) {
+        progress_line(true);
+    }
+}

@@ -1,0 +1,226 @@
+/* Wire protocol v1: frame headers, checksums and the handshake, on real sockets. */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "crc32c.h"
+#include "wire.h"
+
+Test(crc32c, matches_the_standard_check_value)
+{
+    cr_assert_eq(rdmax_crc32c(0, "123456789", 9), 0xe3069283u);
+    /* Incremental equals one-shot, at every split. */
+    for (size_t i = 0; i <= 9; i++) {
+        uint32_t c = rdmax_crc32c(0, "123456789", i);
+        cr_assert_eq(rdmax_crc32c(c, "123456789" + i, 9 - i), 0xe3069283u);
+    }
+}
+
+Test(wire, header_roundtrip)
+{
+    struct rdmax_frame_hdr h = {.type = RDMAX_F_PAGES, .flags = RDMAX_FF_ZSTD, .channel = 3,
+                                .len = 12345, .crc = 0xdeadbeef};
+    struct rdmax_frame_hdr g;
+    uint8_t b[RDMAX_FRAME_HDR];
+
+    rdmax_frame_hdr_encode(b, &h);
+    cr_assert_eq(rdmax_frame_hdr_decode(b, &g), 0);
+    cr_assert_eq(g.type, h.type);
+    cr_assert_eq(g.flags, h.flags);
+    cr_assert_eq(g.channel, h.channel);
+    cr_assert_eq(g.len, h.len);
+    cr_assert_eq(g.crc, h.crc);
+}
+
+Test(wire, header_rejects_hostile_fields)
+{
+    struct rdmax_frame_hdr h = {.type = RDMAX_F_CTRL, .len = 10};
+    struct rdmax_frame_hdr g;
+    uint8_t b[RDMAX_FRAME_HDR];
+
+    h.len = RDMAX_FRAME_MAX + 1;
+    rdmax_frame_hdr_encode(b, &h);
+    cr_assert_eq(rdmax_frame_hdr_decode(b, &g), -EPROTO, "oversized frame accepted");
+    h.len = 10;
+    h.type = 0;
+    rdmax_frame_hdr_encode(b, &h);
+    cr_assert_eq(rdmax_frame_hdr_decode(b, &g), -EPROTO);
+    h.type = RDMAX_F_TYPE_MAX + 1;
+    rdmax_frame_hdr_encode(b, &h);
+    cr_assert_eq(rdmax_frame_hdr_decode(b, &g), -EPROTO);
+    h.type = RDMAX_F_CTRL;
+    h.flags = 0x80;
+    rdmax_frame_hdr_encode(b, &h);
+    cr_assert_eq(rdmax_frame_hdr_decode(b, &g), -EPROTO);
+    h.flags = 0;
+    h.channel = RDMAX_LANES_MAX + 1;
+    rdmax_frame_hdr_encode(b, &h);
+    cr_assert_eq(rdmax_frame_hdr_decode(b, &g), -EPROTO);
+}
+
+/* A connection over a socketpair, through the real TCP ops' send/recv shape. */
+struct sp_conn {
+    struct rdmax_conn base;
+    int fd;
+};
+
+static int sp_send(struct rdmax_conn *c, const struct iovec *iov, int n)
+{
+    for (int i = 0; i < n; i++) {
+        if (write(((struct sp_conn *)c)->fd, iov[i].iov_base, iov[i].iov_len) !=
+            (ssize_t)iov[i].iov_len) {
+            return -EIO;
+        }
+    }
+    return 0;
+}
+
+static int sp_recv(struct rdmax_conn *c, void *buf, size_t len, int t)
+{
+    size_t got = 0;
+
+    while (got < len) {
+        ssize_t r = read(((struct sp_conn *)c)->fd, (uint8_t *)buf + got, len - got);
+        if (r <= 0) {
+            return -ECONNRESET;
+        }
+        got += (size_t)r;
+    }
+    return 0;
+}
+
+static void sp_close(struct rdmax_conn *c)
+{
+    close(((struct sp_conn *)c)->fd);
+}
+
+static const struct rdmax_transport_ops sp_ops = {
+    .name = "socketpair", .send = sp_send, .recv = sp_recv, .close = sp_close};
+
+static void pair(struct sp_conn *a, struct sp_conn *b)
+{
+    int fds[2];
+
+    cr_assert_eq(socketpair(AF_UNIX, SOCK_STREAM, 0, fds), 0);
+    a->base.ops = b->base.ops = &sp_ops;
+    a->fd = fds[0];
+    b->fd = fds[1];
+}
+
+Test(wire, frames_cross_a_socket_intact)
+{
+    struct sp_conn a, b;
+    struct rdmax_wire wa, wb;
+    struct rdmax_frame_hdr h;
+    uint8_t buf[256];
+
+    pair(&a, &b);
+    rdmax_wire_init(&wa, &a.base);
+    rdmax_wire_init(&wb, &b.base);
+    cr_assert_eq(rdmax_wire_send(&wa, RDMAX_F_RP, 0, 0, "hello", 5), 0);
+    cr_assert_eq(rdmax_wire_recv(&wb, &h, buf, sizeof(buf), 1000), 0);
+    cr_assert_eq(h.type, RDMAX_F_RP);
+    cr_assert_eq(h.len, 5);
+    cr_assert(memcmp(buf, "hello", 5) == 0);
+}
+
+Test(wire, a_flipped_bit_anywhere_is_caught)
+{
+    uint8_t frame[RDMAX_FRAME_HDR + 32];
+
+    for (size_t bit = 0; bit < sizeof(frame) * 8; bit++) {
+        struct sp_conn a, b;
+        struct rdmax_wire wa, wb;
+        struct rdmax_frame_hdr h;
+        uint8_t buf[64];
+        uint8_t payload[32];
+        int fds[2];
+
+        memset(payload, 0x5a, sizeof(payload));
+        /* Capture the encoded frame, flip one bit, deliver it. */
+        pair(&a, &b);
+        rdmax_wire_init(&wa, &a.base);
+        cr_assert_eq(rdmax_wire_send(&wa, RDMAX_F_PAGES, 0, 1, payload, sizeof(payload)), 0);
+        cr_assert_eq(read(b.fd, frame, sizeof(frame)), (ssize_t)sizeof(frame));
+        frame[bit / 8] ^= (uint8_t)(1u << (bit % 8));
+        cr_assert_eq(socketpair(AF_UNIX, SOCK_STREAM, 0, fds), 0);
+        cr_assert_eq(write(fds[0], frame, sizeof(frame)), (ssize_t)sizeof(frame));
+        close(fds[0]);
+        b.fd = fds[1];
+        rdmax_wire_init(&wb, &b.base);
+        int r = rdmax_wire_recv(&wb, &h, buf, sizeof(buf), 1000);
+        cr_assert(r == -EBADMSG || r == -EPROTO || r == -ECONNRESET,
+                  "bit %zu flipped went unnoticed (r=%d)", bit, r);
+        close(a.fd);
+        close(fds[1]);
+    }
+}
+
+static struct rdmax_hello good_hello(void)
+{
+    struct rdmax_hello h = {.magic = RDMAX_WIRE_MAGIC, .version = RDMAX_WIRE_VERSION,
+                            .role = RDMAX_ROLE_LANE, .lane = 1, .lanes = 4,
+                            .page_size = 4096, .session = 0x1122334455667788ull,
+                            .cache_bytes = 1 << 20, .zstd_level = -1};
+    return h;
+}
+
+Test(wire, hello_roundtrip)
+{
+    struct rdmax_hello h = good_hello(), g;
+    uint8_t b[RDMAX_HELLO_LEN];
+    char err[128];
+
+    rdmax_hello_encode(b, &h);
+    cr_assert_eq(rdmax_hello_decode(b, sizeof(b), &g, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(g.session, h.session);
+    cr_assert_eq(g.lane, 1);
+    cr_assert_eq(g.lanes, 4);
+    cr_assert_eq(g.cache_bytes, h.cache_bytes);
+    cr_assert_eq(g.zstd_level, -1);
+}
+
+Test(wire, hello_refuses_mismatches_with_reasons)
+{
+    struct rdmax_hello h, g;
+    uint8_t b[RDMAX_HELLO_LEN];
+    char err[128];
+
+    h = good_hello();
+    h.version = 2;
+    rdmax_hello_encode(b, &h);
+    cr_assert_eq(rdmax_hello_decode(b, sizeof(b), &g, err, sizeof(err)), -EPROTONOSUPPORT);
+    cr_assert_not_null(strstr(err, "v2"), "%s", err);
+
+    h = good_hello();
+    h.magic = 0x47455420; /* "GET " */
+    rdmax_hello_encode(b, &h);
+    cr_assert_eq(rdmax_hello_decode(b, sizeof(b), &g, err, sizeof(err)), -EPROTO);
+    cr_assert_not_null(strstr(err, "not rdma-x"), "%s", err);
+
+    h = good_hello();
+    h.lanes = 0;
+    rdmax_hello_encode(b, &h);
+    cr_assert_eq(rdmax_hello_decode(b, sizeof(b), &g, err, sizeof(err)), -EPROTO);
+
+    h = good_hello();
+    h.lanes = RDMAX_LANES_MAX + 1;
+    rdmax_hello_encode(b, &h);
+    cr_assert_eq(rdmax_hello_decode(b, sizeof(b), &g, err, sizeof(err)), -EPROTO);
+
+    h = good_hello();
+    h.lane = 4;
+    rdmax_hello_encode(b, &h);
+    cr_assert_eq(rdmax_hello_decode(b, sizeof(b), &g, err, sizeof(err)), -EPROTO);
+
+    h = good_hello();
+    h.page_size = 65536;
+    rdmax_hello_encode(b, &h);
+    cr_assert_eq(rdmax_hello_decode(b, sizeof(b), &g, err, sizeof(err)), -EPROTO);
+
+    h = good_hello();
+    rdmax_hello_encode(b, &h);
+    cr_assert_eq(rdmax_hello_decode(b, 10, &g, err, sizeof(err)), -EPROTO);
+}

@@ -1,0 +1,295 @@
+#define _GNU_SOURCE
+/*
+ * TCP transport: one socket per connection. Works everywhere; the fallback
+ * when no RDMA device reaches the peer.
+ *
+ * Socket buffers are kept moderate: bytes parked in kernel buffers count as
+ * "sent" for QEMU, whose bandwidth estimate (and so its switchover decision)
+ * must stay honest.
+ */
+#include "transport.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define TCP_DEFAULT_SNDBUF (1u << 20)
+
+struct tcp_conn {
+    struct rdmax_conn base; /* first: container_of by cast */
+    int fd;
+};
+
+struct tcp_listener {
+    struct rdmax_listener base;
+    int fd;
+};
+
+static struct tcp_conn *tcp_conn_of(struct rdmax_conn *c)
+{
+    return (struct tcp_conn *)c;
+}
+
+static void tcp_tune(int fd, const struct rdmax_transport_opts *o)
+{
+    int one = 1;
+    int buf = (int)(o && o->sndbuf ? o->sndbuf : TCP_DEFAULT_SNDBUF);
+
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &buf, sizeof(buf));
+    setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+}
+
+static void tcp_name_peer(struct tcp_conn *c)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+    char h[64], p[16];
+
+    if (getpeername(c->fd, (struct sockaddr *)&ss, &sl) == 0 &&
+        getnameinfo((struct sockaddr *)&ss, sl, h, sizeof(h), p, sizeof(p),
+                    NI_NUMERICHOST | NI_NUMERICSERV) == 0) {
+        snprintf(c->base.peer, sizeof(c->base.peer), "%s:%s", h, p);
+    }
+}
+
+static struct tcp_conn *tcp_conn_new(int fd)
+{
+    struct tcp_conn *c = calloc(1, sizeof(*c));
+
+    if (!c) {
+        close(fd);
+        return NULL;
+    }
+    c->base.ops = &rdmax_tcp_ops;
+    c->fd = fd;
+    tcp_name_peer(c);
+    return c;
+}
+
+static int tcp_listen(const char *host, const char *port, const struct rdmax_transport_opts *o,
+                      struct rdmax_listener **out)
+{
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE};
+    struct addrinfo *res, *ai;
+    int fd = -1, r, err = EADDRNOTAVAIL, one = 1;
+    struct tcp_listener *l;
+
+    r = getaddrinfo(host, port, &hints, &res);
+    if (r != 0) {
+        return r == EAI_SYSTEM ? -errno : -EADDRNOTAVAIL;
+    }
+    for (ai = res; ai; ai = ai->ai_next) {
+        fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+        if (fd < 0) {
+            err = errno;
+            continue;
+        }
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 128) == 0) {
+            break;
+        }
+        err = errno;
+        close(fd);
+        fd = -1;
+    }
+    freeaddrinfo(res);
+    if (fd < 0) {
+        return -err;
+    }
+    l = calloc(1, sizeof(*l));
+    if (!l) {
+        close(fd);
+        return -ENOMEM;
+    }
+    l->base.ops = &rdmax_tcp_ops;
+    l->fd = fd;
+    *out = &l->base;
+    return 0;
+}
+
+static int tcp_accept(struct rdmax_listener *base, int timeout_ms, struct rdmax_conn **out)
+{
+    struct tcp_listener *l = (struct tcp_listener *)base;
+    struct pollfd pfd = {.fd = l->fd, .events = POLLIN};
+    struct tcp_conn *c;
+    int fd, r;
+
+    r = poll(&pfd, 1, timeout_ms);
+    if (r < 0) {
+        return -errno;
+    }
+    if (r == 0) {
+        return -ETIMEDOUT;
+    }
+    fd = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC);
+    if (fd < 0) {
+        return -errno;
+    }
+    tcp_tune(fd, NULL);
+    c = tcp_conn_new(fd);
+    if (!c) {
+        return -ENOMEM;
+    }
+    *out = &c->base;
+    return 0;
+}
+
+static void tcp_listener_close(struct rdmax_listener *base)
+{
+    struct tcp_listener *l = (struct tcp_listener *)base;
+
+    if (l) {
+        close(l->fd);
+        free(l);
+    }
+}
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int tcp_connect(const char *host, const char *port, const struct rdmax_transport_opts *o,
+                       struct rdmax_conn **out)
+{
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM};
+    int64_t deadline = now_ms() + (o ? o->connect_timeout_ms : 10000);
+    int err = ECONNREFUSED;
+
+    for (;;) {
+        struct addrinfo *res, *ai;
+        int r = getaddrinfo(host, port, &hints, &res);
+        if (r != 0) {
+            return r == EAI_SYSTEM ? -errno : -EHOSTUNREACH;
+        }
+        for (ai = res; ai; ai = ai->ai_next) {
+            int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
+            if (fd < 0) {
+                err = errno;
+                continue;
+            }
+            tcp_tune(fd, o);
+            if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) {
+                struct tcp_conn *c = tcp_conn_new(fd);
+                freeaddrinfo(res);
+                if (!c) {
+                    return -ENOMEM;
+                }
+                *out = &c->base;
+                return 0;
+            }
+            err = errno;
+            close(fd);
+        }
+        freeaddrinfo(res);
+        /* The receiver may still be starting: retry refused connections. */
+        if ((err != ECONNREFUSED && err != ENETUNREACH) || now_ms() >= deadline) {
+            return -err;
+        }
+        usleep(50 * 1000);
+    }
+}
+
+static int tcp_send(struct rdmax_conn *base, const struct iovec *iov, int iovcnt)
+{
+    struct tcp_conn *c = tcp_conn_of(base);
+    struct iovec v[16];
+    int n = iovcnt;
+
+    if (n > 16) {
+        return -EINVAL;
+    }
+    memcpy(v, iov, sizeof(*iov) * n);
+    struct iovec *p = v;
+    while (n > 0) {
+        struct msghdr m = {.msg_iov = p, .msg_iovlen = (size_t)n};
+        ssize_t w = sendmsg(c->fd, &m, MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            return errno == EPIPE ? -ECONNRESET : -errno;
+        }
+        while (n > 0 && (size_t)w >= p->iov_len) {
+            w -= (ssize_t)p->iov_len;
+            p++;
+            n--;
+        }
+        if (n > 0) {
+            p->iov_base = (uint8_t *)p->iov_base + w;
+            p->iov_len -= (size_t)w;
+        }
+    }
+    return 0;
+}
+
+static int tcp_recv(struct rdmax_conn *base, void *buf, size_t len, int timeout_ms)
+{
+    struct tcp_conn *c = tcp_conn_of(base);
+    uint8_t *p = buf;
+
+    while (len > 0) {
+        struct pollfd pfd = {.fd = c->fd, .events = POLLIN};
+        int r = poll(&pfd, 1, timeout_ms);
+        if (r < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            return -errno;
+        }
+        if (r == 0) {
+            return -ETIMEDOUT;
+        }
+        ssize_t n = recv(c->fd, p, len, 0);
+        if (n < 0) {
+            if (errno == EINTR || errno == EAGAIN) {
+                continue;
+            }
+            return -errno;
+        }
+        if (n == 0) {
+            return -ECONNRESET;
+        }
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+static void tcp_shutdown(struct rdmax_conn *base)
+{
+    shutdown(tcp_conn_of(base)->fd, SHUT_RDWR);
+}
+
+static void tcp_close(struct rdmax_conn *base)
+{
+    if (base) {
+        close(tcp_conn_of(base)->fd);
+        free(base);
+    }
+}
+
+const struct rdmax_transport_ops rdmax_tcp_ops = {
+    .name = "tcp",
+    .listen = tcp_listen,
+    .accept = tcp_accept,
+    .listener_close = tcp_listener_close,
+    .connect = tcp_connect,
+    .send = tcp_send,
+    .recv = tcp_recv,
+    .shutdown = tcp_shutdown,
+    .close = tcp_close,
+};

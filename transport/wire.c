@@ -1,0 +1,252 @@
+/*
+ * Wire protocol v1: frames and handshake. See wire.h and
+ * docs/wire-protocol.md. Pure: talks to the peer only through the
+ * connection's ops table.
+ */
+#include "wire.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "crc32c.h"
+
+static void put_be16(uint8_t *p, uint16_t v)
+{
+    p[0] = v >> 8;
+    p[1] = (uint8_t)v;
+}
+
+static void put_be32(uint8_t *p, uint32_t v)
+{
+    p[0] = v >> 24;
+    p[1] = (uint8_t)(v >> 16);
+    p[2] = (uint8_t)(v >> 8);
+    p[3] = (uint8_t)v;
+}
+
+static void put_be64(uint8_t *p, uint64_t v)
+{
+    put_be32(p, (uint32_t)(v >> 32));
+    put_be32(p + 4, (uint32_t)v);
+}
+
+static uint16_t get_be16(const uint8_t *p)
+{
+    return (uint16_t)(p[0] << 8 | p[1]);
+}
+
+static uint32_t get_be32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static uint64_t get_be64(const uint8_t *p)
+{
+    return (uint64_t)get_be32(p) << 32 | get_be32(p + 4);
+}
+
+void rdmax_wire_init(struct rdmax_wire *w, struct rdmax_conn *c)
+{
+    memset(w, 0, sizeof(*w));
+    w->conn = c;
+    pthread_mutex_init(&w->send_lock, NULL);
+}
+
+void rdmax_wire_destroy(struct rdmax_wire *w)
+{
+    if (w->conn) {
+        w->conn->ops->close(w->conn);
+        w->conn = NULL;
+    }
+    pthread_mutex_destroy(&w->send_lock);
+}
+
+void rdmax_frame_hdr_encode(uint8_t out[RDMAX_FRAME_HDR], const struct rdmax_frame_hdr *h)
+{
+    out[0] = h->type;
+    out[1] = h->flags;
+    put_be16(out + 2, h->channel);
+    put_be32(out + 4, h->len);
+    put_be32(out + 8, h->crc);
+}
+
+int rdmax_frame_hdr_decode(const uint8_t in[RDMAX_FRAME_HDR], struct rdmax_frame_hdr *h)
+{
+    h->type = in[0];
+    h->flags = in[1];
+    h->channel = get_be16(in + 2);
+    h->len = get_be32(in + 4);
+    h->crc = get_be32(in + 8);
+    if (h->type == 0 || h->type > RDMAX_F_TYPE_MAX) {
+        return -EPROTO;
+    }
+    if (h->flags & ~RDMAX_FF_ZSTD) {
+        return -EPROTO;
+    }
+    if (h->len > RDMAX_FRAME_MAX) {
+        return -EPROTO;
+    }
+    if (h->channel > RDMAX_LANES_MAX) {
+        return -EPROTO;
+    }
+    return 0;
+}
+
+int rdmax_wire_sendv(struct rdmax_wire *w, uint8_t type, uint8_t flags, uint16_t channel,
+                     const struct iovec *iov, int iovcnt)
+{
+    struct iovec v[8];
+    uint8_t hdr[RDMAX_FRAME_HDR];
+    struct rdmax_frame_hdr h = {.type = type, .flags = flags, .channel = channel};
+    uint32_t crc;
+    size_t len = 0;
+    int r;
+
+    if (iovcnt > 7) {
+        return -EINVAL;
+    }
+    for (int i = 0; i < iovcnt; i++) {
+        len += iov[i].iov_len;
+    }
+    if (len > RDMAX_FRAME_MAX) {
+        return -EMSGSIZE;
+    }
+    h.len = (uint32_t)len;
+    rdmax_frame_hdr_encode(hdr, &h);
+    crc = rdmax_crc32c(0, hdr, 8);
+    for (int i = 0; i < iovcnt; i++) {
+        crc = rdmax_crc32c(crc, iov[i].iov_base, iov[i].iov_len);
+    }
+    put_be32(hdr + 8, crc);
+    v[0].iov_base = hdr;
+    v[0].iov_len = sizeof(hdr);
+    memcpy(v + 1, iov, sizeof(*iov) * iovcnt);
+
+    pthread_mutex_lock(&w->send_lock);
+    r = w->conn->ops->send(w->conn, v, iovcnt + 1);
+    if (r == 0) {
+        w->bytes_sent += sizeof(hdr) + len;
+    }
+    pthread_mutex_unlock(&w->send_lock);
+    return r;
+}
+
+int rdmax_wire_send(struct rdmax_wire *w, uint8_t type, uint8_t flags, uint16_t channel,
+                    const void *p, size_t len)
+{
+    struct iovec v = {.iov_base = (void *)p, .iov_len = len};
+
+    return rdmax_wire_sendv(w, type, flags, channel, &v, len ? 1 : 0);
+}
+
+int rdmax_wire_recv(struct rdmax_wire *w, struct rdmax_frame_hdr *h, uint8_t *buf, size_t cap,
+                    int timeout_ms)
+{
+    uint8_t hdr[RDMAX_FRAME_HDR];
+    uint32_t crc;
+    int r;
+
+    r = w->conn->ops->recv(w->conn, hdr, sizeof(hdr), timeout_ms);
+    if (r < 0) {
+        return r;
+    }
+    r = rdmax_frame_hdr_decode(hdr, h);
+    if (r < 0) {
+        /* A flipped bit in the header reads as a bad header: say checksum. */
+        crc = rdmax_crc32c(0, hdr, 8);
+        return crc == h->crc ? r : -EBADMSG;
+    }
+    if (h->len > cap) {
+        return -EPROTO;
+    }
+    if (h->len) {
+        r = w->conn->ops->recv(w->conn, buf, h->len, timeout_ms);
+        if (r < 0) {
+            return r;
+        }
+    }
+    crc = rdmax_crc32c(0, hdr, 8);
+    crc = rdmax_crc32c(crc, buf, h->len);
+    if (crc != h->crc) {
+        return -EBADMSG;
+    }
+    w->bytes_received += sizeof(hdr) + h->len;
+    return 0;
+}
+
+void rdmax_hello_encode(uint8_t out[RDMAX_HELLO_LEN], const struct rdmax_hello *h)
+{
+    memset(out, 0, RDMAX_HELLO_LEN);
+    put_be32(out + 0, h->magic);
+    put_be16(out + 4, h->version);
+    put_be16(out + 6, h->role);
+    put_be16(out + 8, h->lane);
+    put_be16(out + 10, h->lanes);
+    put_be32(out + 12, h->page_size);
+    put_be64(out + 16, h->session);
+    put_be32(out + 24, h->features);
+    put_be64(out + 28, h->cache_bytes);
+    put_be32(out + 36, (uint32_t)h->zstd_level);
+    put_be32(out + 40, h->reserved);
+}
+
+int rdmax_hello_decode(const uint8_t *in, size_t len, struct rdmax_hello *h, char *err,
+                       size_t err_len)
+{
+    if (len < 8) {
+        snprintf(err, err_len, "handshake of %zu bytes", len);
+        return -EPROTO;
+    }
+    h->magic = get_be32(in);
+    h->version = get_be16(in + 4);
+    if (h->magic != RDMAX_WIRE_MAGIC) {
+        snprintf(err, err_len, "peer is not rdma-x (magic 0x%08x)", h->magic);
+        return -EPROTO;
+    }
+    if (h->version != RDMAX_WIRE_VERSION) {
+        snprintf(err, err_len, "peer speaks wire protocol v%u, this rdma-x speaks v%u",
+                 h->version, RDMAX_WIRE_VERSION);
+        return -EPROTONOSUPPORT;
+    }
+    if (len != RDMAX_HELLO_LEN) {
+        snprintf(err, err_len, "handshake of %zu bytes, expected %u", len, RDMAX_HELLO_LEN);
+        return -EPROTO;
+    }
+    h->role = get_be16(in + 6);
+    h->lane = get_be16(in + 8);
+    h->lanes = get_be16(in + 10);
+    h->page_size = get_be32(in + 12);
+    h->session = get_be64(in + 16);
+    h->features = get_be32(in + 24);
+    h->cache_bytes = get_be64(in + 28);
+    h->zstd_level = (int32_t)get_be32(in + 36);
+    h->reserved = get_be32(in + 40);
+    if (h->role > RDMAX_ROLE_LANE) {
+        snprintf(err, err_len, "unknown connection role %u", h->role);
+        return -EPROTO;
+    }
+    if (h->lanes == 0 || h->lanes > RDMAX_LANES_MAX) {
+        snprintf(err, err_len, "%u lanes (1..%u allowed)", h->lanes, RDMAX_LANES_MAX);
+        return -EPROTO;
+    }
+    if (h->role == RDMAX_ROLE_LANE && h->lane >= h->lanes) {
+        snprintf(err, err_len, "lane %u of %u", h->lane, h->lanes);
+        return -EPROTO;
+    }
+    if (h->page_size != 4096) {
+        snprintf(err, err_len, "page size %u (only 4096 is supported)", h->page_size);
+        return -EPROTO;
+    }
+    return 0;
+}
+
+const char *rdmax_frame_type_name(unsigned type)
+{
+    static const char *const names[] = {
+        "?",   "HELLO", "HELLO_ACK", "CTRL",   "PAGES",    "RP",
+        "EOF", "FIN_ACK", "ERROR",   "KEEPALIVE", "RP_EOF", "LANE_EOF",
+    };
+
+    return type <= RDMAX_F_TYPE_MAX ? names[type] : "?";
+}

@@ -1,0 +1,111 @@
+/*
+ * Wire protocol v1: framing and handshake (docs/wire-protocol.md).
+ *
+ * frame  := header payload
+ * header := u8 type, u8 flags, be16 channel, be32 len, be32 crc32c
+ *           (the CRC covers the first 8 header bytes and the payload)
+ *
+ * Every connection starts with HELLO (client) and HELLO_ACK or ERROR
+ * (server). Frame lengths are capped at RDMAX_FRAME_MAX before anything is
+ * allocated or read.
+ */
+#ifndef RDMAX_WIRE_H
+#define RDMAX_WIRE_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "transport.h"
+
+#define RDMAX_WIRE_MAGIC 0x52444d58u /* "RDMX" */
+#define RDMAX_WIRE_VERSION 1u
+#define RDMAX_FRAME_HDR 12u
+#define RDMAX_FRAME_MAX (4u << 20)
+#define RDMAX_LANES_MAX 64u
+#define RDMAX_HELLO_LEN 48u
+
+enum rdmax_frame_type {
+    RDMAX_F_HELLO = 1,     /* client -> server, first frame of a connection */
+    RDMAX_F_HELLO_ACK = 2, /* server -> client */
+    RDMAX_F_CTRL = 3,      /* control bytes of the QEMU stream (zstd stream) */
+    RDMAX_F_PAGES = 4,     /* one lane batch */
+    RDMAX_F_RP = 5,        /* return-path bytes, destination -> source */
+    RDMAX_F_EOF = 6,       /* sender: end of the QEMU stream, with totals */
+    RDMAX_F_FIN_ACK = 7,   /* receiver: every byte reached the destination QEMU */
+    RDMAX_F_ERROR = 8,     /* one-line reason; the connection ends */
+    RDMAX_F_KEEPALIVE = 9, /* nothing to say, still alive */
+    RDMAX_F_RP_EOF = 10,   /* the destination QEMU closed the return path */
+    RDMAX_F_LANE_EOF = 11, /* sender lane: no more batches, with page count */
+    RDMAX_F_TYPE_MAX = 11,
+};
+
+#define RDMAX_FF_ZSTD 0x01 /* payload is (part of) a zstd stream */
+
+enum rdmax_role {
+    RDMAX_ROLE_CONTROL = 0,
+    RDMAX_ROLE_LANE = 1,
+};
+
+struct rdmax_frame_hdr {
+    uint8_t type;
+    uint8_t flags;
+    uint16_t channel;
+    uint32_t len;
+    uint32_t crc;
+};
+
+struct rdmax_hello {
+    uint32_t magic;
+    uint16_t version;
+    uint16_t role;
+    uint16_t lane;
+    uint16_t lanes;
+    uint32_t page_size;
+    uint64_t session;
+    uint32_t features;
+    uint64_t cache_bytes;
+    int32_t zstd_level;
+    uint32_t reserved;
+};
+
+/* A connection with its frame-level state. */
+struct rdmax_wire {
+    struct rdmax_conn *conn;    /* owned */
+    pthread_mutex_t send_lock;  /* serialises senders */
+    uint64_t bytes_sent;        /* protected by send_lock */
+    uint64_t bytes_received;    /* owned by the receiving thread */
+};
+
+void rdmax_wire_init(struct rdmax_wire *w, struct rdmax_conn *c);
+void rdmax_wire_destroy(struct rdmax_wire *w);
+
+void rdmax_frame_hdr_encode(uint8_t out[RDMAX_FRAME_HDR], const struct rdmax_frame_hdr *h);
+/* Validates type and length (not the CRC). Returns 0 or -EPROTO. */
+int rdmax_frame_hdr_decode(const uint8_t in[RDMAX_FRAME_HDR], struct rdmax_frame_hdr *h);
+
+/* Send one frame (payload from iov). Thread-safe. 0 or -errno. */
+int rdmax_wire_sendv(struct rdmax_wire *w, uint8_t type, uint8_t flags, uint16_t channel,
+                     const struct iovec *iov, int iovcnt);
+int rdmax_wire_send(struct rdmax_wire *w, uint8_t type, uint8_t flags, uint16_t channel,
+                    const void *p, size_t len);
+
+/*
+ * Receive one frame into buf[0..cap). Returns 0, -EPROTO (bad header or a
+ * frame larger than cap), -EBADMSG (checksum mismatch), or the transport's
+ * -errno (-ECONNRESET, -ETIMEDOUT).
+ */
+int rdmax_wire_recv(struct rdmax_wire *w, struct rdmax_frame_hdr *h, uint8_t *buf, size_t cap,
+                    int timeout_ms);
+
+void rdmax_hello_encode(uint8_t out[RDMAX_HELLO_LEN], const struct rdmax_hello *h);
+/* Parse and check magic and version; reason in err. 0, -EPROTO or -EPROTONOSUPPORT. */
+int rdmax_hello_decode(const uint8_t *in, size_t len, struct rdmax_hello *h, char *err,
+                       size_t err_len);
+
+/* Human-readable name of a frame type. */
+const char *rdmax_frame_type_name(unsigned type);
+
+#endif
