@@ -7,7 +7,7 @@
 #include <string.h>
 
 static const struct rdmax_transport_ops *const transports[] = {
-#if RDMAX_HAVE_RDMA
+#ifdef RDMAX_HAVE_RDMA
     &rdmax_rdma_ops,
 #endif
     &rdmax_tcp_ops,
@@ -25,7 +25,7 @@ const struct rdmax_transport_ops *rdmax_transport_find(const char *name)
 
 const char *rdmax_transport_list(void)
 {
-#if RDMAX_HAVE_RDMA
+#ifdef RDMAX_HAVE_RDMA
     return "rdma,tcp";
 #else
     return "tcp";
