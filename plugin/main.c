@@ -11,9 +11,6 @@
 #include "session.h"
 #include "transport.h"
 
-/* Default page cache per lane when the stream does not tell the RAM size yet. */
-#define DEFAULT_CACHE_TOTAL (256ull << 20)
-
 static const struct rdmax_transport_ops *pick_transport(void)
 {
     const char *t = rdmax_s.o.transport;
@@ -61,9 +58,6 @@ int main(int argc, char **argv)
     if (rdmax_s.o.sender) {
         rdmax_s.nlanes = rdmax_s.o.lanes;
         rdmax_s.codec.zstd_level = rdmax_s.o.zstd_level;
-        rdmax_s.codec.cache_bytes = rdmax_s.o.cache_bytes == UINT64_MAX
-                                        ? DEFAULT_CACHE_TOTAL / rdmax_s.nlanes
-                                        : rdmax_s.o.cache_bytes;
         return rdmax_send_run();
     }
     return rdmax_recv_run();

@@ -22,6 +22,7 @@
 #include <unistd.h>
 #include <zstd.h>
 
+#include "page-cache.h"
 #include "queue.h"
 #include "session.h"
 #include "stream.h"
@@ -29,6 +30,9 @@
 #define IN_BUF (256u << 10)
 #define CTRL_FLUSH (64u << 10)
 #define LANE_RING_PAGES 64u
+#define PEEK_MAX (1u << 20)
+/* Page cache sizing when the stream does not announce the RAM size. */
+#define DEFAULT_RAM_GUESS (1ull << 30)
 
 struct page_slot {
     struct rdmax_page_key key;
@@ -255,6 +259,47 @@ static void send_eof(uint64_t stream_bytes, uint64_t pages)
     }
 }
 
+/*
+ * Read the start of the stream until its MEM_SIZE record tells the guest RAM
+ * size (QEMU writes it within the first few hundred bytes, during setup), so
+ * the handshake can size the page caches from it. Returns the bytes read,
+ * which the main loop then processes first; sets *ram (0 if not known).
+ */
+static size_t peek_ram_size(uint8_t *buf, size_t cap, uint64_t *ram)
+{
+    struct rdmax_stream *peek = rdmax_stream_create(RDMAX_STREAM_FULL);
+    size_t len = 0, pos = 0;
+
+    *ram = 0;
+    if (!peek) {
+        rdmax_fail("out of memory");
+    }
+    while (len < cap) {
+        ssize_t n = read(STDIN_FILENO, buf + len, cap - len);
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n <= 0) {
+            break;
+        }
+        len += (size_t)n;
+        bool page = false;
+        struct rdmax_page_key key;
+        ssize_t c = rdmax_stream_scan(peek, buf + pos, len - pos, &page, &key);
+        if (c < 0) {
+            break; /* the main loop reports it */
+        }
+        pos += (size_t)c;
+        const struct rdmax_stream_stats *st = rdmax_stream_stats(peek);
+        if (st->ram_total || st->opaque || page) {
+            *ram = st->ram_total;
+            break;
+        }
+    }
+    rdmax_stream_destroy(peek);
+    return len;
+}
+
 int rdmax_send_run(void)
 {
     struct rdmax_stream *st = rdmax_stream_create(RDMAX_STREAM_FULL);
@@ -263,7 +308,7 @@ int rdmax_send_run(void)
     unsigned slot_lane = 0;
     size_t slot_fill = 0;
     pthread_t reader;
-    uint64_t total = 0;
+    uint64_t total = 0, ram;
 
     ctrl_buf = malloc(CTRL_FLUSH);
     ctrl_zcap = ZSTD_CStreamOutSize();
@@ -274,6 +319,13 @@ int rdmax_send_run(void)
     }
     ZSTD_CCtx_setParameter(ctrl_z, ZSTD_c_compressionLevel, 1);
 
+    size_t pre = peek_ram_size(in, PEEK_MAX < IN_BUF ? PEEK_MAX : IN_BUF, &ram);
+    if (rdmax_s.o.cache_bytes != UINT64_MAX) {
+        rdmax_s.codec.cache_bytes = rdmax_s.o.cache_bytes;
+    } else {
+        rdmax_s.codec.cache_bytes = rdmax_page_cache_budget(
+            ram ? ram : DEFAULT_RAM_GUESS, rdmax_s.nlanes, 0);
+    }
     rdmax_session_connect();
     lanes_start();
     pthread_create(&reader, NULL, ctrl_reader_main, NULL);
@@ -286,10 +338,15 @@ int rdmax_send_run(void)
         ssize_t n;
         size_t pos = 0;
 
-        if (poll(&pfd, 1, 0) == 0) {
-            ctrl_flush(); /* about to block on QEMU */
+        if (pre) {
+            n = (ssize_t)pre; /* what the peek read, still in buf */
+            pre = 0;
+        } else {
+            if (poll(&pfd, 1, 0) == 0) {
+                ctrl_flush(); /* about to block on QEMU */
+            }
+            n = read(STDIN_FILENO, in, IN_BUF);
         }
-        n = read(STDIN_FILENO, in, IN_BUF);
         if (n < 0) {
             if (errno == EINTR) {
                 continue;
