@@ -22,7 +22,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define TCP_DEFAULT_SNDBUF (1u << 20)
+#define TCP_DEFAULT_SNDBUF (512u << 10) /* the kernel doubles it */
 
 struct tcp_conn {
     struct rdmax_conn base; /* first: container_of by cast */

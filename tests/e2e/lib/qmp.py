@@ -268,7 +268,7 @@ class Guest:
     """One QEMU 7.2 TCG guest booting the rdma-x test image."""
 
     def __init__(self, rig, name, workload=None, mem=SMALL_MEM, machine='pc',
-                 incoming=None, extra_args=(), extra_append=''):
+                 incoming=None, extra_args=(), extra_append='', kernel=True):
         self.rig = rig
         self.name = name
         self.mem = mem
@@ -284,14 +284,16 @@ class Guest:
             words.append('rdmax.%s=%s' % (k, v))
         if extra_append:
             words.append(extra_append)
-        vmlinux, initrd = rig.image()
         argv = [QEMU, '-name', name, '-machine', machine, '-accel', 'tcg',
                 '-m', mem, '-smp', '1', '-display', 'none', '-vga', 'none',
                 '-nic', 'none', '-no-reboot', '-monitor', 'none',
-                '-kernel', vmlinux, '-initrd', initrd,
-                '-append', ' '.join(words),
                 '-serial', 'file:' + self.serial,
                 '-qmp', 'unix:%s,server=on,wait=off' % self.qmp_path]
+        if kernel:
+            # without: SeaBIOS finds nothing to boot and idles
+            vmlinux, initrd = rig.image()
+            argv += ['-kernel', vmlinux, '-initrd', initrd,
+                     '-append', ' '.join(words)]
         if incoming:
             argv += ['-incoming', incoming]
         argv += list(extra_args)
