@@ -268,7 +268,8 @@ class Guest:
     """One QEMU 7.2 TCG guest booting the rdma-x test image."""
 
     def __init__(self, rig, name, workload=None, mem=SMALL_MEM, machine='pc',
-                 incoming=None, extra_args=(), extra_append='', kernel=True):
+                 incoming=None, extra_args=(), extra_append='', kernel=True,
+                 wrapper=()):
         self.rig = rig
         self.name = name
         self.mem = mem
@@ -297,6 +298,9 @@ class Guest:
         if incoming:
             argv += ['-incoming', incoming]
         argv += list(extra_args)
+        # e.g. ('ip', 'netns', 'exec', NS): it execs QEMU in place, so
+        # self.proc.pid stays QEMU's pid (the benchmark's shaped link)
+        argv = list(wrapper) + argv
         self.argv = argv
         self.errf = open(self.stderr_path, 'wb')
         # own process group: QEMU's exec: children (sh, tee, rdma-x) join it
