@@ -33,6 +33,7 @@ import struct
 import sys
 import time
 
+sys.dont_write_bytecode = True     # keep the source tree clean
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'lib'))
 from qmp import (QEMU, Rig, TestFailure, check, log, require_qemu,  # noqa
                  set_caps, set_params, sh_quote, sha256_file, wait_for,

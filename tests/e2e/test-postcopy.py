@@ -15,6 +15,7 @@ Usage: test-postcopy.py [RDMAX]   (or env RDMAX; default build/rdma-x)
 import os
 import sys
 
+sys.dont_write_bytecode = True     # keep the source tree clean
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'lib'))
 from qmp import (check, first_difference, free_port, is_listening, log,  # noqa
                  run_test, set_caps, set_params, wait_for, wait_migration,

@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 
+sys.dont_write_bytecode = True     # keep the source tree clean
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'lib'))
 from qmp import (check, free_port, is_listening, log, run_test,  # noqa
                  set_caps, set_params, wait_for, wait_migration)
