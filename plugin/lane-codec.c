@@ -1,40 +1,143 @@
 /*
- * Lane codec, first tier set: every page travels whole, the batch body
- * zstd-compressed when that pays.
+ * Lane codec: tiers per page (unchanged, zero, delta against the mirrored
+ * page cache, full), full pages zstd-compressed per batch at an adaptively
+ * chosen level or stored raw.
  *
- * batch := be16 count, u8 flags, u8 0, be32 body_len
- *          count x (be32 block, be64 offset)
- *          body   (count x 4096 page bytes; zstd frame when flags & 1)
+ * Batch format (docs/wire-protocol.md, "Lane batches"; all fixed-width
+ * fields big-endian, varints LEB128 little-endian groups of 7 bits):
+ *
+ *   batch    := header desc full
+ *   header   := u8 version (= 2) | u8 flags | be16 count          -- 1..64
+ *               be32 desc_len | be32 desc_raw_len | be32 full_len  -- 16 bytes
+ *   flags    := bit 0 DESC_ZSTD: desc is one zstd frame of desc_raw_len
+ *                                bytes, else desc_len == desc_raw_len
+ *               bit 1 FULL_ZSTD: full is one zstd frame of nfull * 4096
+ *                                bytes, else full_len == nfull * 4096
+ *               (other bits 0)
+ *   desc     := page{count}                    -- exactly desc_raw_len bytes
+ *   page     := tag [block] [offset] [delta]
+ *   tag      := u8: bits 0-1 tier (0 UNCHANGED, 1 ZERO, 2 DELTA, 3 FULL)
+ *                   bit 2 BLK: block follows, else block = previous page's
+ *                   bit 3 OFS: offset follows, else index = previous + 1
+ *                   bits 4-7 zero
+ *   block    := varint (< 2^32)
+ *   offset   := varint zigzag(index - (previous index + 1)), where
+ *               index = byte offset / 4096 (< 2^52); before the first page
+ *               "previous" is block 0, index -1
+ *   delta    := varint len (1..RDMAX_DELTA_BOUND(4096)) byte[len]
+ *                                              -- for DELTA only, delta.c
+ *   full     := the FULL pages' 4096 bytes, in page order
+ *
+ * Cache rules, applied page by page in order on both sides (mirroring):
+ *   UNCHANGED  key must be cached; store(key) (its contents stay)
+ *   ZERO       if key is cached, store(key) and zero it; else no change
+ *   DELTA      key must be cached; store(key), apply the delta in place
+ *   FULL       store(key) (inserting, maybe evicting), copy the page in
+ * so the cache always holds the last version sent of the keys it holds.
+ *
+ * Tier choice (encoder only; the decoder does not need to know why): zero
+ * pages are ZERO; a cached page is UNCHANGED or DELTA when its delta is at
+ * most `delta_cap` bytes, about what a FULL page costs at the current zstd
+ * ratio; otherwise FULL.
+ *
+ * zstd level (cfg.zstd_level 0 = adaptive): over windows of batches the
+ * encoder measures the share of wall time it is busy (in add/flush). Busy
+ * > 85%: the encoder is the bottleneck, step down (3 -> 2 -> 1 -> raw);
+ * busy < 50%: the thread waits on the link (or on QEMU) and has CPU to
+ * spare, step up. Pages that do not compress by 1/16 go raw, with a probe
+ * at level 1 now and then to notice when they do again.
  */
 #include "lane-codec.h"
 
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <zstd.h>
 
-#define BATCH_HDR 8u
-#define ENTRY_LEN 12u
-#define BF_ZSTD 0x01
+#include "delta.h"
+#include "page-cache.h"
+
+#define BATCH_VERSION 2u
+#define BATCH_HDR 16u
+#define BF_DESC_ZSTD 0x01u
+#define BF_FULL_ZSTD 0x02u
+
+#define TAG_TIER 0x03u
+#define TAG_BLK 0x04u
+#define TAG_OFS 0x08u
+#define TAG_RESERVED 0xf0u
+
+#define PS RDMAX_PAGE_SIZE
+#define DELTA_MAX RDMAX_DELTA_BOUND(PS)
+#define INDEX_LIMIT (UINT64_C(1) << 52) /* index * 4096 fits 64 bits */
+
+/* Largest descriptor of one page: tag, 5-byte block, 10-byte offset, 2-byte len. */
+#define DESC_PAGE_HDR_MAX (1u + 5u + 10u + 2u)
+#define DESC_MAX (RDMAX_BATCH_MAX_PAGES * (DESC_PAGE_HDR_MAX + DELTA_MAX))
+#define FULL_MAX ((size_t)RDMAX_BATCH_MAX_PAGES * PS)
+
+/* Adaptive control. */
+#define ADAPT_WINDOW_NS 20000000ull /* 20 ms, or ADAPT_WINDOW_BATCHES */
+#define ADAPT_WINDOW_BATCHES 64u
+#define ADAPT_MAX_LEVEL 3
+#define ADAPT_PROBE_EVERY 64u /* raw for incompressibility: probe batches */
+#define DESC_ZSTD_MIN 512u    /* smaller descriptor parts are not worth a frame */
+
+#ifndef MIN
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+#endif
 
 struct rdmax_lane_encoder {
     struct rdmax_codec_config cfg;
     ZSTD_CCtx *cctx;
-    unsigned n;
-    struct rdmax_page_key keys[RDMAX_BATCH_MAX_PAGES];
-    uint8_t *pages; /* RDMAX_BATCH_MAX_PAGES pages */
+    struct rdmax_page_cache *cache; /* NULL when cfg.cache_bytes is 0 */
+    unsigned n, nfull;
+    uint8_t *desc; /* DESC_MAX: the descriptor part being built */
+    size_t desc_len;
+    uint8_t *full; /* FULL_MAX: full pages of this batch */
+    uint32_t prev_block;
+    uint64_t prev_index;
+    size_t delta_cap; /* a delta above this goes FULL */
+    /* Adaptive level: see the top comment. */
+    int level;               /* 0 = raw */
+    bool incompressible;     /* raw because pages did not compress */
+    unsigned probe_in;       /* batches until the next probe */
+    unsigned desc_skip;      /* batches to send the descriptor raw without trying */
+    unsigned desc_backoff;   /* next desc_skip after a try that did not pay */
+    uint64_t win_start_ns, win_busy_ns;
+    unsigned win_batches;
+    uint64_t win_full_in, win_full_out; /* compressed batches in the window */
     struct rdmax_lane_stats stats;
 };
 
 struct rdmax_lane_decoder {
     struct rdmax_codec_config cfg;
     ZSTD_DCtx *dctx;
-    uint8_t *pages;
+    struct rdmax_page_cache *cache;
+    uint8_t *desc; /* DESC_MAX */
+    uint8_t *full; /* FULL_MAX */
+    uint8_t *zero; /* one zero page */
+    bool broken;   /* an error desynchronized the cache: refuse everything */
 };
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void put_be16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
 
 static void put_be32(uint8_t *p, uint32_t v)
 {
-    p[0] = v >> 24;
+    p[0] = (uint8_t)(v >> 24);
     p[1] = (uint8_t)(v >> 16);
     p[2] = (uint8_t)(v >> 8);
     p[3] = (uint8_t)v;
@@ -45,23 +148,123 @@ static uint32_t get_be32(const uint8_t *p)
     return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 
+static size_t varint_put(uint8_t *p, uint64_t v)
+{
+    size_t n = 0;
+
+    while (v >= 0x80) {
+        p[n++] = (uint8_t)(v | 0x80);
+        v >>= 7;
+    }
+    p[n++] = (uint8_t)v;
+    return n;
+}
+
+/* At most 10 bytes, minimal, fits 64 bits; false otherwise. */
+static bool varint_get(const uint8_t *p, size_t len, size_t *pos, uint64_t *v)
+{
+    uint64_t r = 0;
+    unsigned shift = 0;
+
+    for (;;) {
+        uint8_t b;
+
+        if (*pos >= len || shift > 63) {
+            return false;
+        }
+        b = p[(*pos)++];
+        if (shift == 63 && b > 1) {
+            return false;
+        }
+        r |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80)) {
+            if (b == 0 && shift != 0) {
+                return false; /* non-minimal */
+            }
+            *v = r;
+            return true;
+        }
+        shift += 7;
+    }
+}
+
+static uint64_t zigzag(int64_t v)
+{
+    return ((uint64_t)v << 1) ^ (uint64_t)(v >> 63);
+}
+
+static int64_t unzigzag(uint64_t v)
+{
+    return (int64_t)(v >> 1) ^ -(int64_t)(v & 1);
+}
+
+/* Most pages are not zero and differ from zero in their first bytes. */
+static bool page_is_zero(const uint8_t *p)
+{
+    const uint64_t *w = (const uint64_t *)(const void *)p;
+    size_t i, j;
+
+    for (i = 0; i < PS / 8; i += 8) {
+        uint64_t acc = 0;
+
+        for (j = 0; j < 8; j++) {
+            acc |= w[i + j];
+        }
+        if (acc) {
+            return false;
+        }
+    }
+    return true;
+}
+
+/* ---- encoder ------------------------------------------------------------ */
+
+static void enc_reset_batch(struct rdmax_lane_encoder *e)
+{
+    e->n = 0;
+    e->nfull = 0;
+    e->desc_len = 0;
+    e->prev_block = 0;
+    e->prev_index = UINT64_MAX; /* "-1": the first page's expected index is 0 */
+}
+
 int rdmax_lane_encoder_create(const struct rdmax_codec_config *cfg,
                               struct rdmax_lane_encoder **out)
 {
     struct rdmax_lane_encoder *e = calloc(1, sizeof(*e));
+    int r = -ENOMEM;
 
     if (!e) {
         return -ENOMEM;
     }
     e->cfg = *cfg;
     e->cctx = ZSTD_createCCtx();
-    e->pages = malloc((size_t)RDMAX_BATCH_MAX_PAGES * RDMAX_PAGE_SIZE);
-    if (!e->cctx || !e->pages) {
-        rdmax_lane_encoder_destroy(e);
-        return -ENOMEM;
+    e->desc = malloc(DESC_MAX);
+    e->full = malloc(FULL_MAX);
+    if (!e->cctx || !e->desc || !e->full) {
+        goto err;
     }
+    if (cfg->cache_bytes) {
+        r = rdmax_page_cache_create(cfg->cache_bytes, &e->cache);
+        if (r < 0) {
+            goto err;
+        }
+    }
+    if (cfg->zstd_level > 0) {
+        e->level = cfg->zstd_level;
+    } else if (cfg->zstd_level == 0) {
+        e->level = 1;
+    }
+    e->delta_cap = PS - 1;
+    e->probe_in = ADAPT_PROBE_EVERY;
+    e->stats.zstd_level = e->level;
+    enc_reset_batch(e);
     *out = e;
     return 0;
+
+err:
+    rdmax_lane_encoder_destroy(e);
+    return r;
 }
 
 void rdmax_lane_encoder_destroy(struct rdmax_lane_encoder *e)
@@ -70,19 +273,98 @@ void rdmax_lane_encoder_destroy(struct rdmax_lane_encoder *e)
         return;
     }
     ZSTD_freeCCtx(e->cctx);
-    free(e->pages);
+    rdmax_page_cache_destroy(e->cache);
+    free(e->desc);
+    free(e->full);
     free(e);
 }
 
 int rdmax_lane_encoder_add(struct rdmax_lane_encoder *e, struct rdmax_page_key key,
                            const uint8_t *page)
 {
+    uint64_t t0 = now_ns();
+    uint64_t index = key.offset / PS;
+    uint8_t *d, tag;
+    const uint8_t *old = NULL;
+    size_t h = 0;
+    enum rdmax_page_tier tier;
+
     if (e->n == RDMAX_BATCH_MAX_PAGES) {
         return -ENOSPC;
     }
-    e->keys[e->n] = key;
-    memcpy(e->pages + (size_t)e->n * RDMAX_PAGE_SIZE, page, RDMAX_PAGE_SIZE);
+    if (key.offset % PS || index >= INDEX_LIMIT) {
+        return -EINVAL;
+    }
+
+    /* Descriptor header: tag (filled below), then the key if unexpected. */
+    d = e->desc + e->desc_len;
+    tag = 0;
+    h = 1;
+    if (key.block != e->prev_block) {
+        tag |= TAG_BLK;
+        h += varint_put(d + h, key.block);
+    }
+    if (index != e->prev_index + 1) {
+        tag |= TAG_OFS;
+        h += varint_put(d + h, zigzag((int64_t)(index - (e->prev_index + 1))));
+    }
+    e->prev_block = key.block;
+    e->prev_index = index;
+
+    if (e->cache) {
+        old = rdmax_page_cache_lookup(e->cache, key);
+    }
+    if (page_is_zero(page)) {
+        tier = RDMAX_TIER_ZERO;
+        if (old) {
+            memset(rdmax_page_cache_store(e->cache, key, NULL), 0, PS);
+        }
+    } else {
+        tier = RDMAX_TIER_FULL;
+        if (old) {
+            /* Room for a 2-byte length; moved back a byte if it needs one. */
+            ssize_t n = rdmax_delta_encode(d + h + 2, e->delta_cap, old, page, PS);
+
+            if (n == 0) {
+                tier = RDMAX_TIER_UNCHANGED;
+                (void)rdmax_page_cache_store(e->cache, key, NULL);
+            } else if (n > 0) {
+                tier = RDMAX_TIER_DELTA;
+                if (n < 0x80) {
+                    d[h] = (uint8_t)n;
+                    memmove(d + h + 1, d + h + 2, (size_t)n);
+                    h += 1 + (size_t)n;
+                } else {
+                    varint_put(d + h, (uint64_t)n);
+                    h += 2 + (size_t)n;
+                }
+                memcpy(rdmax_page_cache_store(e->cache, key, NULL), page, PS);
+            }
+        }
+        if (tier == RDMAX_TIER_FULL) {
+            uint8_t *slot = e->cache ? rdmax_page_cache_store(e->cache, key, NULL) : NULL;
+
+            memcpy(e->full + (size_t)e->nfull * PS, page, PS);
+            e->nfull++;
+            if (slot) { /* NULL: a cache of capacity 0 */
+                memcpy(slot, page, PS);
+            }
+        }
+    }
+    d[0] = tag | (uint8_t)tier;
+    e->desc_len += h;
     e->n++;
+
+    e->stats.tier_pages[tier]++;
+    e->stats.tier_bytes[tier] += h;
+    if (old) {
+        e->stats.cache_hits++;
+    } else {
+        e->stats.cache_misses++;
+    }
+    t0 = now_ns() - t0;
+    e->stats.encode_ns += t0;
+    e->win_busy_ns += t0;
     return 0;
 }
 
@@ -93,49 +375,159 @@ unsigned rdmax_lane_encoder_pending(const struct rdmax_lane_encoder *e)
 
 size_t rdmax_lane_encoder_bound(void)
 {
-    return BATCH_HDR + RDMAX_BATCH_MAX_PAGES * ENTRY_LEN +
-           ZSTD_compressBound((size_t)RDMAX_BATCH_MAX_PAGES * RDMAX_PAGE_SIZE);
+    /* Parts are kept compressed only when smaller than raw. */
+    return BATCH_HDR + DESC_MAX + FULL_MAX;
+}
+
+/*
+ * Compress src into dst when that saves at least 1/den of it; returns the
+ * compressed length, or 0 to store raw.
+ */
+static size_t enc_try_zstd(struct rdmax_lane_encoder *e, uint8_t *dst, const uint8_t *src,
+                           size_t len, int level, size_t den)
+{
+    size_t z;
+
+    ZSTD_CCtx_setParameter(e->cctx, ZSTD_c_compressionLevel, level);
+    z = ZSTD_compress2(e->cctx, dst, len - len / den, src, len);
+    if (ZSTD_isError(z)) {
+        /* dstSize_tooSmall: not worth it. Anything else: send raw too. */
+        return 0;
+    }
+    return z;
+}
+
+/* One window of the adaptive controller; see the top comment. */
+static void enc_adapt(struct rdmax_lane_encoder *e, uint64_t now)
+{
+    uint64_t wall = now - e->win_start_ns;
+    bool busy, idle;
+
+    if (e->cfg.zstd_level != 0 ||
+        (wall < ADAPT_WINDOW_NS && e->win_batches < ADAPT_WINDOW_BATCHES)) {
+        return;
+    }
+    busy = e->win_busy_ns * 100 > wall * 85;
+    idle = e->win_busy_ns * 100 < wall * 50;
+    if (e->win_full_in && e->win_full_out * 16 > e->win_full_in * 15) {
+        /* Compressed pages did not shrink by 1/16: raw until a probe says so. */
+        e->level = 0;
+        e->incompressible = true;
+    } else if (busy && e->level > 0) {
+        e->level--;
+    } else if (idle && !e->incompressible && e->level < ADAPT_MAX_LEVEL) {
+        e->level++;
+    }
+    e->win_start_ns = now;
+    e->win_busy_ns = 0;
+    e->win_batches = 0;
+    e->win_full_in = e->win_full_out = 0;
 }
 
 ssize_t rdmax_lane_encoder_flush(struct rdmax_lane_encoder *e, uint8_t *out, size_t cap)
 {
-    size_t raw = (size_t)e->n * RDMAX_PAGE_SIZE;
-    size_t head = BATCH_HDR + (size_t)e->n * ENTRY_LEN;
-    size_t body = raw;
+    uint64_t t0 = now_ns();
+    size_t full_raw = (size_t)e->nfull * PS;
+    size_t desc_len = e->desc_len, full_len = full_raw, pos, z;
     uint8_t flags = 0;
+    int level = e->level;
+    bool probe = false;
 
     if (cap < rdmax_lane_encoder_bound()) {
         return -EMSGSIZE;
     }
-    out[0] = (uint8_t)(e->n >> 8);
-    out[1] = (uint8_t)e->n;
-    out[3] = 0;
-    for (unsigned i = 0; i < e->n; i++) {
-        uint8_t *p = out + BATCH_HDR + (size_t)i * ENTRY_LEN;
-        put_be32(p, e->keys[i].block);
-        put_be32(p + 4, (uint32_t)(e->keys[i].offset >> 32));
-        put_be32(p + 8, (uint32_t)e->keys[i].offset);
+    if (e->n == 0) {
+        return 0;
     }
-    if (e->cfg.zstd_level >= 0 && raw) {
-        int level = e->cfg.zstd_level ? e->cfg.zstd_level : 1;
-        size_t z = ZSTD_compressCCtx(e->cctx, out + head, cap - head, e->pages, raw, level);
-        /* Keep it only when it saves something worth a decompression. */
-        if (!ZSTD_isError(z) && z < raw - raw / 16) {
-            body = z;
-            flags |= BF_ZSTD;
+    if (e->win_start_ns == 0) {
+        e->win_start_ns = t0;
+    }
+
+    /* A raw lane probes now and then whether pages compress again. */
+    if (level == 0 && e->cfg.zstd_level == 0 && e->incompressible && full_raw &&
+        --e->probe_in == 0) {
+        e->probe_in = ADAPT_PROBE_EVERY;
+        level = 1;
+        probe = true;
+    }
+
+    pos = BATCH_HDR;
+    z = 0;
+    if (level > 0 && desc_len >= DESC_ZSTD_MIN) {
+        /*
+         * Deltas of scattered random bytes do not compress, and trying costs
+         * as much as the delta encoding: after a try that does not pay, skip
+         * 1, 2, 4 ... 64 batches before the next.
+         */
+        if (e->desc_skip) {
+            e->desc_skip--;
+        } else {
+            z = enc_try_zstd(e, out + pos, e->desc, desc_len, level, 8);
+            e->desc_backoff = z ? 0 : e->desc_backoff ? MIN(e->desc_backoff * 2, 64u) : 1;
+            e->desc_skip = e->desc_backoff;
         }
     }
-    if (!(flags & BF_ZSTD)) {
-        memcpy(out + head, e->pages, raw);
+    if (z) {
+        flags |= BF_DESC_ZSTD;
+        desc_len = z;
+    } else {
+        memcpy(out + pos, e->desc, desc_len);
     }
-    out[2] = flags;
-    put_be32(out + 4, (uint32_t)body);
+    pos += desc_len;
+
+    z = 0;
+    if (level > 0 && full_raw) {
+        z = enc_try_zstd(e, out + pos, e->full, full_raw, level, 16);
+        e->win_full_in += full_raw;
+        e->win_full_out += z ? z : full_raw;
+        if (probe && z) {
+            e->incompressible = false;
+            e->level = 1;
+        }
+    }
+    if (z) {
+        flags |= BF_FULL_ZSTD;
+        full_len = z;
+        e->stats.full_zstd_batches++;
+    } else {
+        memcpy(out + pos, e->full, full_raw);
+        if (full_raw) {
+            e->stats.full_raw_batches++;
+        }
+    }
+    pos += full_len;
+
+    out[0] = BATCH_VERSION;
+    out[1] = flags;
+    put_be16(out + 2, (uint16_t)e->n);
+    put_be32(out + 4, (uint32_t)desc_len);
+    put_be32(out + 8, (uint32_t)e->desc_len);
+    put_be32(out + 12, (uint32_t)full_len);
+
+    /* A delta pays while it is below what a full page costs at this ratio. */
+    if (full_raw) {
+        size_t per_page = full_len / e->nfull;
+
+        e->delta_cap = per_page < 256 ? 256 : per_page >= PS ? PS - 1 : per_page;
+    }
+
     e->stats.pages += e->n;
     e->stats.batches++;
-    e->stats.bytes_raw += raw;
-    e->stats.bytes_wire += head + body;
-    e->n = 0;
-    return (ssize_t)(head + body);
+    e->stats.bytes_raw += (uint64_t)e->n * PS;
+    e->stats.bytes_wire += pos;
+    e->stats.tier_bytes[RDMAX_TIER_FULL] += full_len;
+    e->stats.zstd_level = full_raw ? (flags & BF_FULL_ZSTD ? level : 0) : e->stats.zstd_level;
+    enc_reset_batch(e);
+
+    {
+        uint64_t t1 = now_ns();
+
+        e->stats.encode_ns += t1 - t0;
+        e->win_busy_ns += t1 - t0;
+        e->win_batches++;
+        enc_adapt(e, t1);
+    }
+    return (ssize_t)pos;
 }
 
 const struct rdmax_lane_stats *rdmax_lane_encoder_stats(const struct rdmax_lane_encoder *e)
@@ -143,23 +535,44 @@ const struct rdmax_lane_stats *rdmax_lane_encoder_stats(const struct rdmax_lane_
     return &e->stats;
 }
 
+uint64_t rdmax_lane_encoder_cache_digest(const struct rdmax_lane_encoder *e)
+{
+    return e->cache ? rdmax_page_cache_digest(e->cache) : 0;
+}
+
+/* ---- decoder ------------------------------------------------------------ */
+
 int rdmax_lane_decoder_create(const struct rdmax_codec_config *cfg,
                               struct rdmax_lane_decoder **out)
 {
     struct rdmax_lane_decoder *d = calloc(1, sizeof(*d));
+    int r = -ENOMEM;
 
     if (!d) {
         return -ENOMEM;
     }
     d->cfg = *cfg;
     d->dctx = ZSTD_createDCtx();
-    d->pages = malloc((size_t)RDMAX_BATCH_MAX_PAGES * RDMAX_PAGE_SIZE);
-    if (!d->dctx || !d->pages) {
-        rdmax_lane_decoder_destroy(d);
-        return -ENOMEM;
+    d->desc = malloc(DESC_MAX);
+    d->full = malloc(FULL_MAX);
+    d->zero = calloc(1, PS);
+    if (!d->dctx || !d->desc || !d->full || !d->zero) {
+        goto err;
+    }
+    /* Our frames are at most FULL_MAX; refuse windows that would need more. */
+    ZSTD_DCtx_setParameter(d->dctx, ZSTD_d_windowLogMax, 20);
+    if (cfg->cache_bytes) {
+        r = rdmax_page_cache_create(cfg->cache_bytes, &d->cache);
+        if (r < 0) {
+            goto err;
+        }
     }
     *out = d;
     return 0;
+
+err:
+    rdmax_lane_decoder_destroy(d);
+    return r;
 }
 
 void rdmax_lane_decoder_destroy(struct rdmax_lane_decoder *d)
@@ -168,56 +581,193 @@ void rdmax_lane_decoder_destroy(struct rdmax_lane_decoder *d)
         return;
     }
     ZSTD_freeDCtx(d->dctx);
-    free(d->pages);
+    rdmax_page_cache_destroy(d->cache);
+    free(d->desc);
+    free(d->full);
+    free(d->zero);
     free(d);
+}
+
+/* One page's descriptor, parsed. */
+struct dec_page {
+    struct rdmax_page_key key;
+    enum rdmax_page_tier tier;
+    uint32_t delta_pos, delta_len; /* in the descriptor part */
+};
+
+/* Decompress exactly `want` bytes from src into dst; false on any mismatch. */
+static bool dec_zstd_exact(struct rdmax_lane_decoder *d, uint8_t *dst, size_t want,
+                           const uint8_t *src, size_t len)
+{
+    size_t z = ZSTD_decompressDCtx(d->dctx, dst, want, src, len);
+
+    return !ZSTD_isError(z) && z == want;
+}
+
+/*
+ * Parses and checks the whole descriptor part (every field, every length)
+ * into pages[]; counts the FULL pages. Nothing is applied yet.
+ */
+static int dec_parse(const uint8_t *desc, size_t len, unsigned count, struct dec_page *pages,
+                     unsigned *nfull)
+{
+    uint32_t block = 0;
+    uint64_t index = UINT64_MAX;
+    size_t pos = 0;
+    unsigned i;
+
+    *nfull = 0;
+    for (i = 0; i < count; i++) {
+        struct dec_page *pg = &pages[i];
+        uint64_t v;
+        uint8_t tag;
+
+        if (pos >= len) {
+            return -EBADMSG;
+        }
+        tag = desc[pos++];
+        if (tag & TAG_RESERVED) {
+            return -EBADMSG;
+        }
+        if (tag & TAG_BLK) {
+            if (!varint_get(desc, len, &pos, &v) || v > UINT32_MAX || v == block) {
+                return -EBADMSG;
+            }
+            block = (uint32_t)v;
+        }
+        index += 1; /* UINT64_MAX + 1 == 0 for the first page */
+        if (tag & TAG_OFS) {
+            if (!varint_get(desc, len, &pos, &v) || v == 0) {
+                return -EBADMSG;
+            }
+            index += (uint64_t)unzigzag(v);
+        }
+        if (index >= INDEX_LIMIT) {
+            return -EBADMSG;
+        }
+        pg->key.block = block;
+        pg->key.offset = index * PS;
+        pg->tier = (enum rdmax_page_tier)(tag & TAG_TIER);
+        pg->delta_pos = pg->delta_len = 0;
+        if (pg->tier == RDMAX_TIER_DELTA) {
+            if (!varint_get(desc, len, &pos, &v) || v == 0 || v > DELTA_MAX ||
+                v > len - pos) {
+                return -EBADMSG;
+            }
+            pg->delta_pos = (uint32_t)pos;
+            pg->delta_len = (uint32_t)v;
+            pos += (size_t)v;
+        } else if (pg->tier == RDMAX_TIER_FULL) {
+            (*nfull)++;
+        }
+    }
+    return pos == len ? 0 : -EBADMSG; /* nothing may trail */
 }
 
 int rdmax_lane_decoder_decode(struct rdmax_lane_decoder *d, const uint8_t *in, size_t len,
                               rdmax_page_cb cb, void *arg)
 {
-    unsigned n;
-    size_t head, body, raw;
-    const uint8_t *pages;
+    struct dec_page pages[RDMAX_BATCH_MAX_PAGES];
+    const uint8_t *desc, *full;
+    unsigned count, nfull, i, f = 0;
+    uint8_t flags;
+    size_t desc_len, desc_raw, full_len;
+    int r;
 
-    if (len < BATCH_HDR) {
+    if (d->broken || len < BATCH_HDR || in[0] != BATCH_VERSION) {
         return -EBADMSG;
     }
-    n = (unsigned)in[0] << 8 | in[1];
-    body = get_be32(in + 4);
-    if (n == 0 || n > RDMAX_BATCH_MAX_PAGES || (in[2] & ~BF_ZSTD) || in[3] != 0) {
+    flags = in[1];
+    count = (unsigned)in[2] << 8 | in[3];
+    desc_len = get_be32(in + 4);
+    desc_raw = get_be32(in + 8);
+    full_len = get_be32(in + 12);
+    if ((flags & ~(BF_DESC_ZSTD | BF_FULL_ZSTD)) || count == 0 ||
+        count > RDMAX_BATCH_MAX_PAGES || desc_raw > DESC_MAX || desc_len > len - BATCH_HDR ||
+        full_len != len - BATCH_HDR - desc_len) {
         return -EBADMSG;
     }
-    head = BATCH_HDR + (size_t)n * ENTRY_LEN;
-    raw = (size_t)n * RDMAX_PAGE_SIZE;
-    if (len < head || len - head != body) {
+
+    desc = in + BATCH_HDR;
+    if (flags & BF_DESC_ZSTD) {
+        if (!dec_zstd_exact(d, d->desc, desc_raw, desc, desc_len)) {
+            return -EBADMSG;
+        }
+        desc = d->desc;
+    } else if (desc_len != desc_raw) {
         return -EBADMSG;
     }
-    if (in[2] & BF_ZSTD) {
-        size_t z = ZSTD_decompressDCtx(d->dctx, d->pages, raw, in + head, body);
-        if (ZSTD_isError(z) || z != raw) {
-            return -EBADMSG;
-        }
-        pages = d->pages;
-    } else {
-        if (body != raw) {
-            return -EBADMSG;
-        }
-        pages = in + head;
+    if (dec_parse(desc, desc_raw, count, pages, &nfull) < 0) {
+        return -EBADMSG;
     }
-    for (unsigned i = 0; i < n; i++) {
-        const uint8_t *p = in + BATCH_HDR + (size_t)i * ENTRY_LEN;
-        struct rdmax_page_key key = {
-            .block = get_be32(p),
-            .offset = (uint64_t)get_be32(p + 4) << 32 | get_be32(p + 8),
-        };
-        int r;
-        if (key.offset % RDMAX_PAGE_SIZE) {
+
+    full = in + BATCH_HDR + desc_len;
+    if (flags & BF_FULL_ZSTD) {
+        if (nfull == 0 || !dec_zstd_exact(d, d->full, (size_t)nfull * PS, full, full_len)) {
             return -EBADMSG;
         }
-        r = cb(arg, key, pages + (size_t)i * RDMAX_PAGE_SIZE);
+        full = d->full;
+    } else if (full_len != (size_t)nfull * PS) {
+        return -EBADMSG;
+    }
+
+    /*
+     * Apply in order. From here an error leaves the cache partly updated,
+     * no longer a mirror of the encoder's: the decoder refuses all else.
+     */
+    for (i = 0; i < count; i++) {
+        const struct dec_page *pg = &pages[i];
+        const uint8_t *page;
+        uint8_t *slot;
+
+        switch (pg->tier) {
+        case RDMAX_TIER_UNCHANGED:
+            if (!d->cache || !rdmax_page_cache_lookup(d->cache, pg->key)) {
+                goto bad;
+            }
+            page = rdmax_page_cache_store(d->cache, pg->key, NULL);
+            break;
+        case RDMAX_TIER_ZERO:
+            page = d->zero;
+            if (d->cache && rdmax_page_cache_lookup(d->cache, pg->key)) {
+                slot = rdmax_page_cache_store(d->cache, pg->key, NULL);
+                memset(slot, 0, PS);
+                page = slot;
+            }
+            break;
+        case RDMAX_TIER_DELTA:
+            if (!d->cache || !rdmax_page_cache_lookup(d->cache, pg->key)) {
+                goto bad;
+            }
+            slot = rdmax_page_cache_store(d->cache, pg->key, NULL);
+            if (rdmax_delta_decode(slot, PS, slot, desc + pg->delta_pos, pg->delta_len) < 0) {
+                goto bad;
+            }
+            page = slot;
+            break;
+        default: /* RDMAX_TIER_FULL */
+            page = full + (size_t)f++ * PS;
+            slot = d->cache ? rdmax_page_cache_store(d->cache, pg->key, NULL) : NULL;
+            if (slot) { /* NULL: a cache of capacity 0 */
+                memcpy(slot, page, PS);
+                page = slot;
+            }
+            break;
+        }
+        r = cb(arg, pg->key, page);
         if (r < 0) {
+            d->broken = true; /* the rest of the batch was not applied */
             return r;
         }
     }
-    return (int)n;
+    return (int)count;
+
+bad:
+    d->broken = true;
+    return -EBADMSG;
+}
+
+uint64_t rdmax_lane_decoder_cache_digest(const struct rdmax_lane_decoder *d)
+{
+    return d->cache ? rdmax_page_cache_digest(d->cache) : 0;
 }

@@ -33,12 +33,39 @@ struct rdmax_codec_config {
     int zstd_level;       /* 0 = adaptive, <0 = never compress, >0 fixed */
 };
 
+/*
+ * How one page travels in a batch (docs/wire-protocol.md, "Lane batches").
+ * The values are the wire's tier field.
+ */
+enum rdmax_page_tier {
+    RDMAX_TIER_UNCHANGED = 0, /* equal to the cached version: no payload */
+    RDMAX_TIER_ZERO = 1,      /* all zero: no payload */
+    RDMAX_TIER_DELTA = 2,     /* XOR runs against the cached version (delta.h) */
+    RDMAX_TIER_FULL = 3,      /* whole page, in the batch's zstd or raw part */
+    RDMAX_TIER_COUNT,
+};
+
 /* Counters of one lane; written by the lane thread, read by stats (relaxed). */
 struct rdmax_lane_stats {
     uint64_t pages;
     uint64_t batches;
     uint64_t bytes_raw;  /* page bytes in */
     uint64_t bytes_wire; /* batch bytes out */
+    /* Encoder only, from here on. */
+    uint64_t tier_pages[RDMAX_TIER_COUNT];
+    /*
+     * Batch bytes per tier: its page's descriptor and delta bytes before the
+     * descriptor part's own compression; FULL also gets the (compressed or
+     * raw) full-page part. Batch headers and the descriptor part's zstd
+     * savings are in no tier, so the sum differs a little from bytes_wire.
+     */
+    uint64_t tier_bytes[RDMAX_TIER_COUNT];
+    uint64_t cache_hits;   /* pages whose key was cached (UNCHANGED or DELTA, or */
+    uint64_t cache_misses; /* ... ZERO/FULL when the delta did not pay) */
+    uint64_t full_zstd_batches; /* batches whose full-page part went compressed */
+    uint64_t full_raw_batches;  /* ... went raw (incompressible, or raw chosen) */
+    uint64_t encode_ns;         /* time spent in add() and flush() */
+    int zstd_level;             /* level of the last batch's full part, 0 = raw */
 };
 
 struct rdmax_lane_encoder;
@@ -48,7 +75,13 @@ int rdmax_lane_encoder_create(const struct rdmax_codec_config *cfg,
                               struct rdmax_lane_encoder **out);
 void rdmax_lane_encoder_destroy(struct rdmax_lane_encoder *e);
 
-/* Queue one page into the current batch. The page is copied; valid until return. */
+/*
+ * Queue one page into the current batch. The page is copied; valid until
+ * return. The page's tier is chosen here and the page cache updated, so
+ * pages are encoded in the order they are added (a key may repeat within a
+ * batch). Returns 0, -ENOSPC when RDMAX_BATCH_MAX_PAGES are pending (flush
+ * first), -EINVAL for an offset that is not a multiple of RDMAX_PAGE_SIZE.
+ */
 int rdmax_lane_encoder_add(struct rdmax_lane_encoder *e, struct rdmax_page_key key,
                            const uint8_t *page);
 
@@ -60,11 +93,19 @@ size_t rdmax_lane_encoder_bound(void);
 
 /*
  * Encode the current batch into out[0..cap) and start a new one.
- * Returns the batch length, or -EMSGSIZE when cap is below the bound.
+ * Returns the batch length, 0 when no page is pending (nothing to send), or
+ * -EMSGSIZE when cap is below the bound.
  */
 ssize_t rdmax_lane_encoder_flush(struct rdmax_lane_encoder *e, uint8_t *out, size_t cap);
 
 const struct rdmax_lane_stats *rdmax_lane_encoder_stats(const struct rdmax_lane_encoder *e);
+
+/*
+ * Digest of the lane's page cache (rdmax_page_cache_digest; 0 without a
+ * cache). Equal on both ends after the same batches, so a peer can send its
+ * digest (say with LANE_EOF) for the other to check the mirror. O(cache).
+ */
+uint64_t rdmax_lane_encoder_cache_digest(const struct rdmax_lane_encoder *e);
 
 typedef int (*rdmax_page_cb)(void *arg, struct rdmax_page_key key, const uint8_t *page);
 
@@ -77,8 +118,17 @@ void rdmax_lane_decoder_destroy(struct rdmax_lane_decoder *d);
  * cb(arg, key, page); page is valid until cb returns. Returns the number of
  * pages, -EBADMSG for corrupt input (nothing is trusted), or what cb returned
  * when it returned < 0.
+ * The whole batch layout is checked before the first cb, and an error found
+ * then changes nothing. A delta that does not apply, or a page that refers
+ * to a version the cache does not hold, is found only when its turn comes,
+ * after cb has seen the pages before it; the cache then no longer mirrors
+ * the encoder's, so the decoder fails every later call with -EBADMSG (as it
+ * does after cb returned < 0): end the session.
  */
 int rdmax_lane_decoder_decode(struct rdmax_lane_decoder *d, const uint8_t *in, size_t len,
                               rdmax_page_cb cb, void *arg);
+
+/* As rdmax_lane_encoder_cache_digest, for the receiving end. */
+uint64_t rdmax_lane_decoder_cache_digest(const struct rdmax_lane_decoder *d);
 
 #endif
