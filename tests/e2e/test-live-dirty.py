@@ -10,17 +10,19 @@ many pages. rdma-x runs with 3 lanes (E2E_LANES). Checks:
 - the destination's workload sweeps its whole region twice after the switch
   and finds no lost write (no VERIFY-FAIL, verify_bad=0);
 - the stream the source wrote and the one the destination read are
-  byte-identical; rdma-x send and recv both exit 0.
+  byte-identical; rdma-x send and recv both exit 0, and their --stats-json
+  files say result ok and count the stream's size.
 Usage: test-live-dirty.py [RDMAX]   (or env RDMAX; default build/rdma-x)
 """
+import json
 import os
 import sys
 
 sys.dont_write_bytecode = True     # keep the source tree clean
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'lib'))
-from qmp import (check, first_difference, free_port, is_listening, log,  # noqa
-                 run_test, set_caps, set_params, wait_for, wait_migration,
-                 wait_status)
+from qmp import (TestFailure, check, first_difference, free_port,  # noqa
+                 is_listening, log, run_test, set_caps, set_params, wait_for,
+                 wait_migration, wait_status)
 
 WORKLOAD = {'mode': 'sparse-random', 'mib': 48, 'rate': 30, 'report': 0.5}
 LANES = os.environ.get('E2E_LANES', '3')
@@ -30,7 +32,10 @@ BW = 64 << 20
 def body(rig):
     port = free_port()
     cap_src, cap_dst = rig.path('cap-src.bin'), rig.path('cap-dst.bin')
-    extra = '' if rig.rdmax == 'socat' else '--lanes %s' % LANES
+    stats = {w: rig.path(w + '-stats.json') for w in ('send', 'recv')}
+    extra = {w: '' if rig.rdmax == 'socat' else
+             '--lanes %s --progress --stats-json %s' % (LANES, stats[w])
+             for w in ('send', 'recv')}
     dst = rig.guest('dst', workload=WORKLOAD, incoming='defer')
     src = rig.guest('src', workload=WORKLOAD)
     src.wait_reports(3, timeout=40)
@@ -40,9 +45,9 @@ def body(rig):
     # Capped a little above the dirty rate: precopy then needs several rounds,
     # so many pages travel again (rdma-x's delta path), yet it converges.
     set_params(src.qmp, {'max-bandwidth': BW})
-    dst.qmp.cmd('migrate-incoming', uri=rig.recv_cmd(port, cap_dst, extra))
+    dst.qmp.cmd('migrate-incoming', uri=rig.recv_cmd(port, cap_dst, extra['recv']))
     wait_for(lambda: is_listening(port), 15, 'rdma-x recv to listen')
-    src.qmp.cmd('migrate', uri=rig.send_cmd(port, cap_src, extra))
+    src.qmp.cmd('migrate', uri=rig.send_cmd(port, cap_src, extra['send']))
     info, _ = wait_migration(src.qmp, 45)
     check(info['status'] == 'completed', 'source migration %s: %s' %
           (info['status'], info.get('error-desc', '')))
@@ -76,6 +81,18 @@ def body(rig):
     check(d is None, 'streams differ at byte %s (source %d bytes, dest %d)'
           % (d, a, b))
     log('streams identical: %d bytes' % a)
+    if rig.rdmax != 'socat':
+        for w, path in stats.items():
+            try:
+                with open(path) as f:
+                    st = json.load(f)
+            except (OSError, ValueError) as e:
+                raise TestFailure('rdma-x %s --stats-json: %s' % (w, e))
+            log('%s stats: %s' % (w, json.dumps(st)[:300]))
+            check(st.get('result') == 'ok', '%s stats: result %s' %
+                  (w, st.get('result')))
+            check(st.get('bytes_in', a) == a, '%s stats: bytes_in %s, the '
+                  'stream has %d' % (w, st.get('bytes_in'), a))
 
 
 if __name__ == '__main__':
