@@ -4,7 +4,8 @@
 Nothing may be lost: the source QEMU must see the failure promptly and mark
 the migration `failed`, the source guest must keep running (and keep passing
 its own memory check), and `rdma-x send` must exit non-zero with a one-line
-`rdma-x: error: ...` on stderr. Precopy is bandwidth-capped below the guest's
+`rdma-x: error: ...` on stderr; the destination must not run a guest from
+the broken stream. Precopy is bandwidth-capped below the guest's
 dirty rate so the migration is still in flight when recv dies.
 Usage: test-recv-killed.py [RDMAX]   (or env RDMAX; default build/rdma-x)
 """
@@ -65,6 +66,15 @@ def body(rig):
     check(rc != 0, 'rdma-x send exited 0 after its peer was killed')
     check(re.search(r'^rdma-x: error: .+', err, re.M),
           'no "rdma-x: error: ..." line on send stderr')
+
+    # the destination never runs a guest from a broken stream
+    try:
+        dst_state = dst.status()
+    except Exception:           # QEMU exits after a failed incoming load
+        dst_state = 'exited'
+    check(dst_state != 'running', 'destination guest runs after a broken '
+          'stream')
+    log('destination: %s' % dst_state)
 
     # the source guest keeps running and its memory stays intact
     n = len(src.reports())
