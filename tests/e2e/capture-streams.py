@@ -35,9 +35,9 @@ import time
 
 sys.dont_write_bytecode = True     # keep the source tree clean
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'lib'))
-from qmp import (QEMU, Rig, TestFailure, check, log, require_qemu,  # noqa
-                 set_caps, set_params, sh_quote, sha256_file, wait_for,
-                 wait_migration, wait_status)
+from qmp import (QEMU, Rig, TestFailure, check, cleanup_on_signals,  # noqa
+                 log, require_qemu, set_caps, set_params, sh_quote,
+                 sha256_file, wait_for, wait_migration, wait_status)
 
 # Small on purpose: the Linux guest alone makes ~100 MB of stream, every
 # page dirtied during precopy adds 4 KiB per resend.
@@ -149,6 +149,7 @@ def main(argv):
         return 2
     outdir = os.path.abspath(argv[1])
     only = set(argv[2:])
+    cleanup_on_signals()
     require_qemu()
     os.makedirs(outdir, exist_ok=True)
     fast = {'max-bandwidth': 10_000_000_000}

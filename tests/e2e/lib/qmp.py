@@ -264,6 +264,28 @@ def mem_bytes(mem):
                               'G': 1 << 30}[m.group(2)]
 
 
+def _die_with_parent():
+    """In the child before exec: SIGKILL QEMU if the test process dies
+    without cleaning up (e.g. killed by a test-runner timeout). Its exec:
+    children then see EOF on their pipes and exit."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:   # noqa: best effort
+        pass
+
+
+def _on_signal(signum, frame):
+    raise TestFailure('interrupted by signal %d' % signum)
+
+
+def cleanup_on_signals():
+    """SIGTERM/SIGHUP (test-runner timeout) run the normal failure path, so
+    the Rig still kills what it started."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+
+
 class Guest:
     """One QEMU 7.2 TCG guest booting the rdma-x test image."""
 
@@ -306,7 +328,8 @@ class Guest:
         # own process group: QEMU's exec: children (sh, tee, rdma-x) join it
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                      stdout=self.errf, stderr=self.errf,
-                                     cwd=rig.dir, start_new_session=True)
+                                     cwd=rig.dir, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         rig.guests.append(self)
         self.qmp = QMP(self.qmp_path)
 
@@ -579,6 +602,7 @@ class Rig:
 def run_test(name, body, argv=None):
     """Standard main(): 0 pass, 1 fail, 77 skip (QEMU absent)."""
     argv = sys.argv if argv is None else argv
+    cleanup_on_signals()
     require_qemu()
     t0 = time.monotonic()
     rig = None
