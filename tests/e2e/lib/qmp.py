@@ -287,7 +287,10 @@ def cleanup_on_signals():
 
 
 class Guest:
-    """One QEMU 7.2 TCG guest booting the rdma-x test image."""
+    """One QEMU 7.2 TCG guest booting the rdma-x test image.
+
+    Create guests from the main thread: QEMU is SIGKILLed when the thread
+    that started it exits (PR_SET_PDEATHSIG, see _die_with_parent)."""
 
     def __init__(self, rig, name, workload=None, mem=SMALL_MEM, machine='pc',
                  incoming=None, extra_args=(), extra_append='', kernel=True,
