@@ -114,8 +114,8 @@ DELTA_INLINE bool varint_get(const uint8_t *src, size_t src_len, size_t *p, size
 
 /* ---- scalar oracle: a byte at a time, written to be obviously right ----- */
 
-static ssize_t delta_encode_scalar(uint8_t *dst, size_t cap, const uint8_t *old,
-                                   const uint8_t *cur, size_t len)
+static ssize_t delta_encode_scalar(uint8_t *dst, size_t cap, const uint8_t *old, const uint8_t *cur,
+                                   size_t len)
 {
     size_t pos = 0, n = 0;
 
@@ -283,8 +283,8 @@ DELTA_INLINE bool bm_test(const uint64_t *bm, size_t i)
 }
 
 /* Emits the tokens for the changed-byte bitmap bm (not all zero). */
-DELTA_INLINE ssize_t delta_walk(uint8_t *dst, size_t cap, const uint8_t *old,
-                                const uint8_t *cur, const uint64_t *bm, size_t nwords)
+DELTA_INLINE ssize_t delta_walk(uint8_t *dst, size_t cap, const uint8_t *old, const uint8_t *cur,
+                                const uint64_t *bm, size_t nwords)
 {
     size_t len = nwords * 64;
     size_t pos = 0, n = 0;
@@ -348,13 +348,11 @@ DELTA_INLINE ssize_t delta_decode_fast(uint8_t *page, size_t len, const uint8_t 
     while (p < src_len) {
         size_t z, m;
 
-        if (!varint_get(src, src_len, &p, &z) || z > len - pos ||
-            (z < DELTA_MIN_GAP && pos != 0)) {
+        if (!varint_get(src, src_len, &p, &z) || z > len - pos || (z < DELTA_MIN_GAP && pos != 0)) {
             return -EBADMSG;
         }
         pos += z;
-        if (!varint_get(src, src_len, &p, &m) || m == 0 || m > len - pos ||
-            m > src_len - p) {
+        if (!varint_get(src, src_len, &p, &m) || m == 0 || m > len - pos || m > src_len - p) {
             return -EBADMSG;
         }
         xor_into(page + pos, src + p, m);
@@ -401,8 +399,7 @@ delta_encode_sse2(uint8_t *dst, size_t cap, const uint8_t *old, const uint8_t *c
 }
 
 __attribute__((target("sse2"))) static ssize_t
-delta_decode_sse2(uint8_t *page, size_t len, const uint8_t *old, const uint8_t *src,
-                  size_t src_len)
+delta_decode_sse2(uint8_t *page, size_t len, const uint8_t *old, const uint8_t *src, size_t src_len)
 {
     return delta_decode_fast(page, len, old, src, src_len);
 }
@@ -436,15 +433,13 @@ delta_encode_avx2(uint8_t *dst, size_t cap, const uint8_t *old, const uint8_t *c
 }
 
 __attribute__((target("avx2"))) static ssize_t
-delta_decode_avx2(uint8_t *page, size_t len, const uint8_t *old, const uint8_t *src,
-                  size_t src_len)
+delta_decode_avx2(uint8_t *page, size_t len, const uint8_t *old, const uint8_t *src, size_t src_len)
 {
     return delta_decode_fast(page, len, old, src, src_len);
 }
 
 __attribute__((target("avx512f,avx512bw"))) static ssize_t
-delta_encode_avx512(uint8_t *dst, size_t cap, const uint8_t *old, const uint8_t *cur,
-                    size_t len)
+delta_encode_avx512(uint8_t *dst, size_t cap, const uint8_t *old, const uint8_t *cur, size_t len)
 {
     uint64_t bm[DELTA_MAX_WORDS];
     uint64_t any = 0;
@@ -478,20 +473,17 @@ delta_decode_avx512(uint8_t *page, size_t len, const uint8_t *old, const uint8_t
 /* ---- dispatch ----------------------------------------------------------- */
 
 static const struct rdmax_delta_ops delta_ops[RDMAX_DELTA_IMPL_COUNT] = {
-    [RDMAX_DELTA_SCALAR] = {"scalar", RDMAX_DELTA_SCALAR, delta_encode_scalar,
-                            delta_decode_scalar},
+    [RDMAX_DELTA_SCALAR] = {"scalar", RDMAX_DELTA_SCALAR, delta_encode_scalar, delta_decode_scalar},
 #ifdef DELTA_X86
     [RDMAX_DELTA_SSE2] = {"sse2", RDMAX_DELTA_SSE2, delta_encode_sse2, delta_decode_sse2},
     [RDMAX_DELTA_AVX2] = {"avx2", RDMAX_DELTA_AVX2, delta_encode_avx2, delta_decode_avx2},
-    [RDMAX_DELTA_AVX512] = {"avx512", RDMAX_DELTA_AVX512, delta_encode_avx512,
-                            delta_decode_avx512},
+    [RDMAX_DELTA_AVX512] = {"avx512", RDMAX_DELTA_AVX512, delta_encode_avx512, delta_decode_avx512},
 #endif
 };
 
 static const char *const delta_names[RDMAX_DELTA_IMPL_COUNT] = {
-    [RDMAX_DELTA_AUTO] = "auto",     [RDMAX_DELTA_SCALAR] = "scalar",
-    [RDMAX_DELTA_SSE2] = "sse2",     [RDMAX_DELTA_AVX2] = "avx2",
-    [RDMAX_DELTA_AVX512] = "avx512",
+    [RDMAX_DELTA_AUTO] = "auto", [RDMAX_DELTA_SCALAR] = "scalar", [RDMAX_DELTA_SSE2] = "sse2",
+    [RDMAX_DELTA_AVX2] = "avx2", [RDMAX_DELTA_AVX512] = "avx512",
 };
 
 static bool delta_cpu_has(enum rdmax_delta_impl impl)

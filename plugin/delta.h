@@ -48,8 +48,7 @@ enum rdmax_delta_impl {
 struct rdmax_delta_ops {
     const char *name;
     enum rdmax_delta_impl impl;
-    ssize_t (*encode)(uint8_t *dst, size_t cap, const uint8_t *old, const uint8_t *cur,
-                      size_t len);
+    ssize_t (*encode)(uint8_t *dst, size_t cap, const uint8_t *old, const uint8_t *cur, size_t len);
     ssize_t (*decode)(uint8_t *page, size_t len, const uint8_t *old, const uint8_t *src,
                       size_t src_len);
 };

@@ -100,11 +100,11 @@ struct rdmax_lane_encoder {
     uint64_t prev_index;
     size_t delta_cap; /* a delta above this goes FULL */
     /* Adaptive level: see the top comment. */
-    int level;               /* 0 = raw */
-    bool incompressible;     /* raw because pages did not compress */
-    unsigned probe_in;       /* batches until the next probe */
-    unsigned desc_skip;      /* batches to send the descriptor raw without trying */
-    unsigned desc_backoff;   /* next desc_skip after a try that did not pay */
+    int level;             /* 0 = raw */
+    bool incompressible;   /* raw because pages did not compress */
+    unsigned probe_in;     /* batches until the next probe */
+    unsigned desc_skip;    /* batches to send the descriptor raw without trying */
+    unsigned desc_backoff; /* next desc_skip after a try that did not pay */
     uint64_t win_start_ns, win_busy_ns;
     unsigned win_batches;
     uint64_t win_full_in, win_full_out; /* compressed batches in the window */
@@ -228,8 +228,7 @@ static void enc_reset_batch(struct rdmax_lane_encoder *e)
     e->prev_index = UINT64_MAX; /* "-1": the first page's expected index is 0 */
 }
 
-int rdmax_lane_encoder_create(const struct rdmax_codec_config *cfg,
-                              struct rdmax_lane_encoder **out)
+int rdmax_lane_encoder_create(const struct rdmax_codec_config *cfg, struct rdmax_lane_encoder **out)
 {
     struct rdmax_lane_encoder *e = calloc(1, sizeof(*e));
     int r = -ENOMEM;
@@ -542,8 +541,7 @@ uint64_t rdmax_lane_encoder_cache_digest(const struct rdmax_lane_encoder *e)
 
 /* ---- decoder ------------------------------------------------------------ */
 
-int rdmax_lane_decoder_create(const struct rdmax_codec_config *cfg,
-                              struct rdmax_lane_decoder **out)
+int rdmax_lane_decoder_create(const struct rdmax_codec_config *cfg, struct rdmax_lane_decoder **out)
 {
     struct rdmax_lane_decoder *d = calloc(1, sizeof(*d));
     int r = -ENOMEM;
@@ -650,8 +648,7 @@ static int dec_parse(const uint8_t *desc, size_t len, unsigned count, struct dec
         pg->tier = (enum rdmax_page_tier)(tag & TAG_TIER);
         pg->delta_pos = pg->delta_len = 0;
         if (pg->tier == RDMAX_TIER_DELTA) {
-            if (!varint_get(desc, len, &pos, &v) || v == 0 || v > DELTA_MAX ||
-                v > len - pos) {
+            if (!varint_get(desc, len, &pos, &v) || v == 0 || v > DELTA_MAX || v > len - pos) {
                 return -EBADMSG;
             }
             pg->delta_pos = (uint32_t)pos;
@@ -682,8 +679,8 @@ int rdmax_lane_decoder_decode(struct rdmax_lane_decoder *d, const uint8_t *in, s
     desc_len = get_be32(in + 4);
     desc_raw = get_be32(in + 8);
     full_len = get_be32(in + 12);
-    if ((flags & ~(BF_DESC_ZSTD | BF_FULL_ZSTD)) || count == 0 ||
-        count > RDMAX_BATCH_MAX_PAGES || desc_raw > DESC_MAX || desc_len > len - BATCH_HDR ||
+    if ((flags & ~(BF_DESC_ZSTD | BF_FULL_ZSTD)) || count == 0 || count > RDMAX_BATCH_MAX_PAGES ||
+        desc_raw > DESC_MAX || desc_len > len - BATCH_HDR ||
         full_len != len - BATCH_HDR - desc_len) {
         return -EBADMSG;
     }

@@ -60,8 +60,8 @@ struct rdmax_lane_stats {
      * savings are in no tier, so the sum differs a little from bytes_wire.
      */
     uint64_t tier_bytes[RDMAX_TIER_COUNT];
-    uint64_t cache_hits;   /* pages whose key was cached (UNCHANGED or DELTA, or */
-    uint64_t cache_misses; /* ... ZERO/FULL when the delta did not pay) */
+    uint64_t cache_hits;        /* pages whose key was cached (whatever tier they took) */
+    uint64_t cache_misses;      /* pages whose key was not */
     uint64_t full_zstd_batches; /* batches whose full-page part went compressed */
     uint64_t full_raw_batches;  /* ... went raw (incompressible, or raw chosen) */
     uint64_t encode_ns;         /* time spent in add() and flush() */

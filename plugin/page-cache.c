@@ -24,10 +24,10 @@ struct cache_entry {
 };
 
 struct rdmax_page_cache {
-    size_t capacity;             /* slots; set at create */
-    size_t count;                /* slots in use (0..count) */
-    size_t hand;                 /* CLOCK hand, once full */
-    uint32_t *index;             /* slot + 1, 0 = empty; index_mask + 1 cells */
+    size_t capacity; /* slots; set at create */
+    size_t count;    /* slots in use (0..count) */
+    size_t hand;     /* CLOCK hand, once full */
+    uint32_t *index; /* slot + 1, 0 = empty; index_mask + 1 cells */
     size_t index_mask;
     struct cache_entry *entries; /* capacity */
     uint8_t *data;               /* capacity pages, mmap()ed */
@@ -156,8 +156,8 @@ int rdmax_page_cache_create(uint64_t budget_bytes, struct rdmax_page_cache **out
         }
         /* mmap: page aligned, and untouched slots cost no RSS until used. */
         c->data_len = n * (size_t)RDMAX_PAGE_SIZE;
-        c->data = mmap(NULL, c->data_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                       -1, 0);
+        c->data =
+            mmap(NULL, c->data_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (c->data == MAP_FAILED) {
             goto err_data;
         }
@@ -209,8 +209,7 @@ const uint8_t *rdmax_page_cache_lookup(struct rdmax_page_cache *c, struct rdmax_
     return c->data + (size_t)(v - 1) * RDMAX_PAGE_SIZE;
 }
 
-uint8_t *rdmax_page_cache_store(struct rdmax_page_cache *c, struct rdmax_page_key key,
-                                bool *hit)
+uint8_t *rdmax_page_cache_store(struct rdmax_page_cache *c, struct rdmax_page_key key, bool *hit)
 {
     size_t cell, slot;
     struct cache_entry *e;

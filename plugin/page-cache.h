@@ -73,8 +73,7 @@ const uint8_t *rdmax_page_cache_lookup(struct rdmax_page_cache *c, struct rdmax_
  * for a capacity-0 cache. *hit (optional) tells whether key was cached.
  * Valid until the next rdmax_page_cache_store.
  */
-uint8_t *rdmax_page_cache_store(struct rdmax_page_cache *c, struct rdmax_page_key key,
-                                bool *hit);
+uint8_t *rdmax_page_cache_store(struct rdmax_page_cache *c, struct rdmax_page_key key, bool *hit);
 
 /* Pages the cache can hold; pages it holds. */
 size_t rdmax_page_cache_capacity(const struct rdmax_page_cache *c);

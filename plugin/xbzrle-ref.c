@@ -81,8 +81,8 @@ static size_t xref_diff_run(const uint8_t *old, const uint8_t *cur, size_t i, si
     return i - s;
 }
 
-ssize_t rdmax_xbzrle_ref_encode(uint8_t *dst, size_t cap, const uint8_t *old,
-                                const uint8_t *cur, size_t len)
+ssize_t rdmax_xbzrle_ref_encode(uint8_t *dst, size_t cap, const uint8_t *old, const uint8_t *cur,
+                                size_t len)
 {
     size_t i = 0, d = 0;
 
@@ -123,8 +123,7 @@ static int xref_uleb_get(const uint8_t *in, size_t avail, size_t *v)
     return 2;
 }
 
-ssize_t rdmax_xbzrle_ref_decode(uint8_t *page, size_t len, const uint8_t *src,
-                                size_t src_len)
+ssize_t rdmax_xbzrle_ref_decode(uint8_t *page, size_t len, const uint8_t *src, size_t src_len)
 {
     size_t i = 0, d = 0;
 

@@ -21,15 +21,14 @@
  *         encoding would exceed cap (QEMU then sends a plain page: with cap
  *         = len this is its "overflow"); -EINVAL for len 0 or too large.
  */
-ssize_t rdmax_xbzrle_ref_encode(uint8_t *dst, size_t cap, const uint8_t *old,
-                                const uint8_t *cur, size_t len);
+ssize_t rdmax_xbzrle_ref_encode(uint8_t *dst, size_t cap, const uint8_t *old, const uint8_t *cur,
+                                size_t len);
 
 /*
  * Apply src[0..src_len) (untrusted) in place to page (len bytes, holding the
  * old version), with the checks of QEMU's decoder.
  * @return len, or -EBADMSG (page partly updated).
  */
-ssize_t rdmax_xbzrle_ref_decode(uint8_t *page, size_t len, const uint8_t *src,
-                                size_t src_len);
+ssize_t rdmax_xbzrle_ref_decode(uint8_t *page, size_t len, const uint8_t *src, size_t src_len);
 
 #endif

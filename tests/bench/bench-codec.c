@@ -128,7 +128,8 @@ static bool want_text(const char *name)
     size_t n = strlen(name);
 
     return (n > 2 && strcmp(name + n - 2, ".h") == 0) || strcmp(name, "copyright") == 0 ||
-           (n > 3 && strcmp(name + n - 3, ".pm") == 0) || (n > 3 && strcmp(name + n - 3, ".py") == 0);
+           (n > 3 && strcmp(name + n - 3, ".pm") == 0) ||
+           (n > 3 && strcmp(name + n - 3, ".py") == 0);
 }
 
 /* At most this many pages per file, so no one big file dominates. */
@@ -284,7 +285,7 @@ struct result {
     const char *content, *codec, *impl;
     unsigned dirty;
     double enc_avg, enc_peak, dec_avg, dec_peak; /* MB/s of page bytes */
-    double ratio;                                 /* INFINITY: nothing sent */
+    double ratio;                                /* INFINITY: nothing sent */
     double bytes_per_page;
 };
 
@@ -334,8 +335,8 @@ static double delta_enc_pass(void *arg)
     size_t i;
 
     for (i = 0; i < s->n; i++) {
-        s->len[i] = c->ops->encode(s->enc + i * (PS + 8), PS - 1, s->old + i * PS,
-                                   s->cur + i * PS, PS);
+        s->len[i] =
+            c->ops->encode(s->enc + i * (PS + 8), PS - 1, s->old + i * PS, s->cur + i * PS, PS);
     }
     return now_s() - t0;
 }
@@ -351,8 +352,8 @@ static double delta_dec_pass(void *arg)
         uint8_t *out = s->out + (i % 64) * PS;
 
         if (s->len[i] >= 0) {
-            if (c->ops->decode(out, PS, s->old + i * PS, s->enc + i * (PS + 8),
-                               (size_t)s->len[i]) < 0) {
+            if (c->ops->decode(out, PS, s->old + i * PS, s->enc + i * (PS + 8), (size_t)s->len[i]) <
+                0) {
                 fprintf(stderr, "bench-codec: delta decode failed\n");
                 exit(1);
             }
@@ -388,8 +389,7 @@ static double xbz_dec_pass(void *arg)
 
         if (s->len[i] >= 0) {
             memcpy(out, s->old + i * PS, PS);
-            if (rdmax_xbzrle_ref_decode(out, PS, s->enc + i * (PS + 8), (size_t)s->len[i]) <
-                0) {
+            if (rdmax_xbzrle_ref_decode(out, PS, s->enc + i * (PS + 8), (size_t)s->len[i]) < 0) {
                 fprintf(stderr, "bench-codec: xbzrle decode failed\n");
                 exit(1);
             }
@@ -450,8 +450,8 @@ static double zstd_dec_pass(void *arg)
     size_t b, nb = (c->s->n + BATCH - 1) / BATCH;
 
     for (b = 0; b < nb; b++) {
-        size_t r = ZSTD_decompressDCtx(c->dctx, c->s->out, BATCH * PS, c->z + b * c->zcap,
-                                       c->zlen[b]);
+        size_t r =
+            ZSTD_decompressDCtx(c->dctx, c->s->out, BATCH * PS, c->z + b * c->zcap, c->zlen[b]);
 
         if (ZSTD_isError(r)) {
             fprintf(stderr, "bench-codec: zstd: %s\n", ZSTD_getErrorName(r));
@@ -474,7 +474,7 @@ struct lane_ctx {
     struct rdmax_lane_decoder *dec;
     uint8_t *batches; /* two passes' worth of batches, for the decoder */
     size_t bcap, blen[2], *bl[2], nb;
-    uint64_t wire;    /* bytes of the last timed half */
+    uint64_t wire; /* bytes of the last timed half */
     volatile uint8_t sink;
 };
 
@@ -570,8 +570,7 @@ static void lane_prime(struct lane_ctx *c)
             if (rdmax_lane_encoder_pending(c->enc) == BATCH || i + 1 == c->s->n) {
                 ssize_t r = rdmax_lane_encoder_flush(c->enc, tmp, c->bcap);
 
-                if (r <= 0 ||
-                    rdmax_lane_decoder_decode(c->dec, tmp, (size_t)r, lane_cb, c) < 0) {
+                if (r <= 0 || rdmax_lane_decoder_decode(c->dec, tmp, (size_t)r, lane_cb, c) < 0) {
                     fprintf(stderr, "bench-codec: lane prime failed\n");
                     exit(1);
                 }
@@ -626,8 +625,8 @@ static void bench_set(struct set *s, const char *content, unsigned dirty)
             continue;
         }
         r = &results[nresults++];
-        *r = (struct result){.content = content, .codec = "delta", .impl = c.ops->name,
-                             .dirty = dirty};
+        *r = (struct result){
+            .content = content, .codec = "delta", .impl = c.ops->name, .dirty = dirty};
         measure(delta_enc_pass, &c, s->n, &r->enc_avg, &r->enc_peak);
         measure(delta_dec_pass, &c, s->n, &r->dec_avg, &r->dec_peak);
         r->bytes_per_page = sum_len(s, PS) / (double)s->n;
@@ -636,8 +635,8 @@ static void bench_set(struct set *s, const char *content, unsigned dirty)
     {
         struct result *r = &results[nresults++];
 
-        *r = (struct result){.content = content, .codec = "xbzrle-qemu", .impl = "scalar",
-                             .dirty = dirty};
+        *r = (struct result){
+            .content = content, .codec = "xbzrle-qemu", .impl = "scalar", .dirty = dirty};
         measure(xbz_enc_pass, s, s->n, &r->enc_avg, &r->enc_peak);
         measure(xbz_dec_pass, s, s->n, &r->dec_avg, &r->dec_peak);
         r->bytes_per_page = sum_len(s, PS) / (double)s->n;
@@ -651,8 +650,8 @@ static void bench_set(struct set *s, const char *content, unsigned dirty)
         c.zcap = ZSTD_compressBound(BATCH * PS);
         c.z = xmalloc(nb * c.zcap);
         c.zlen = calloc(nb, sizeof(size_t));
-        *r = (struct result){.content = content, .codec = "zstd-1", .impl = ZSTD_versionString(),
-                             .dirty = dirty};
+        *r = (struct result){
+            .content = content, .codec = "zstd-1", .impl = ZSTD_versionString(), .dirty = dirty};
         measure(zstd_enc_pass, &c, s->n, &r->enc_avg, &r->enc_peak);
         measure(zstd_dec_pass, &c, s->n, &r->dec_avg, &r->dec_peak);
         r->bytes_per_page = (double)c.zbytes / (double)s->n;
@@ -708,8 +707,8 @@ static const struct result *find(const char *content, unsigned dirty, const char
     for (i = 0; i < nresults; i++) {
         const struct result *r = &results[i];
 
-        if (strcmp(r->content, content) == 0 && r->dirty == dirty &&
-            strcmp(r->codec, codec) == 0 && (!impl || strcmp(r->impl, impl) == 0)) {
+        if (strcmp(r->content, content) == 0 && r->dirty == dirty && strcmp(r->codec, codec) == 0 &&
+            (!impl || strcmp(r->impl, impl) == 0)) {
             return r;
         }
     }
@@ -725,7 +724,8 @@ static void print_targets(FILE *f)
     fprintf(f, "\n# targets (delta impl %s):\n", impl);
     for (c = 0; c < 3; c++) {
         const char *cn = content_names[c];
-        const struct result *d1 = find(cn, 1, "delta", impl), *x1 = find(cn, 1, "xbzrle-qemu", NULL);
+        const struct result *d1 = find(cn, 1, "delta", impl),
+                            *x1 = find(cn, 1, "xbzrle-qemu", NULL);
         double worst = INFINITY;
         unsigned worst_at = 0;
         bool ratio_ok = true;
@@ -749,11 +749,13 @@ static void print_targets(FILE *f)
                 d1->enc_avg >= 4000 ? "ok" : "MISSED");
         fprintf(f, "#  %-6s delta dec at 1%%: %6.0f MB/s (>= 6000) %s\n", cn, d1->dec_avg,
                 d1->dec_avg >= 6000 ? "ok" : "MISSED");
-        fprintf(f, "#  %-6s delta bytes <= QEMU XBZRLE at every dirty%%: %s (1%%: %.1f vs %.1f "
-                   "B/page)\n",
+        fprintf(f,
+                "#  %-6s delta bytes <= QEMU XBZRLE at every dirty%%: %s (1%%: %.1f vs %.1f "
+                "B/page)\n",
                 cn, ratio_ok ? "ok" : "MISSED", d1->bytes_per_page, x1 ? x1->bytes_per_page : 0);
-        fprintf(f, "#  %-6s zstd tier (lane-nocache/z1) vs plain zstd -1, worst over dirty%%: "
-                   "%.2fx at %u%% (>= 0.9) %s\n",
+        fprintf(f,
+                "#  %-6s zstd tier (lane-nocache/z1) vs plain zstd -1, worst over dirty%%: "
+                "%.2fx at %u%% (>= 0.9) %s\n",
                 cn, worst, worst_at, worst >= 0.9 ? "ok" : "MISSED");
     }
 }
@@ -767,10 +769,14 @@ static void usage(FILE *f)
 int main(int argc, char **argv)
 {
     static const struct option lo[] = {
-        {"json", no_argument, NULL, 'j'},       {"pages", required_argument, NULL, 'p'},
-        {"seconds", required_argument, NULL, 's'}, {"cpu", required_argument, NULL, 'c'},
-        {"content", required_argument, NULL, 'C'}, {"smoke", no_argument, NULL, 'S'},
-        {"wall", no_argument, NULL, 'w'},       {"help", no_argument, NULL, 'h'},
+        {"json", no_argument, NULL, 'j'},
+        {"pages", required_argument, NULL, 'p'},
+        {"seconds", required_argument, NULL, 's'},
+        {"cpu", required_argument, NULL, 'c'},
+        {"content", required_argument, NULL, 'C'},
+        {"smoke", no_argument, NULL, 'S'},
+        {"wall", no_argument, NULL, 'w'},
+        {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     char model[256];
@@ -867,8 +873,7 @@ int main(int argc, char **argv)
                "\"smoke\": %s},\n  \"results\": [",
                model, o.cpu, __VERSION__, ZSTD_versionString(),
                rdmax_delta_ops_get(RDMAX_DELTA_AUTO)->name, s.n, o.seconds,
-               o.wall ? "wall" : "thread-cpu", real_from_files,
-               o.smoke ? "true" : "false");
+               o.wall ? "wall" : "thread-cpu", real_from_files, o.smoke ? "true" : "false");
         for (i = 0; i < nresults; i++) {
             const struct result *r = &results[i];
 
@@ -878,8 +883,7 @@ int main(int argc, char **argv)
                    "\"dec_mbps_avg\": %.1f, \"dec_mbps_peak\": %.1f, "
                    "\"enc_pages_per_s\": %.0f, \"bytes_per_page\": %.2f, \"ratio\": ",
                    i ? "," : "", r->content, r->dirty, r->codec, r->impl, PS, s.n, r->enc_avg,
-                   r->enc_peak, r->dec_avg, r->dec_peak, r->enc_avg * 1e6 / PS,
-                   r->bytes_per_page);
+                   r->enc_peak, r->dec_avg, r->dec_peak, r->enc_avg * 1e6 / PS, r->bytes_per_page);
             print_ratio(stdout, r->ratio, true);
             printf("}");
         }
@@ -889,21 +893,20 @@ int main(int argc, char **argv)
 
     printf("# bench-codec: cpu \"%s\" (pinned to cpu %d), %s, zstd %s\n", model, o.cpu,
            "gcc " __VERSION__, ZSTD_versionString());
-    printf("# %zu pages of %u bytes per set, %.2f s (%s time) per cell%s; delta default: %s\n",
-           s.n, PS, o.seconds, o.wall ? "wall" : "thread CPU", o.smoke ? " (smoke: one pass)" : "",
+    printf("# %zu pages of %u bytes per set, %.2f s (%s time) per cell%s; delta default: %s\n", s.n,
+           PS, o.seconds, o.wall ? "wall" : "thread CPU", o.smoke ? " (smoke: one pass)" : "",
            rdmax_delta_ops_get(RDMAX_DELTA_AUTO)->name);
     printf("# real: %zu pages read from /usr/bin, /usr/lib, /usr/include, /usr/share/doc ...\n",
            real_from_files);
     printf("# MB/s = page bytes (4096 per page) per second on one core; ratio = page bytes / "
            "bytes sent\n");
-    printf("%-7s %5s %-16s %-8s %10s %10s %10s %10s %10s %8s %9s\n", "#content", "dirty%",
-           "codec", "impl", "enc-MB/s", "enc-peak", "dec-MB/s", "dec-peak", "enc-pg/s",
-           "ratio", "B/page");
+    printf("%-7s %5s %-16s %-8s %10s %10s %10s %10s %10s %8s %9s\n", "#content", "dirty%", "codec",
+           "impl", "enc-MB/s", "enc-peak", "dec-MB/s", "dec-peak", "enc-pg/s", "ratio", "B/page");
     for (i = 0; i < nresults; i++) {
         const struct result *r = &results[i];
 
-        printf("%-7s %5u %-16s %-8.8s %10.0f %10.0f %10.0f %10.0f %10.0f ", r->content,
-               r->dirty, r->codec, r->impl, r->enc_avg, r->enc_peak, r->dec_avg, r->dec_peak,
+        printf("%-7s %5u %-16s %-8.8s %10.0f %10.0f %10.0f %10.0f %10.0f ", r->content, r->dirty,
+               r->codec, r->impl, r->enc_avg, r->enc_peak, r->dec_avg, r->dec_peak,
                r->enc_avg * 1e6 / PS);
         print_ratio(stdout, r->ratio, false);
         printf(" %9.1f\n", r->bytes_per_page);

@@ -28,8 +28,7 @@ static inline uint64_t test_seed(void)
         return strtoull(env, NULL, 0);
     }
     clock_gettime(CLOCK_REALTIME, &ts);
-    return ((uint64_t)ts.tv_sec * 1000000007u) ^ (uint64_t)ts.tv_nsec ^
-           ((uint64_t)getpid() << 32);
+    return ((uint64_t)ts.tv_sec * 1000000007u) ^ (uint64_t)ts.tv_nsec ^ ((uint64_t)getpid() << 32);
 }
 
 /* splitmix64: tiny, good enough, and the same everywhere. */

@@ -45,12 +45,11 @@ static ssize_t encode_all(size_t cap, uint64_t seed)
     for (i = 1; i < n_impls; i++) {
         ssize_t r = impls[i]->encode(enc2, cap, old_pg, cur_pg, LEN);
 
-        cr_assert_eq(r, ref, "%s encode gave %zd, scalar %zd " SEED_FMT, impls[i]->name, r,
-                     ref, SEED_ARG(seed));
+        cr_assert_eq(r, ref, "%s encode gave %zd, scalar %zd " SEED_FMT, impls[i]->name, r, ref,
+                     SEED_ARG(seed));
         if (r > 0) {
             cr_assert(memcmp(enc, enc2, (size_t)r) == 0,
-                      "%s encoding differs from scalar " SEED_FMT, impls[i]->name,
-                      SEED_ARG(seed));
+                      "%s encoding differs from scalar " SEED_FMT, impls[i]->name, SEED_ARG(seed));
         }
     }
     return ref;
@@ -67,8 +66,8 @@ static void decode_all_expect(size_t n, const uint8_t *want, uint64_t seed)
 
         cr_assert_eq(r, (ssize_t)LEN, "%s decode gave %zd " SEED_FMT, impls[i]->name, r,
                      SEED_ARG(seed));
-        cr_assert(memcmp(out_pg, want, LEN) == 0, "%s decode wrong page " SEED_FMT,
-                  impls[i]->name, SEED_ARG(seed));
+        cr_assert(memcmp(out_pg, want, LEN) == 0, "%s decode wrong page " SEED_FMT, impls[i]->name,
+                  SEED_ARG(seed));
         memcpy(inplace, old_pg, LEN);
         r = impls[i]->decode(inplace, LEN, inplace, enc, n);
         cr_assert_eq(r, (ssize_t)LEN);
@@ -84,13 +83,13 @@ static ssize_t decode_all_agree(const uint8_t *src, size_t n, uint64_t seed)
     ssize_t ref = impls[0]->decode(ref_pg, LEN, old_pg, src, n);
     size_t i;
 
-    cr_assert(ref == (ssize_t)LEN || ref == -EBADMSG, "scalar decode gave %zd " SEED_FMT,
-              ref, SEED_ARG(seed));
+    cr_assert(ref == (ssize_t)LEN || ref == -EBADMSG, "scalar decode gave %zd " SEED_FMT, ref,
+              SEED_ARG(seed));
     for (i = 1; i < n_impls; i++) {
         ssize_t r = impls[i]->decode(out_pg, LEN, old_pg, src, n);
 
-        cr_assert_eq(r, ref, "%s decode gave %zd, scalar %zd " SEED_FMT, impls[i]->name, r,
-                     ref, SEED_ARG(seed));
+        cr_assert_eq(r, ref, "%s decode gave %zd, scalar %zd " SEED_FMT, impls[i]->name, r, ref,
+                     SEED_ARG(seed));
         if (r == (ssize_t)LEN) {
             cr_assert(memcmp(out_pg, ref_pg, LEN) == 0, "%s decoded page differs " SEED_FMT,
                       impls[i]->name, SEED_ARG(seed));
@@ -212,8 +211,7 @@ Test(delta, encode_fits_exactly_at_its_length_and_not_one_byte_less)
         cr_assert(n >= 0 && n <= (ssize_t)BOUND, SEED_FMT, SEED_ARG(seed));
         if (n > 0) {
             cr_assert_eq(encode_all((size_t)n, seed), n, SEED_FMT, SEED_ARG(seed));
-            cr_assert_eq(encode_all((size_t)n - 1, seed), -EMSGSIZE, SEED_FMT,
-                         SEED_ARG(seed));
+            cr_assert_eq(encode_all((size_t)n - 1, seed), -EMSGSIZE, SEED_FMT, SEED_ARG(seed));
         }
     }
 }
@@ -245,10 +243,9 @@ Test(delta, random_version_sequences_round_trip_on_every_impl, .timeout = 120)
             cr_assert_eq(n == 0, memcmp(old_pg, cur_pg, LEN) == 0, SEED_FMT, SEED_ARG(seed));
             decode_all_expect((size_t)n, cur_pg, seed);
             /* The receiver's copy follows along, decoding in place. */
-            cr_assert_eq(rdmax_delta_decode(recv_pg, LEN, recv_pg, enc, (size_t)n),
-                         (ssize_t)LEN);
-            cr_assert(memcmp(recv_pg, cur_pg, LEN) == 0, "sequence %d version %d " SEED_FMT,
-                      seq, v, SEED_ARG(seed));
+            cr_assert_eq(rdmax_delta_decode(recv_pg, LEN, recv_pg, enc, (size_t)n), (ssize_t)LEN);
+            cr_assert(memcmp(recv_pg, cur_pg, LEN) == 0, "sequence %d version %d " SEED_FMT, seq, v,
+                      SEED_ARG(seed));
         }
     }
 }
@@ -278,10 +275,9 @@ Test(delta, other_page_lengths_round_trip)
                 cr_assert_eq(n, n0, "%s len %zu " SEED_FMT, impls[i]->name, lens[l],
                              SEED_ARG(seed));
                 cr_assert(memcmp(e1, e2, (size_t)n) == 0);
-                cr_assert_eq(impls[i]->decode(d, lens[l], o, e1, (size_t)n0),
-                             (ssize_t)lens[l]);
-                cr_assert(memcmp(d, c, lens[l]) == 0, "%s len %zu " SEED_FMT,
-                          impls[i]->name, lens[l], SEED_ARG(seed));
+                cr_assert_eq(impls[i]->decode(d, lens[l], o, e1, (size_t)n0), (ssize_t)lens[l]);
+                cr_assert(memcmp(d, c, lens[l]) == 0, "%s len %zu " SEED_FMT, impls[i]->name,
+                          lens[l], SEED_ARG(seed));
             }
         }
     }
@@ -318,7 +314,7 @@ Test(delta, malformed_input_is_ebadmsg)
         {"non-minimal varint", {0x80, 0x00, 1, 0xaa}, 4},
         {"three-byte varint", {0x80, 0x80, 0x01, 1, 0xaa}, 5},
         {"truncated two-byte varint", {0x85}, 1},
-        {"zrun past the end", {0x81, 0x20, 1, 0xaa}, 4},    /* 4097 */
+        {"zrun past the end", {0x81, 0x20, 1, 0xaa}, 4},        /* 4097 */
         {"nzrun past the end", {0xff, 0x1f, 2, 0xaa, 0xbb}, 5}, /* 4095 + 2 */
         {"token after the page is covered", {0xff, 0x1f, 1, 0xaa, 3, 1, 0xbb}, 7},
     };
@@ -337,9 +333,9 @@ Test(delta, malformed_input_is_ebadmsg)
 
 Test(delta, boundary_cases_that_are_valid_decode)
 {
-    static const uint8_t last[] = {0xff, 0x1f, 1, 0xaa};        /* byte 4095 */
-    static const uint8_t gap3[] = {0, 1, 0xaa, 3, 1, 0xbb};     /* bytes 0 and 4 */
-    static const uint8_t maxrun[] = {0, 0x80, 0x20};             /* + 4096 bytes */
+    static const uint8_t last[] = {0xff, 0x1f, 1, 0xaa};    /* byte 4095 */
+    static const uint8_t gap3[] = {0, 1, 0xaa, 3, 1, 0xbb}; /* bytes 0 and 4 */
+    static const uint8_t maxrun[] = {0, 0x80, 0x20};        /* + 4096 bytes */
     static uint8_t full[3 + LEN];
 
     memset(old_pg, 0, LEN);
@@ -438,8 +434,8 @@ Test(delta, output_is_never_longer_than_qemu_xbzrle_in_total)
         ours += (uint64_t)a;
         qemu += (uint64_t)b;
     }
-    cr_assert_leq(ours, qemu, "ours %" PRIu64 " vs QEMU format %" PRIu64 " " SEED_FMT, ours,
-                  qemu, SEED_ARG(seed));
+    cr_assert_leq(ours, qemu, "ours %" PRIu64 " vs QEMU format %" PRIu64 " " SEED_FMT, ours, qemu,
+                  SEED_ARG(seed));
 }
 
 Test(delta, impl_names_parse_and_select)

@@ -87,8 +87,8 @@ static size_t pair_flush_check(struct pair *p, uint64_t seed)
     cr_assert_leq((size_t)len, rdmax_lane_encoder_bound());
     memset(&s, 0, sizeof(s));
     s.fail_at = -1;
-    cr_assert_eq(rdmax_lane_decoder_decode(p->dec, p->out, (size_t)len, sink_cb, &s),
-                 (int)p->n, SEED_FMT, SEED_ARG(seed));
+    cr_assert_eq(rdmax_lane_decoder_decode(p->dec, p->out, (size_t)len, sink_cb, &s), (int)p->n,
+                 SEED_FMT, SEED_ARG(seed));
     cr_assert_eq(s.n, p->n);
     for (i = 0; i < p->n; i++) {
         cr_assert_eq(s.keys[i].block, p->keys[i].block, SEED_FMT, SEED_ARG(seed));
@@ -216,8 +216,7 @@ Test(lane_codec, api_limits)
     unsigned i;
 
     cr_assert_eq(rdmax_lane_encoder_flush(p->enc, p->out, p->cap), 0, "nothing pending");
-    cr_assert_eq(rdmax_lane_encoder_add(p->enc, (struct rdmax_page_key){0, 100}, page),
-                 -EINVAL);
+    cr_assert_eq(rdmax_lane_encoder_add(p->enc, (struct rdmax_page_key){0, 100}, page), -EINVAL);
     for (i = 0; i < MAXP; i++) {
         cr_assert_eq(rdmax_lane_encoder_add(p->enc, key_of(0, i), page), 0);
     }
@@ -234,13 +233,8 @@ Test(lane_codec, keys_far_apart_and_in_many_blocks_round_trip)
     struct pair *p = pair_new(1u << 20, 1);
     static uint8_t page[PS];
     static const struct rdmax_page_key keys[] = {
-        {0, 0},
-        {0, UINT64_MAX - PS + 1},
-        {UINT32_MAX, 0},
-        {UINT32_MAX, 4096},
-        {7, 1ull << 40},
-        {7, (1ull << 40) - PS},
-        {0, PS},
+        {0, 0},          {0, UINT64_MAX - PS + 1}, {UINT32_MAX, 0}, {UINT32_MAX, 4096},
+        {7, 1ull << 40}, {7, (1ull << 40) - PS},   {0, PS},
     };
     size_t i;
 
@@ -261,8 +255,7 @@ Test(lane_codec, keys_far_apart_and_in_many_blocks_round_trip)
  * size. Checks every page out equals the page in, and the two caches end up
  * identical.
  */
-static void run_lane(uint64_t seed, uint64_t cache_bytes, int level, unsigned nkeys,
-                     unsigned sends)
+static void run_lane(uint64_t seed, uint64_t cache_bytes, int level, unsigned nkeys, unsigned sends)
 {
     struct test_rng r = {seed};
     struct pair *p = pair_new(cache_bytes, level);
@@ -277,7 +270,7 @@ static void run_lane(uint64_t seed, uint64_t cache_bytes, int level, unsigned nk
     }
     for (i = 0; i < sends; i++) {
         unsigned k = rng_below(&r, 3) ? (unsigned)rng_below(&r, nkeys / 8 + 1)
-                                       : (unsigned)rng_below(&r, nkeys);
+                                      : (unsigned)rng_below(&r, nkeys);
         uint8_t *v = ver + (size_t)k * PS;
 
         mutate_page(&r, v, PS);
@@ -290,9 +283,8 @@ static void run_lane(uint64_t seed, uint64_t cache_bytes, int level, unsigned nk
     if (p->n) {
         pair_flush_check(p, seed);
     }
-    cr_assert_eq(rdmax_lane_encoder_cache_digest(p->enc),
-                 rdmax_lane_decoder_cache_digest(p->dec), "caches diverged " SEED_FMT,
-                 SEED_ARG(seed));
+    cr_assert_eq(rdmax_lane_encoder_cache_digest(p->enc), rdmax_lane_decoder_cache_digest(p->dec),
+                 "caches diverged " SEED_FMT, SEED_ARG(seed));
     free(ver);
     pair_free(p);
 }
@@ -309,8 +301,7 @@ Test(lane_codec, random_version_sequences_round_trip_and_caches_mirror, .timeout
         uint64_t cache;
         int level;
     } cfgs[] = {
-        {64u << 20, 1}, {64u << 20, 0}, {200 * (PS + 64), 0}, {16 * (PS + 64), -1},
-        {0, 3},
+        {64u << 20, 1}, {64u << 20, 0}, {200 * (PS + 64), 0}, {16 * (PS + 64), -1}, {0, 3},
     };
     size_t c;
 
@@ -358,10 +349,9 @@ Test(lane_codec, every_delta_impl_produces_the_same_batches)
             ref = out;
             ref_len = len;
         } else {
-            cr_assert_eq(len, ref_len, "%s " SEED_FMT, rdmax_delta_impl_name(impl),
-                         SEED_ARG(seed));
-            cr_assert(memcmp(out, ref, len) == 0, "%s " SEED_FMT,
-                      rdmax_delta_impl_name(impl), SEED_ARG(seed));
+            cr_assert_eq(len, ref_len, "%s " SEED_FMT, rdmax_delta_impl_name(impl), SEED_ARG(seed));
+            cr_assert(memcmp(out, ref, len) == 0, "%s " SEED_FMT, rdmax_delta_impl_name(impl),
+                      SEED_ARG(seed));
             free(out);
         }
         rdmax_lane_encoder_destroy(e);
@@ -444,8 +434,8 @@ Test(lane_codec, incompressible_pages_go_raw_under_a_fixed_level_too)
 /* ---- malformed input -------------------------------------------------------- */
 
 static size_t mk_batch(uint8_t *out, uint8_t version, uint8_t flags, unsigned count,
-                       const uint8_t *desc, size_t desc_len, size_t desc_raw,
-                       const uint8_t *full, size_t full_len)
+                       const uint8_t *desc, size_t desc_len, size_t desc_raw, const uint8_t *full,
+                       size_t full_len)
 {
     out[0] = version;
     out[1] = flags;
@@ -493,10 +483,24 @@ Test(lane_codec, hand_made_malformed_batches_are_ebadmsg_and_change_nothing)
         {"explicit block equal to the implied one", 2, 0, 1, {0x05, 0}, 2, 0, 0, 0},
         {"explicit offset delta of 0", 2, 0, 1, {0x09, 0}, 2, 0, 0, 0},
         {"non-minimal varint", 2, 0, 1, {0x09, 0x82, 0x00}, 3, 0, 0, 0},
-        {"varint over 64 bits", 2, 0, 1,
-         {0x09, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f}, 11, 0, 0, 0},
-        {"index at 2^52", 2, 0, 1, {0x09, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x20}, 9,
-         0, 0, 0},
+        {"varint over 64 bits",
+         2,
+         0,
+         1,
+         {0x09, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f},
+         11,
+         0,
+         0,
+         0},
+        {"index at 2^52",
+         2,
+         0,
+         1,
+         {0x09, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x20},
+         9,
+         0,
+         0,
+         0},
         {"block over 32 bits", 2, 0, 1, {0x05, 0x80, 0x80, 0x80, 0x80, 0x10}, 6, 0, 0, 0},
         {"delta length 0", 2, 0, 1, {0x02, 0}, 2, 0, 0, 0},
         {"delta longer than the desc", 2, 0, 1, {0x02, 5, 1, 2}, 4, 0, 0, 0},
@@ -516,15 +520,14 @@ Test(lane_codec, hand_made_malformed_batches_are_ebadmsg_and_change_nothing)
     memset(full, 0x77, sizeof(full));
     for (c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
         size_t full_len = cases[c].full_pages * PS + (size_t)(long)cases[c].full_delta;
-        size_t len = mk_batch(buf, cases[c].version, cases[c].flags, cases[c].count,
-                              cases[c].desc, cases[c].desc_len,
-                              cases[c].desc_len + (size_t)(long)cases[c].desc_raw_delta, full,
-                              full_len);
+        size_t len = mk_batch(
+            buf, cases[c].version, cases[c].flags, cases[c].count, cases[c].desc, cases[c].desc_len,
+            cases[c].desc_len + (size_t)(long)cases[c].desc_raw_delta, full, full_len);
 
         memset(&s, 0, sizeof(s));
         s.fail_at = -1;
-        cr_assert_eq(rdmax_lane_decoder_decode(p->dec, buf, len, sink_cb, &s), -EBADMSG,
-                     "%s", cases[c].what);
+        cr_assert_eq(rdmax_lane_decoder_decode(p->dec, buf, len, sink_cb, &s), -EBADMSG, "%s",
+                     cases[c].what);
         cr_assert_eq(s.n, 0, "%s: no page may come out of a malformed batch", cases[c].what);
     }
     /* Layout errors leave the decoder usable. */
@@ -578,8 +581,7 @@ Test(lane_codec, callback_error_is_returned_and_breaks_the_decoder)
     cr_assert_eq(rdmax_lane_decoder_decode(p->dec, p->out, (size_t)len, sink_cb, &s), -EIO);
     cr_assert_eq(s.n, 1);
     s.fail_at = -1;
-    cr_assert_eq(rdmax_lane_decoder_decode(p->dec, p->out, (size_t)len, sink_cb, &s),
-                 -EBADMSG);
+    cr_assert_eq(rdmax_lane_decoder_decode(p->dec, p->out, (size_t)len, sink_cb, &s), -EBADMSG);
     pair_free(p);
 }
 

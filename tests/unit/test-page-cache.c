@@ -181,8 +181,8 @@ Test(page_cache, matches_a_naive_clock_model_under_churn)
         for (i = 0; i < m.count; i++) {
             in_model |= m.keys[i].block == k.block && m.keys[i].offset == k.offset;
         }
-        cr_assert_eq(rdmax_page_cache_lookup(c, k) != NULL, in_model,
-                     "op %d " SEED_FMT, op, SEED_ARG(seed));
+        cr_assert_eq(rdmax_page_cache_lookup(c, k) != NULL, in_model, "op %d " SEED_FMT, op,
+                     SEED_ARG(seed));
         fill_tag(rdmax_page_cache_store(c, k, &hit), tag);
         cr_assert_eq(hit, in_model, "op %d " SEED_FMT, op, SEED_ARG(seed));
         model_store(&m, k, tag);
@@ -219,8 +219,7 @@ Test(page_cache, same_operations_give_identical_mirrors, .timeout = 60)
         fill_tag(rdmax_page_cache_store(b, key_of(1, pb), NULL), tb);
         fill_tag(rdmax_page_cache_store(other, key_of(1, (pa * 7) % 2000), NULL), ta);
     }
-    cr_assert_eq(rdmax_page_cache_digest(a), rdmax_page_cache_digest(b), SEED_FMT,
-                 SEED_ARG(seed));
+    cr_assert_eq(rdmax_page_cache_digest(a), rdmax_page_cache_digest(b), SEED_FMT, SEED_ARG(seed));
     cr_assert_neq(rdmax_page_cache_digest(a), rdmax_page_cache_digest(other),
                   "the digest must see a different history " SEED_FMT, SEED_ARG(seed));
     rdmax_page_cache_destroy(a);

@@ -91,8 +91,8 @@ Test(xbzrle_ref, decoder_keeps_qemus_checks)
     size_t c;
 
     for (c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
-        cr_assert_eq(rdmax_xbzrle_ref_decode(out_pg, LEN, cases[c].bytes, cases[c].len),
-                     -EBADMSG, "%s", cases[c].what);
+        cr_assert_eq(rdmax_xbzrle_ref_decode(out_pg, LEN, cases[c].bytes, cases[c].len), -EBADMSG,
+                     "%s", cases[c].what);
     }
 }
 
