@@ -9,7 +9,10 @@
 #include <stdio.h>
 #include <string.h>
 
+#include <stdlib.h>
+
 #include "crc32c.h"
+#include "crypt.h"
 
 static void put_be16(uint8_t *p, uint16_t v)
 {
@@ -59,7 +62,44 @@ void rdmax_wire_destroy(struct rdmax_wire *w)
         w->conn->ops->close(w->conn);
         w->conn = NULL;
     }
+    rdmax_crypt_destroy(w->tx);
+    rdmax_crypt_destroy(w->rx);
+    free(w->seal_buf);
+    w->tx = w->rx = NULL;
+    w->seal_buf = NULL;
     pthread_mutex_destroy(&w->send_lock);
+}
+
+void rdmax_wire_crypt_start(struct rdmax_wire *w, struct rdmax_crypt *tx, struct rdmax_crypt *rx)
+{
+    pthread_mutex_lock(&w->send_lock);
+    w->tx = tx;
+    pthread_mutex_unlock(&w->send_lock);
+    w->rx = rx;
+}
+
+/* Encrypt the payload into w->seal_buf; iov then points at it. send_lock held. */
+static int wire_seal_locked(struct rdmax_wire *w, const uint8_t hdr8[8], const struct iovec *iov,
+                            int iovcnt, size_t len, struct iovec *out)
+{
+    int r;
+
+    if (w->seal_cap < len + RDMAX_TAG_LEN) {
+        /* Grows to the largest frame this side sends, never the peer's choice. */
+        uint8_t *b = realloc(w->seal_buf, len + RDMAX_TAG_LEN);
+        if (!b) {
+            return -ENOMEM;
+        }
+        w->seal_buf = b;
+        w->seal_cap = len + RDMAX_TAG_LEN;
+    }
+    r = rdmax_crypt_seal(w->tx, hdr8, 8, iov, iovcnt, w->seal_buf);
+    if (r < 0) {
+        return r;
+    }
+    out->iov_base = w->seal_buf;
+    out->iov_len = len + RDMAX_TAG_LEN;
+    return 0;
 }
 
 void rdmax_frame_hdr_encode(uint8_t out[RDMAX_FRAME_HDR], const struct rdmax_frame_hdr *h)
@@ -100,7 +140,7 @@ int rdmax_wire_sendv(struct rdmax_wire *w, uint8_t type, uint8_t flags, uint16_t
     uint8_t hdr[RDMAX_FRAME_HDR];
     struct rdmax_frame_hdr h = {.type = type, .flags = flags, .channel = channel};
     uint32_t crc;
-    size_t len = 0;
+    size_t len = 0, wire_len;
     int r;
 
     if (iovcnt > 7) {
@@ -109,24 +149,35 @@ int rdmax_wire_sendv(struct rdmax_wire *w, uint8_t type, uint8_t flags, uint16_t
     for (int i = 0; i < iovcnt; i++) {
         len += iov[i].iov_len;
     }
-    if (len > RDMAX_FRAME_MAX) {
+    pthread_mutex_lock(&w->send_lock);
+    wire_len = len + (w->tx ? RDMAX_TAG_LEN : 0);
+    if (wire_len > RDMAX_FRAME_MAX) {
+        pthread_mutex_unlock(&w->send_lock);
         return -EMSGSIZE;
     }
-    h.len = (uint32_t)len;
+    h.len = (uint32_t)wire_len;
     rdmax_frame_hdr_encode(hdr, &h);
-    crc = rdmax_crc32c(0, hdr, 8);
-    for (int i = 0; i < iovcnt; i++) {
-        crc = rdmax_crc32c(crc, iov[i].iov_base, iov[i].iov_len);
-    }
-    put_be32(hdr + 8, crc);
     v[0].iov_base = hdr;
     v[0].iov_len = sizeof(hdr);
-    memcpy(v + 1, iov, sizeof(*iov) * iovcnt);
+    if (w->tx) {
+        r = wire_seal_locked(w, hdr, iov, iovcnt, len, &v[1]);
+        if (r < 0) {
+            pthread_mutex_unlock(&w->send_lock);
+            return r;
+        }
+        iovcnt = 1;
+    } else {
+        memcpy(v + 1, iov, sizeof(*iov) * iovcnt);
+    }
+    crc = rdmax_crc32c(0, hdr, 8);
+    for (int i = 1; i <= iovcnt; i++) {
+        crc = rdmax_crc32c(crc, v[i].iov_base, v[i].iov_len);
+    }
+    put_be32(hdr + 8, crc);
 
-    pthread_mutex_lock(&w->send_lock);
     r = w->conn->ops->send(w->conn, v, iovcnt + 1);
     if (r == 0) {
-        w->bytes_sent += sizeof(hdr) + len;
+        w->bytes_sent += sizeof(hdr) + wire_len;
     }
     pthread_mutex_unlock(&w->send_lock);
     return r;
@@ -161,7 +212,18 @@ int rdmax_wire_recv(struct rdmax_wire *w, struct rdmax_frame_hdr *h, uint8_t *bu
         return -EPROTO;
     }
     if (h->len) {
-        r = w->conn->ops->recv(w->conn, buf, h->len, timeout_ms);
+        /*
+         * An honest peer writes a frame at once, so its payload follows its
+         * header within moments, also on lanes that wait for headers
+         * forever: a payload that never comes is a corrupted length. The
+         * bound is twice the caller's, so a stalled peer is reported as
+         * silent by the control connection first.
+         */
+        int pt = timeout_ms < 0 ? RDMAX_PAYLOAD_TIMEOUT_MS : 2 * timeout_ms;
+        r = w->conn->ops->recv(w->conn, buf, h->len, pt);
+        if (r == -ETIMEDOUT) {
+            return -EBADMSG;
+        }
         if (r < 0) {
             return r;
         }
@@ -172,6 +234,14 @@ int rdmax_wire_recv(struct rdmax_wire *w, struct rdmax_frame_hdr *h, uint8_t *bu
         return -EBADMSG;
     }
     w->bytes_received += sizeof(hdr) + h->len;
+    if (w->rx) {
+        /* The CRC caught accidents; the tag catches forgeries and replays. */
+        r = rdmax_crypt_open(w->rx, hdr, 8, buf, h->len);
+        if (r < 0) {
+            return -EKEYREJECTED;
+        }
+        h->len = (uint32_t)r;
+    }
     return 0;
 }
 
@@ -189,6 +259,8 @@ void rdmax_hello_encode(uint8_t out[RDMAX_HELLO_LEN], const struct rdmax_hello *
     put_be64(out + 28, h->cache_bytes);
     put_be32(out + 36, (uint32_t)h->zstd_level);
     put_be32(out + 40, h->reserved);
+    memcpy(out + RDMAX_HELLO_NONCE, h->nonce, sizeof(h->nonce));
+    memcpy(out + RDMAX_HELLO_MAC, h->mac, sizeof(h->mac));
 }
 
 int rdmax_hello_decode(const uint8_t *in, size_t len, struct rdmax_hello *h, char *err,
@@ -222,6 +294,8 @@ int rdmax_hello_decode(const uint8_t *in, size_t len, struct rdmax_hello *h, cha
     h->cache_bytes = get_be64(in + 28);
     h->zstd_level = (int32_t)get_be32(in + 36);
     h->reserved = get_be32(in + 40);
+    memcpy(h->nonce, in + RDMAX_HELLO_NONCE, sizeof(h->nonce));
+    memcpy(h->mac, in + RDMAX_HELLO_MAC, sizeof(h->mac));
     if (h->role > RDMAX_ROLE_LANE) {
         snprintf(err, err_len, "unknown connection role %u", h->role);
         return -EPROTO;
@@ -238,6 +312,24 @@ int rdmax_hello_decode(const uint8_t *in, size_t len, struct rdmax_hello *h, cha
         snprintf(err, err_len, "page size %u (only 4096 is supported)", h->page_size);
         return -EPROTO;
     }
+    /* Reserved bytes must be 0, so a later version can give them a meaning. */
+    if (get_be32(in + 40) != 0 || get_be32(in + 44) != 0) {
+        snprintf(err, err_len, "reserved handshake fields are not zero");
+        return -EPROTO;
+    }
+    if (h->features & ~RDMAX_FEAT_KNOWN) {
+        snprintf(err, err_len, "peer wants features 0x%x this rdma-x does not have",
+                 h->features & ~RDMAX_FEAT_KNOWN);
+        return -EPROTONOSUPPORT;
+    }
+    if ((h->features & RDMAX_FEAT_ENCRYPT) && !(h->features & RDMAX_FEAT_PSK)) {
+        snprintf(err, err_len, "encryption without a pre-shared key");
+        return -EPROTO;
+    }
+    if (h->zstd_level < -1 || h->zstd_level > 22) {
+        snprintf(err, err_len, "zstd level %d", h->zstd_level);
+        return -EPROTO;
+    }
     return 0;
 }
 
@@ -246,6 +338,7 @@ const char *rdmax_frame_type_name(unsigned type)
     static const char *const names[] = {
         "?",   "HELLO", "HELLO_ACK", "CTRL",   "PAGES",    "RP",
         "EOF", "FIN_ACK", "ERROR",   "KEEPALIVE", "RP_EOF", "LANE_EOF",
+        "AUTH", "AUTH_OK",
     };
 
     return type <= RDMAX_F_TYPE_MAX ? names[type] : "?";

@@ -21,11 +21,20 @@
 #include "transport.h"
 
 #define RDMAX_WIRE_MAGIC 0x52444d58u /* "RDMX" */
-#define RDMAX_WIRE_VERSION 1u
+/* v2: 32-byte nonce and proof in HELLO, feature bits, AUTH/AUTH_OK (PSK). */
+#define RDMAX_WIRE_VERSION 2u
 #define RDMAX_FRAME_HDR 12u
 #define RDMAX_FRAME_MAX (4u << 20)
 #define RDMAX_LANES_MAX 64u
-#define RDMAX_HELLO_LEN 48u
+#define RDMAX_PAYLOAD_TIMEOUT_MS 20000 /* payload after its header, when waiting forever */
+#define RDMAX_HELLO_LEN 112u
+#define RDMAX_HELLO_NONCE 48u /* offset of the 32-byte nonce */
+#define RDMAX_HELLO_MAC 80u   /* offset of the 32-byte proof (HELLO_ACK, with a PSK) */
+
+/* Feature bits: each must be set on both sides or the handshake is refused. */
+#define RDMAX_FEAT_PSK 0x1u     /* --psk-file: mutual challenge-response */
+#define RDMAX_FEAT_ENCRYPT 0x2u /* --encrypt: AES-256-GCM frames */
+#define RDMAX_FEAT_KNOWN (RDMAX_FEAT_PSK | RDMAX_FEAT_ENCRYPT)
 
 enum rdmax_frame_type {
     RDMAX_F_HELLO = 1,     /* client -> server, first frame of a connection */
@@ -39,7 +48,9 @@ enum rdmax_frame_type {
     RDMAX_F_KEEPALIVE = 9, /* nothing to say, still alive */
     RDMAX_F_RP_EOF = 10,   /* the destination QEMU closed the return path */
     RDMAX_F_LANE_EOF = 11, /* sender lane: no more batches, with page count */
-    RDMAX_F_TYPE_MAX = 11,
+    RDMAX_F_AUTH = 12,     /* client -> server: its PSK proof (32 bytes) */
+    RDMAX_F_AUTH_OK = 13,  /* server -> client: proof accepted */
+    RDMAX_F_TYPE_MAX = 13,
 };
 
 #define RDMAX_FF_ZSTD 0x01 /* payload is (part of) a zstd stream */
@@ -69,7 +80,11 @@ struct rdmax_hello {
     uint64_t cache_bytes;
     int32_t zstd_level;
     uint32_t reserved;
+    uint8_t nonce[32]; /* fresh random per connection and side */
+    uint8_t mac[32];   /* HELLO_ACK with a PSK: the server's proof, else 0 */
 };
+
+struct rdmax_crypt;
 
 /* A connection with its frame-level state. */
 struct rdmax_wire {
@@ -77,6 +92,10 @@ struct rdmax_wire {
     pthread_mutex_t send_lock;  /* serialises senders */
     uint64_t bytes_sent;        /* protected by send_lock */
     uint64_t bytes_received;    /* owned by the receiving thread */
+    struct rdmax_crypt *tx;     /* --encrypt: owned, protected by send_lock */
+    struct rdmax_crypt *rx;     /* --encrypt: owned by the receiving thread */
+    uint8_t *seal_buf;          /* ciphertext of the frame being sent (send_lock) */
+    size_t seal_cap;
 };
 
 void rdmax_wire_init(struct rdmax_wire *w, struct rdmax_conn *c);
@@ -86,6 +105,12 @@ void rdmax_frame_hdr_encode(uint8_t out[RDMAX_FRAME_HDR], const struct rdmax_fra
 /* Validates type and length (not the CRC). Returns 0 or -EPROTO. */
 int rdmax_frame_hdr_decode(const uint8_t in[RDMAX_FRAME_HDR], struct rdmax_frame_hdr *h);
 
+/*
+ * From now on encrypt every frame sent and decrypt every frame received
+ * (--encrypt, after the handshake). Takes ownership of tx and rx.
+ */
+void rdmax_wire_crypt_start(struct rdmax_wire *w, struct rdmax_crypt *tx, struct rdmax_crypt *rx);
+
 /* Send one frame (payload from iov). Thread-safe. 0 or -errno. */
 int rdmax_wire_sendv(struct rdmax_wire *w, uint8_t type, uint8_t flags, uint16_t channel,
                      const struct iovec *iov, int iovcnt);
@@ -94,14 +119,18 @@ int rdmax_wire_send(struct rdmax_wire *w, uint8_t type, uint8_t flags, uint16_t 
 
 /*
  * Receive one frame into buf[0..cap). Returns 0, -EPROTO (bad header or a
- * frame larger than cap), -EBADMSG (checksum mismatch), or the transport's
- * -errno (-ECONNRESET, -ETIMEDOUT).
+ * frame larger than cap), -EBADMSG (checksum mismatch), -EKEYREJECTED
+ * (encrypted frame that fails authentication), or the transport's -errno
+ * (-ECONNRESET, -ETIMEDOUT). With encryption h->len is the plaintext length.
  */
 int rdmax_wire_recv(struct rdmax_wire *w, struct rdmax_frame_hdr *h, uint8_t *buf, size_t cap,
                     int timeout_ms);
 
 void rdmax_hello_encode(uint8_t out[RDMAX_HELLO_LEN], const struct rdmax_hello *h);
-/* Parse and check magic and version; reason in err. 0, -EPROTO or -EPROTONOSUPPORT. */
+/*
+ * Parse and check magic, version and every field (untrusted input); reason
+ * in err. 0, -EPROTO or -EPROTONOSUPPORT.
+ */
 int rdmax_hello_decode(const uint8_t *in, size_t len, struct rdmax_hello *h, char *err,
                        size_t err_len);
 

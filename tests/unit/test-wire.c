@@ -1,11 +1,14 @@
-/* Wire protocol v1: frame headers, checksums and the handshake, on real sockets. */
+/* Wire protocol: frame headers, checksums, the handshake and encryption, on real sockets. */
+#define _GNU_SOURCE
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "crc32c.h"
+#include "crypt.h"
 #include "wire.h"
 
 Test(crc32c, matches_the_standard_check_value)
@@ -189,10 +192,32 @@ Test(wire, hello_refuses_mismatches_with_reasons)
     char err[128];
 
     h = good_hello();
-    h.version = 2;
+    h.version = RDMAX_WIRE_VERSION + 1;
     rdmax_hello_encode(b, &h);
     cr_assert_eq(rdmax_hello_decode(b, sizeof(b), &g, err, sizeof(err)), -EPROTONOSUPPORT);
-    cr_assert_not_null(strstr(err, "v2"), "%s", err);
+    cr_assert_not_null(strstr(err, "speaks wire protocol v"), "%s", err);
+
+    /* A v1 peer (48-byte hello) is told about the version, not the length. */
+    h = good_hello();
+    h.version = 1;
+    rdmax_hello_encode(b, &h);
+    cr_assert_eq(rdmax_hello_decode(b, 48, &g, err, sizeof(err)), -EPROTONOSUPPORT);
+    cr_assert_not_null(strstr(err, "v1"), "%s", err);
+
+    h = good_hello();
+    h.features = 0x80;
+    rdmax_hello_encode(b, &h);
+    cr_assert_eq(rdmax_hello_decode(b, sizeof(b), &g, err, sizeof(err)), -EPROTONOSUPPORT);
+
+    h = good_hello();
+    h.features = RDMAX_FEAT_ENCRYPT; /* keys come from the PSK: needs it */
+    rdmax_hello_encode(b, &h);
+    cr_assert_eq(rdmax_hello_decode(b, sizeof(b), &g, err, sizeof(err)), -EPROTO);
+
+    h = good_hello();
+    rdmax_hello_encode(b, &h);
+    b[45] = 1; /* reserved */
+    cr_assert_eq(rdmax_hello_decode(b, sizeof(b), &g, err, sizeof(err)), -EPROTO);
 
     h = good_hello();
     h.magic = 0x47455420; /* "GET " */
@@ -223,4 +248,106 @@ Test(wire, hello_refuses_mismatches_with_reasons)
     h = good_hello();
     rdmax_hello_encode(b, &h);
     cr_assert_eq(rdmax_hello_decode(b, 10, &g, err, sizeof(err)), -EPROTO);
+}
+
+static void crypt_pair(struct rdmax_wire *wa, struct rdmax_wire *wb, uint8_t k2)
+{
+    uint8_t k[RDMAX_KEY_LEN];
+    struct rdmax_crypt *tx, *rx;
+
+    memset(k, 0x42, sizeof(k));
+    cr_assert_eq(rdmax_crypt_create(k, true, &tx), 0);
+    k[0] = k2;
+    cr_assert_eq(rdmax_crypt_create(k, false, &rx), 0);
+    rdmax_wire_crypt_start(wa, tx, NULL);
+    rdmax_wire_crypt_start(wb, NULL, rx);
+}
+
+Test(wire, encrypted_frames_cross_and_hide_the_payload)
+{
+    struct sp_conn a, b;
+    struct rdmax_wire wa, wb;
+    struct rdmax_frame_hdr h;
+    uint8_t buf[256], raw[256];
+    struct iovec v[2] = {{"secret ", 7}, {"payload", 7}};
+
+    pair(&a, &b);
+    rdmax_wire_init(&wa, &a.base);
+    rdmax_wire_init(&wb, &b.base);
+    crypt_pair(&wa, &wb, 0x42);
+    for (int i = 0; i < 3; i++) { /* the nonce advances in step */
+        cr_assert_eq(rdmax_wire_sendv(&wa, RDMAX_F_RP, 0, 0, v, 2), 0);
+        cr_assert_eq(rdmax_wire_recv(&wb, &h, buf, sizeof(buf), 1000), 0);
+        cr_assert_eq(h.len, 14);
+        cr_assert(memcmp(buf, "secret payload", 14) == 0);
+    }
+    cr_assert_eq(rdmax_wire_send(&wa, RDMAX_F_KEEPALIVE, 0, 0, NULL, 0), 0);
+    cr_assert_eq(rdmax_wire_recv(&wb, &h, buf, sizeof(buf), 1000), 0);
+    cr_assert_eq(h.len, 0);
+    /* On the wire: header, ciphertext and tag; no plaintext. */
+    cr_assert_eq(rdmax_wire_sendv(&wa, RDMAX_F_RP, 0, 0, v, 2), 0);
+    cr_assert_eq(recv(b.fd, raw, RDMAX_FRAME_HDR + 14 + RDMAX_TAG_LEN, MSG_WAITALL),
+                 RDMAX_FRAME_HDR + 14 + RDMAX_TAG_LEN);
+    cr_assert_null(memmem(raw, sizeof(raw), "secret", 6));
+    rdmax_wire_destroy(&wa);
+    rdmax_wire_destroy(&wb);
+}
+
+Test(wire, encrypted_frame_with_the_wrong_key_is_rejected)
+{
+    struct sp_conn a, b;
+    struct rdmax_wire wa, wb;
+    struct rdmax_frame_hdr h;
+    uint8_t buf[256];
+
+    pair(&a, &b);
+    rdmax_wire_init(&wa, &a.base);
+    rdmax_wire_init(&wb, &b.base);
+    crypt_pair(&wa, &wb, 0x43);
+    cr_assert_eq(rdmax_wire_send(&wa, RDMAX_F_RP, 0, 0, "hello", 5), 0);
+    /* The CRC is right (no accident), the tag is not: a forgery. */
+    cr_assert_eq(rdmax_wire_recv(&wb, &h, buf, sizeof(buf), 1000), -EKEYREJECTED);
+    rdmax_wire_destroy(&wa);
+    rdmax_wire_destroy(&wb);
+}
+
+Test(auth, proofs_differ_by_key_and_label_and_compare_in_constant_time)
+{
+    const uint8_t k1[] = "0123456789abcdef", k2[] = "0123456789abcdeg";
+    uint8_t a[RDMAX_MAC_LEN], b[RDMAX_MAC_LEN], c[RDMAX_MAC_LEN], d[RDMAX_MAC_LEN];
+
+    cr_assert_eq(rdmax_auth_mac(k1, 16, "server", (const uint8_t *)"x", 1,
+                                (const uint8_t *)"y", 1, a), 0);
+    cr_assert_eq(rdmax_auth_mac(k1, 16, "server", (const uint8_t *)"x", 1,
+                                (const uint8_t *)"y", 1, b), 0);
+    cr_assert_eq(rdmax_auth_mac(k2, 16, "server", (const uint8_t *)"x", 1,
+                                (const uint8_t *)"y", 1, c), 0);
+    cr_assert_eq(rdmax_auth_mac(k1, 16, "client", (const uint8_t *)"x", 1,
+                                (const uint8_t *)"y", 1, d), 0);
+    cr_assert(rdmax_auth_equal(a, b));
+    cr_assert(!rdmax_auth_equal(a, c));
+    cr_assert(!rdmax_auth_equal(a, d));
+}
+
+Test(auth, key_files_are_checked)
+{
+    char path[] = "/tmp/rdmax-psk-XXXXXX";
+    uint8_t k[RDMAX_PSK_MAX];
+    size_t n;
+    char err[300];
+    int fd = mkstemp(path);
+
+    cr_assert_geq(fd, 0);
+    cr_assert_eq(write(fd, "short\n", 6), 6);
+    cr_assert_eq(rdmax_psk_load(path, k, sizeof(k), &n, err, sizeof(err)), -EINVAL);
+    cr_assert_not_null(strstr(err, "at least"), "%s", err);
+    cr_assert_eq(write(fd, "0123456789abcdef\n", 17), 17);
+    cr_assert_eq(rdmax_psk_load(path, k, sizeof(k), &n, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(n, 22); /* the last newline is not part of the key */
+    fchmod(fd, 0644);
+    cr_assert_eq(rdmax_psk_load(path, k, sizeof(k), &n, err, sizeof(err)), -EPERM);
+    cr_assert_eq(rdmax_psk_load("/nonexistent/key", k, sizeof(k), &n, err, sizeof(err)),
+                 -ENOENT);
+    close(fd);
+    unlink(path);
 }
