@@ -46,7 +46,10 @@ static void usage_sub(FILE *f, bool sender)
                 "                        the guest RAM size in the stream; 0 disables)\n"
                 "  --zstd-level N        zstd level for pages, 0 = adaptive (default), -1 = off\n"
                 "  --connect-timeout S   keep retrying the receiver for S seconds (default 10)\n"
-                "  --timeout S           give up when the peer is silent S seconds (default 10)\n"
+                "  --timeout S           give up when the peer is silent S seconds (default 5)\n"
+                "  --psk-file FILE       authenticate both ends with the key in FILE (the\n"
+                "                        receiver needs the same one); at least 16 bytes\n"
+                "  --encrypt             encrypt the link (AES-256-GCM; needs --psk-file)\n"
                 "  --stats-json FILE     write figures as JSON at exit, also on failure\n"
                 "  --progress            a live status line on stderr\n"
                 "  -h, --help            this help\n",
@@ -66,7 +69,11 @@ static void usage_sub(FILE *f, bool sender)
                 "  --lanes N             refuse senders with another lane count\n"
                 "                        (default: accept the sender's)\n"
                 "  --transport T         tcp, rdma or auto (default: auto)\n"
-                "  --timeout S           give up when the peer is silent S seconds (default 10)\n"
+                "  --timeout S           give up when the peer is silent S seconds (default 5)\n"
+                "  --psk-file FILE       accept only senders holding the key in FILE\n"
+                "  --encrypt             require an encrypted link (needs --psk-file)\n"
+                "  --cache-max BYTES     refuse senders whose page caches (all lanes) need\n"
+                "                        more (default: min(4G, RAM/4))\n"
                 "  --stats-json FILE     write figures as JSON at exit, also on failure\n"
                 "  --progress            a live status line on stderr\n"
                 "  -h, --help            this help\n");
@@ -127,7 +134,18 @@ static int parse_int(const char *s, long lo, long hi, long *out)
 
 int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
 {
-    enum { O_STATS = 256, O_PROGRESS, O_TRANSPORT, O_TIMEOUT, O_CTIMEOUT, O_CACHE, O_ZSTD };
+    enum {
+        O_STATS = 256,
+        O_PROGRESS,
+        O_TRANSPORT,
+        O_TIMEOUT,
+        O_CTIMEOUT,
+        O_CACHE,
+        O_ZSTD,
+        O_PSK,
+        O_ENCRYPT,
+        O_CACHE_MAX,
+    };
     static const struct option send_opts[] = {
         {"to", required_argument, NULL, 't'},
         {"lanes", required_argument, NULL, 'l'},
@@ -138,6 +156,8 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
         {"connect-timeout", required_argument, NULL, O_CTIMEOUT},
         {"cache-size", required_argument, NULL, O_CACHE},
         {"zstd-level", required_argument, NULL, O_ZSTD},
+        {"psk-file", required_argument, NULL, O_PSK},
+        {"encrypt", no_argument, NULL, O_ENCRYPT},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -148,6 +168,9 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
         {"progress", no_argument, NULL, O_PROGRESS},
         {"transport", required_argument, NULL, O_TRANSPORT},
         {"timeout", required_argument, NULL, O_TIMEOUT},
+        {"psk-file", required_argument, NULL, O_PSK},
+        {"encrypt", no_argument, NULL, O_ENCRYPT},
+        {"cache-max", required_argument, NULL, O_CACHE_MAX},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -157,7 +180,8 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
 
     o->sender = strcmp(sub, "send") == 0;
     o->transport = "auto";
-    o->timeout_ms = 10000;
+    /* A few seconds: keep-alives go out several times per timeout. */
+    o->timeout_ms = 5000;
     o->connect_timeout_ms = 10000;
     o->cache_bytes = UINT64_MAX; /* "not given" */
     optind = 1;
@@ -217,6 +241,19 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
             }
             o->zstd_level = (int)v;
             break;
+        case O_PSK:
+            o->psk_file = optarg;
+            break;
+        case O_ENCRYPT:
+            o->encrypt = true;
+            break;
+        case O_CACHE_MAX:
+            if (parse_size(optarg, &o->cache_max) < 0 || o->cache_max == 0) {
+                fprintf(stderr, "rdma-x: error: --cache-max takes a size above 0, not '%s'\n",
+                        optarg);
+                return -1;
+            }
+            break;
         case 'h':
             usage_sub(stdout, o->sender);
             return 1;
@@ -234,6 +271,10 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
     if (!o->addr) {
         fprintf(stderr, "rdma-x: error: 'rdma-x %s' needs %s (see --help)\n", sub,
                 o->sender ? "--to HOST:PORT" : "--listen ADDR:PORT");
+        return -1;
+    }
+    if (o->encrypt && !o->psk_file) {
+        fprintf(stderr, "rdma-x: error: --encrypt needs --psk-file (the keys come from it)\n");
         return -1;
     }
     if (o->sender && o->lanes == 0) {

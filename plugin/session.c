@@ -15,6 +15,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/crypto.h>
+
+#include "page-cache.h"
+
 struct rdmax_session rdmax_s;
 
 static atomic_flag failing = ATOMIC_FLAG_INIT;
@@ -36,14 +40,21 @@ const char *rdmax_wire_strerror(int err)
     case -ETIMEDOUT:
         return "peer silent for too long";
     case -EBADMSG:
-        return "frame checksum mismatch (corrupted on the wire)";
+        return "frame checksum mismatch (corrupted on the wire, or a truncated frame)";
     case -EPROTO:
-        return "peer broke the protocol (bad frame header)";
+        return "bad frame header (corrupted on the wire, or not an rdma-x peer)";
+    case -EKEYREJECTED:
+        return "encrypted frame failed authentication (forged, replayed or corrupted)";
     case -ECONNREFUSED:
         return "connection refused";
     default:
         return strerror(-err);
     }
+}
+
+static void fail_alarm(int sig)
+{
+    _exit(1);
 }
 
 void rdmax_fail(const char *fmt, ...)
@@ -66,7 +77,9 @@ void rdmax_fail(const char *fmt, ...)
     fprintf(stderr, "rdma-x: error: %s\n", reason);
     rdmax_progress_final();
     rdmax_stats_write(reason);
-    /* Telling the peer is best effort: never let it hold the exit. */
+    /* Telling the peer is best effort: never let it hold the exit (nor
+     * change its status: the alarm exits 1 too). */
+    signal(SIGALRM, fail_alarm);
     alarm(2);
     if (rdmax_s.ctrl.conn) {
         rdmax_wire_send(&rdmax_s.ctrl, RDMAX_F_ERROR, 0, 0, reason, strlen(reason));
@@ -90,14 +103,122 @@ static void hello_fill(struct rdmax_hello *h, uint16_t role, uint16_t lane)
     h->lanes = (uint16_t)rdmax_s.nlanes;
     h->page_size = RDMAX_PAGE_SIZE;
     h->session = rdmax_s.session_id;
+    h->features = rdmax_s.features;
     h->cache_bytes = rdmax_s.codec.cache_bytes;
     h->zstd_level = rdmax_s.codec.zstd_level;
+    /* Fresh per connection: proofs and keys can never be replayed. */
+    if (getrandom(h->nonce, sizeof(h->nonce), 0) != (ssize_t)sizeof(h->nonce)) {
+        rdmax_fail("no randomness for the handshake nonce: %s", strerror(errno));
+    }
 }
 
-/* Read the peer's handshake reply: HELLO_ACK, or ERROR with its reason. */
-static int hello_read(struct rdmax_wire *w, struct rdmax_hello *h, char *err, size_t err_len)
+void rdmax_session_init(void)
 {
-    uint8_t buf[256];
+    char err[600];
+
+    if (rdmax_s.o.psk_file) {
+        if (rdmax_psk_load(rdmax_s.o.psk_file, rdmax_s.psk, sizeof(rdmax_s.psk),
+                           &rdmax_s.psk_len, err, sizeof(err)) < 0) {
+            rdmax_fail("%s", err);
+        }
+        rdmax_s.features |= RDMAX_FEAT_PSK;
+    }
+    if (rdmax_s.o.encrypt) {
+        rdmax_s.features |= RDMAX_FEAT_ENCRYPT;
+    }
+}
+
+/*
+ * Why the peer's features differ from ours, in words that name each side
+ * (the same text is shown on both hosts); NULL when they agree.
+ */
+static const char *feature_mismatch(uint32_t theirs)
+{
+    uint32_t snd = rdmax_s.o.sender ? rdmax_s.features : theirs;
+    uint32_t rcv = rdmax_s.o.sender ? theirs : rdmax_s.features;
+
+    if ((snd ^ rcv) & RDMAX_FEAT_PSK) {
+        return (rcv & RDMAX_FEAT_PSK)
+                   ? "authentication required: the receiver has a pre-shared key (--psk-file), "
+                     "the sender has none"
+                   : "the sender has a pre-shared key (--psk-file), the receiver has none: "
+                     "give both the same key";
+    }
+    if ((snd ^ rcv) & RDMAX_FEAT_ENCRYPT) {
+        return (rcv & RDMAX_FEAT_ENCRYPT)
+                   ? "encryption mismatch: the receiver requires --encrypt, the sender did not "
+                     "ask for it"
+                   : "encryption mismatch: the sender asked for --encrypt, the receiver does "
+                     "not have it";
+    }
+    return NULL;
+}
+
+/* The handshake transcript a proof covers: both HELLOs with the proof zeroed. */
+static int auth_proof(const char *label, const uint8_t client[RDMAX_HELLO_LEN],
+                      const uint8_t server[RDMAX_HELLO_LEN], uint8_t out[RDMAX_MAC_LEN])
+{
+    uint8_t c[RDMAX_HELLO_LEN], s[RDMAX_HELLO_LEN];
+
+    memcpy(c, client, sizeof(c));
+    memcpy(s, server, sizeof(s));
+    memset(c + RDMAX_HELLO_MAC, 0, RDMAX_MAC_LEN);
+    memset(s + RDMAX_HELLO_MAC, 0, RDMAX_MAC_LEN);
+    return rdmax_auth_mac(rdmax_s.psk, rdmax_s.psk_len, label, c, sizeof(c), s, sizeof(s),
+                          out);
+}
+
+/*
+ * How long the listener waits for each handshake message of a new
+ * connection. A real sender answers at once (one round trip); the listener
+ * serves one connection at a time, so a silent or slow client may hold it
+ * only this long, well under the sender's own --timeout for the answer.
+ */
+#define HANDSHAKE_MS 2000
+
+#define AUTH_LABEL_SERVER "rdma-x v2 server proof"
+#define AUTH_LABEL_CLIENT "rdma-x v2 client proof"
+
+/* --encrypt: one key per direction of this connection, from the PSK and both nonces. */
+static int crypt_setup(struct rdmax_wire *w, const uint8_t *client_nonce,
+                       const uint8_t *server_nonce, bool client)
+{
+    uint8_t salt[2 * RDMAX_NONCE_LEN], kc[RDMAX_KEY_LEN], ks[RDMAX_KEY_LEN];
+    struct rdmax_crypt *tx = NULL, *rx = NULL;
+    int r;
+
+    memcpy(salt, client_nonce, RDMAX_NONCE_LEN);
+    memcpy(salt + RDMAX_NONCE_LEN, server_nonce, RDMAX_NONCE_LEN);
+    r = rdmax_crypt_derive(rdmax_s.psk, rdmax_s.psk_len, salt, sizeof(salt),
+                           "rdma-x v2 client to server", kc);
+    if (r == 0) {
+        r = rdmax_crypt_derive(rdmax_s.psk, rdmax_s.psk_len, salt, sizeof(salt),
+                               "rdma-x v2 server to client", ks);
+    }
+    if (r == 0) {
+        r = rdmax_crypt_create(client ? kc : ks, true, &tx);
+    }
+    if (r == 0) {
+        r = rdmax_crypt_create(client ? ks : kc, false, &rx);
+    }
+    OPENSSL_cleanse(kc, sizeof(kc));
+    OPENSSL_cleanse(ks, sizeof(ks));
+    if (r < 0) {
+        rdmax_crypt_destroy(tx);
+        return r;
+    }
+    rdmax_wire_crypt_start(w, tx, rx);
+    return 0;
+}
+
+/*
+ * Read the peer's handshake reply: HELLO_ACK, or ERROR with its reason.
+ * raw gets the reply's bytes (for the proofs).
+ */
+static int hello_read(struct rdmax_wire *w, struct rdmax_hello *h, uint8_t raw[RDMAX_HELLO_LEN],
+                      char *err, size_t err_len)
+{
+    uint8_t buf[512];
     struct rdmax_frame_hdr fh;
     int r = rdmax_wire_recv(w, &fh, buf, sizeof(buf) - 1, rdmax_s.o.timeout_ms);
 
@@ -110,12 +231,16 @@ static int hello_read(struct rdmax_wire *w, struct rdmax_hello *h, char *err, si
         snprintf(err, err_len, "peer refused: %s", (char *)buf);
         return -ECONNREFUSED;
     }
-    if (fh.type != RDMAX_F_HELLO && fh.type != RDMAX_F_HELLO_ACK) {
+    if (fh.type != RDMAX_F_HELLO_ACK) {
         snprintf(err, err_len, "handshake with %s: got %s frame", w->conn->peer,
                  rdmax_frame_type_name(fh.type));
         return -EPROTO;
     }
-    return rdmax_hello_decode(buf, fh.len, h, err, err_len);
+    r = rdmax_hello_decode(buf, fh.len, h, err, err_len);
+    if (r == 0) {
+        memcpy(raw, buf, RDMAX_HELLO_LEN);
+    }
+    return r;
 }
 
 static void connect_one(struct rdmax_wire *w, const char *host, const char *port, uint16_t role,
@@ -123,8 +248,11 @@ static void connect_one(struct rdmax_wire *w, const char *host, const char *port
 {
     struct rdmax_conn *c;
     struct rdmax_hello h, peer;
-    uint8_t buf[RDMAX_HELLO_LEN];
-    char err[300];
+    uint8_t mine[RDMAX_HELLO_LEN], theirs[RDMAX_HELLO_LEN], mac[RDMAX_MAC_LEN];
+    struct rdmax_frame_hdr fh;
+    uint8_t buf[512];
+    char err[600];
+    const char *why;
     int r;
 
     r = rdmax_s.tp->connect(host, port, &rdmax_s.topts, &c);
@@ -134,16 +262,54 @@ static void connect_one(struct rdmax_wire *w, const char *host, const char *port
     }
     rdmax_wire_init(w, c);
     hello_fill(&h, role, lane);
-    rdmax_hello_encode(buf, &h);
-    r = rdmax_wire_send(w, RDMAX_F_HELLO, 0, lane, buf, sizeof(buf));
+    rdmax_hello_encode(mine, &h);
+    r = rdmax_wire_send(w, RDMAX_F_HELLO, 0, lane, mine, sizeof(mine));
     if (r < 0) {
         rdmax_fail("handshake with %s:%s: %s", host, port, rdmax_wire_strerror(r));
     }
-    if (hello_read(w, &peer, err, sizeof(err)) < 0) {
+    if (hello_read(w, &peer, theirs, err, sizeof(err)) < 0) {
         rdmax_fail("%s", err);
     }
     if (peer.session != rdmax_s.session_id) {
         rdmax_fail("handshake with %s:%s: peer answered for another migration", host, port);
+    }
+    why = feature_mismatch(peer.features);
+    if (why) {
+        rdmax_fail("handshake with %s:%s: %s", host, port, why);
+    }
+    if (!(rdmax_s.features & RDMAX_FEAT_PSK)) {
+        return;
+    }
+    /* The receiver proves itself first, so we never answer an impostor. */
+    if (auth_proof(AUTH_LABEL_SERVER, mine, theirs, mac) < 0) {
+        rdmax_fail("computing the authentication proof failed");
+    }
+    if (!rdmax_auth_equal(mac, peer.mac)) {
+        rdmax_fail("authentication failed: the receiver at %s:%s does not hold this "
+                   "pre-shared key (wrong --psk-file?)", host, port);
+    }
+    if (auth_proof(AUTH_LABEL_CLIENT, mine, theirs, mac) < 0) {
+        rdmax_fail("computing the authentication proof failed");
+    }
+    r = rdmax_wire_send(w, RDMAX_F_AUTH, 0, lane, mac, sizeof(mac));
+    if (r < 0) {
+        rdmax_fail("handshake with %s:%s: %s", host, port, rdmax_wire_strerror(r));
+    }
+    r = rdmax_wire_recv(w, &fh, buf, sizeof(buf) - 1, rdmax_s.o.timeout_ms);
+    if (r < 0) {
+        rdmax_fail("handshake with %s:%s: %s", host, port, rdmax_wire_strerror(r));
+    }
+    if (fh.type == RDMAX_F_ERROR) {
+        buf[fh.len] = '\0';
+        rdmax_fail("peer refused: %s", (char *)buf);
+    }
+    if (fh.type != RDMAX_F_AUTH_OK || fh.len != 0) {
+        rdmax_fail("handshake with %s:%s: got %s frame instead of AUTH_OK", host, port,
+                   rdmax_frame_type_name(fh.type));
+    }
+    if ((rdmax_s.features & RDMAX_FEAT_ENCRYPT) &&
+        crypt_setup(w, h.nonce, peer.nonce, true) < 0) {
+        rdmax_fail("setting up encryption with %s:%s failed", host, port);
     }
 }
 
@@ -151,6 +317,7 @@ void rdmax_session_connect(void)
 {
     char host[256], port[32], err[200];
 
+    rdmax_session_init();
     if (rdmax_addr_split(rdmax_s.o.addr, host, sizeof(host), port, sizeof(port), err,
                          sizeof(err)) < 0) {
         rdmax_fail("%s", err);
@@ -176,15 +343,100 @@ static void refuse(struct rdmax_conn *c, const char *reason)
     rdmax_wire_destroy(&w);
 }
 
+/*
+ * Answer a client's HELLO (raw bytes in, decoded h) with our HELLO_ACK
+ * and, with a PSK, check its proof. 0, or -errno with the reason in err
+ * (the caller refuses the connection). Nothing is committed here.
+ */
+static int server_hello(struct rdmax_wire *w, const uint8_t in[RDMAX_HELLO_LEN],
+                        const struct rdmax_hello *h, uint8_t nonce[RDMAX_NONCE_LEN], char *err,
+                        size_t err_len)
+{
+    struct rdmax_hello me;
+    uint8_t out[RDMAX_HELLO_LEN], mac[RDMAX_MAC_LEN], buf[512];
+    struct rdmax_frame_hdr fh;
+    int r;
+
+    /* Echo the sender's parameters: the receiver adopts them. */
+    hello_fill(&me, h->role, h->lane);
+    me.lanes = h->lanes;
+    me.session = h->session;
+    me.cache_bytes = h->cache_bytes;
+    me.zstd_level = h->zstd_level;
+    memcpy(nonce, me.nonce, RDMAX_NONCE_LEN);
+    rdmax_hello_encode(out, &me);
+    if (rdmax_s.features & RDMAX_FEAT_PSK) {
+        if (auth_proof(AUTH_LABEL_SERVER, in, out, mac) < 0) {
+            snprintf(err, err_len, "computing the authentication proof failed");
+            return -EIO;
+        }
+        memcpy(out + RDMAX_HELLO_MAC, mac, sizeof(mac));
+    }
+    r = rdmax_wire_send(w, RDMAX_F_HELLO_ACK, 0, h->role == RDMAX_ROLE_LANE ? h->lane : 0, out,
+                        sizeof(out));
+    if (r < 0) {
+        snprintf(err, err_len, "handshake: %s", rdmax_wire_strerror(r));
+        return r;
+    }
+    if (!(rdmax_s.features & RDMAX_FEAT_PSK)) {
+        return 0;
+    }
+    r = rdmax_wire_recv(w, &fh, buf, sizeof(buf) - 1, HANDSHAKE_MS);
+    if (r == 0 && fh.type == RDMAX_F_ERROR) {
+        /* The sender checked our proof first and gave up: say why. */
+        buf[fh.len] = '\0';
+        snprintf(err, err_len, "sender gave up: %s", (char *)buf);
+        return -EACCES;
+    }
+    if (r < 0 || fh.type != RDMAX_F_AUTH || fh.len != RDMAX_MAC_LEN) {
+        snprintf(err, err_len, "authentication failed: no proof from the sender (%s)",
+                 r < 0 ? rdmax_wire_strerror(r) : rdmax_frame_type_name(fh.type));
+        return r < 0 ? r : -EACCES;
+    }
+    if (auth_proof(AUTH_LABEL_CLIENT, in, out, mac) < 0) {
+        snprintf(err, err_len, "computing the authentication proof failed");
+        return -EIO;
+    }
+    if (!rdmax_auth_equal(mac, buf)) {
+        snprintf(err, err_len,
+                 "authentication failed: the sender does not hold this receiver's "
+                 "pre-shared key (wrong --psk-file?)");
+        return -EACCES;
+    }
+    return 0;
+}
+
+/* The client is accepted: AUTH_OK with a PSK, then encryption starts. */
+static void server_accept_ok(struct rdmax_wire *w, const uint8_t *client_nonce,
+                             const uint8_t *server_nonce, uint16_t channel)
+{
+    int r;
+
+    if (!(rdmax_s.features & RDMAX_FEAT_PSK)) {
+        return;
+    }
+    r = rdmax_wire_send(w, RDMAX_F_AUTH_OK, 0, channel, NULL, 0);
+    if (r < 0) {
+        rdmax_fail("handshake with %s: %s", w->conn->peer, rdmax_wire_strerror(r));
+    }
+    if ((rdmax_s.features & RDMAX_FEAT_ENCRYPT) &&
+        crypt_setup(w, client_nonce, server_nonce, false) < 0) {
+        rdmax_fail("setting up encryption with %s failed", w->conn->peer);
+    }
+}
+
 void rdmax_session_accept(void)
 {
-    char host[256], port[32], err[300];
+    char host[256], port[32], err[700];
     struct rdmax_listener *l;
     bool have_ctrl = false;
     unsigned have_lanes = 0;
     double deadline = 0;
+    uint64_t cache_cap;
     int r;
 
+    rdmax_session_init();
+    cache_cap = rdmax_s.o.cache_max ? rdmax_s.o.cache_max : rdmax_page_cache_default_cap();
     if (rdmax_addr_split(rdmax_s.o.addr, host, sizeof(host), port, sizeof(port), err,
                          sizeof(err)) < 0) {
         rdmax_fail("%s", err);
@@ -198,7 +450,10 @@ void rdmax_session_accept(void)
         struct rdmax_conn *c;
         struct rdmax_wire w;
         struct rdmax_hello h;
-        uint8_t buf[RDMAX_HELLO_LEN];
+        uint8_t in[RDMAX_HELLO_LEN + 16], nonce[RDMAX_NONCE_LEN];
+        struct rdmax_frame_hdr fh;
+        const char *why;
+        bool lane_mismatch = false;
         int wait = -1;
 
         if (have_ctrl) {
@@ -216,46 +471,80 @@ void rdmax_session_accept(void)
             rdmax_fail("accept on %s: %s", rdmax_s.o.addr, strerror(-r));
         }
         rdmax_wire_init(&w, c);
-        {
-            uint8_t in[RDMAX_HELLO_LEN + 16];
-            struct rdmax_frame_hdr fh;
-            /* A silent or garbage client must not wedge the listener. */
-            r = rdmax_wire_recv(&w, &fh, in, sizeof(in), 5000);
-            if (r < 0 || fh.type != RDMAX_F_HELLO) {
-                snprintf(err, sizeof(err), "no valid rdma-x handshake (%s)",
-                         r < 0 ? rdmax_wire_strerror(r) : rdmax_frame_type_name(fh.type));
-                w.conn = NULL;
-                refuse(c, err);
-                continue;
-            }
-            r = rdmax_hello_decode(in, fh.len, &h, err, sizeof(err));
+        /* A silent or garbage client must not wedge the listener. */
+        r = rdmax_wire_recv(&w, &fh, in, sizeof(in), HANDSHAKE_MS);
+        if (r < 0 || fh.type != RDMAX_F_HELLO) {
+            snprintf(err, sizeof(err), "no valid rdma-x handshake (%s)",
+                     r < 0 ? rdmax_wire_strerror(r) : rdmax_frame_type_name(fh.type));
+            goto refuse;
         }
+        r = rdmax_hello_decode(in, fh.len, &h, err, sizeof(err));
         if (r < 0) {
-            w.conn = NULL;
-            refuse(c, err);
             if (r == -EPROTONOSUPPORT) {
                 fprintf(stderr, "rdma-x: note: upgrade both hosts to the same rdma-x version\n");
             }
-            continue;
+            goto refuse;
+        }
+        why = feature_mismatch(h.features);
+        if (why) {
+            snprintf(err, sizeof(err), "%s", why);
+            goto refuse;
         }
         if (h.role == RDMAX_ROLE_CONTROL) {
             if (have_ctrl) {
-                w.conn = NULL;
-                refuse(c, "a migration is already in progress");
-                continue;
+                snprintf(err, sizeof(err), "a migration is already in progress");
+                goto refuse;
             }
-            if (rdmax_s.o.lanes && h.lanes != rdmax_s.o.lanes) {
+            if (h.cache_bytes > (64ull << 30) || h.cache_bytes * h.lanes > cache_cap) {
+                snprintf(err, sizeof(err),
+                         "page cache of %llu MiB x %u lanes is above this receiver's cap of "
+                         "%llu MiB (recv --cache-max, or send --cache-size)",
+                         (unsigned long long)(h.cache_bytes >> 20), h.lanes,
+                         (unsigned long long)(cache_cap >> 20));
+                goto refuse;
+            }
+            lane_mismatch = rdmax_s.o.lanes && h.lanes != rdmax_s.o.lanes;
+            if (lane_mismatch) {
                 snprintf(err, sizeof(err), "lane count mismatch: sender %u, receiver %u",
                          h.lanes, rdmax_s.o.lanes);
-                w.conn = NULL;
-                refuse(c, err);
-                rdmax_fail("%s", err);
+                if (!(rdmax_s.features & RDMAX_FEAT_PSK)) {
+                    w.conn = NULL;
+                    rdmax_wire_destroy(&w);
+                    refuse(c, err);
+                    rdmax_fail("%s", err);
+                }
             }
-            if (h.cache_bytes > (64ull << 30)) {
-                w.conn = NULL;
-                refuse(c, "page cache above the 64 GiB cap");
-                continue;
+        } else {
+            if (!have_ctrl || h.session != rdmax_s.session_id) {
+                snprintf(err, sizeof(err), "lane connection for no migration in progress");
+                goto refuse;
             }
+            if (h.lanes != rdmax_s.nlanes) {
+                snprintf(err, sizeof(err), "lane connection for %u lanes, migration has %u",
+                         h.lanes, rdmax_s.nlanes);
+                goto refuse;
+            }
+            if (rdmax_s.lane[h.lane].conn) {
+                snprintf(err, sizeof(err), "lane connected twice");
+                goto refuse;
+            }
+        }
+        {
+            char why_auth[600];
+            r = server_hello(&w, in, &h, nonce, why_auth, sizeof(why_auth));
+            if (r < 0) {
+                snprintf(err, sizeof(err), "%s", why_auth);
+                goto refuse;
+            }
+        }
+        if (lane_mismatch) {
+            /* Authenticated, so a real sender with the wrong --lanes: stop. */
+            w.conn = NULL;
+            rdmax_wire_destroy(&w);
+            refuse(c, err);
+            rdmax_fail("%s", err);
+        }
+        if (h.role == RDMAX_ROLE_CONTROL) {
             rdmax_s.session_id = h.session;
             rdmax_s.nlanes = h.lanes;
             rdmax_s.codec.cache_bytes = h.cache_bytes;
@@ -263,30 +552,18 @@ void rdmax_session_accept(void)
             rdmax_s.ctrl = w;
             have_ctrl = true;
             deadline = rdmax_now() + rdmax_s.o.timeout_ms / 1000.0;
-            hello_fill(&h, RDMAX_ROLE_CONTROL, 0);
-            rdmax_hello_encode(buf, &h);
-            r = rdmax_wire_send(&rdmax_s.ctrl, RDMAX_F_HELLO_ACK, 0, 0, buf, sizeof(buf));
+            server_accept_ok(&rdmax_s.ctrl, h.nonce, nonce, 0);
         } else {
-            if (!have_ctrl || h.session != rdmax_s.session_id) {
-                w.conn = NULL;
-                refuse(c, "lane connection for no migration in progress");
-                continue;
-            }
-            if (rdmax_s.lane[h.lane].conn) {
-                w.conn = NULL;
-                refuse(c, "lane connected twice");
-                continue;
-            }
             rdmax_s.lane[h.lane] = w;
             have_lanes++;
-            hello_fill(&h, RDMAX_ROLE_LANE, h.lane);
-            rdmax_hello_encode(buf, &h);
-            r = rdmax_wire_send(&rdmax_s.lane[h.lane], RDMAX_F_HELLO_ACK, 0, h.lane, buf,
-                                sizeof(buf));
+            server_accept_ok(&rdmax_s.lane[h.lane], h.nonce, nonce, h.lane);
         }
-        if (r < 0) {
-            rdmax_fail("handshake with %s: %s", c->peer, rdmax_wire_strerror(r));
-        }
+        continue;
+refuse:
+        /* refuse() owns the connection from here; the wire holds no crypto yet. */
+        w.conn = NULL;
+        rdmax_wire_destroy(&w);
+        refuse(c, err);
     }
     /* One migration per process: nobody else may connect now. */
     rdmax_s.tp->listener_close(l);
@@ -294,8 +571,17 @@ void rdmax_session_accept(void)
 
 static void *keepalive_main(void *arg)
 {
+    /* Several keep-alives per --timeout, so one late one is no failure. */
+    int ms = rdmax_s.o.timeout_ms / 4;
+
+    if (ms > 1000) {
+        ms = 1000;
+    }
+    if (ms < 100) {
+        ms = 100;
+    }
     for (;;) {
-        sleep(1);
+        usleep((useconds_t)ms * 1000);
         int r = rdmax_wire_send(&rdmax_s.ctrl, RDMAX_F_KEEPALIVE, 0, 0, NULL, 0);
         if (atomic_load(&rdmax_s.finishing)) {
             break;

@@ -9,6 +9,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "crypt.h"
 #include "lane-codec.h"
 #include "wire.h"
 
@@ -23,6 +24,9 @@ struct rdmax_opts {
     int connect_timeout_ms; /* sender: how long to retry connecting */
     uint64_t cache_bytes;   /* --cache-size, 0 = from the guest RAM size */
     int zstd_level;         /* --zstd-level: 0 adaptive, -1 off */
+    const char *psk_file;   /* --psk-file: mutual authentication */
+    bool encrypt;           /* --encrypt: AES-256-GCM frames (needs a PSK) */
+    uint64_t cache_max;     /* recv --cache-max: cap on lanes x cache, 0 = default */
 };
 
 /* Counters: written by the data threads, read by stats/progress (relaxed). */
@@ -47,6 +51,9 @@ struct rdmax_session {
     struct rdmax_counters c;
     _Atomic(const struct rdmax_lane_stats *) lane_stats[RDMAX_LANES_MAX];
     _Atomic bool finishing; /* the end is acknowledged: the peer may go */
+    uint32_t features;      /* RDMAX_FEAT_*, from the options; set at start */
+    uint8_t psk[RDMAX_PSK_MAX]; /* set at start, read-only */
+    size_t psk_len;         /* 0: no --psk-file */
 };
 
 extern struct rdmax_session rdmax_s;
@@ -68,7 +75,10 @@ void rdmax_session_connect(void);
 /* Receiver: accept one migration (control + lanes); refuse everything else. */
 void rdmax_session_accept(void);
 
-/* Keep-alives on the control connection every second while idle. */
+/* Load the --psk-file key and set the feature bits; fails the run on error. */
+void rdmax_session_init(void);
+
+/* Keep-alives on the control connection (every second, or --timeout / 4). */
 void rdmax_keepalive_start(void);
 
 /* Stats (stats.c). */
