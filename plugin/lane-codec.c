@@ -201,14 +201,16 @@ static int64_t unzigzag(uint64_t v)
 /* Most pages are not zero and differ from zero in their first bytes. */
 static bool page_is_zero(const uint8_t *p)
 {
-    const uint64_t *w = (const uint64_t *)(const void *)p;
     size_t i, j;
 
-    for (i = 0; i < PS / 8; i += 8) {
+    for (i = 0; i < PS; i += 64) {
         uint64_t acc = 0;
 
-        for (j = 0; j < 8; j++) {
-            acc |= w[i + j];
+        for (j = 0; j < 64; j += 8) {
+            uint64_t w;
+
+            memcpy(&w, p + i + j, sizeof(w)); /* callers' pages need no alignment */
+            acc |= w;
         }
         if (acc) {
             return false;

@@ -707,3 +707,23 @@ Test(lane_codec, random_bytes_as_batches_fail_cleanly)
     }
     pair_free(p);
 }
+
+Test(lane_codec, unaligned_page_pointers_are_fine)
+{
+    struct pair *p = pair_new(1u << 20, 1);
+    uint8_t *buf = malloc(2 * PS + 1);
+    struct test_rng r = {9};
+
+    rng_fill(&r, buf + 1, PS);
+    pair_add(p, key_of(0, 0), buf + 1);
+    buf[1 + 100] ^= 1;
+    pair_add(p, key_of(0, 0), buf + 1);
+    memset(buf + 1, 0, PS);
+    pair_add(p, key_of(0, 0), buf + 1);
+    pair_flush_check(p, 0);
+    cr_assert_eq(stats(p)->tier_pages[RDMAX_TIER_FULL], 1);
+    cr_assert_eq(stats(p)->tier_pages[RDMAX_TIER_DELTA], 1);
+    cr_assert_eq(stats(p)->tier_pages[RDMAX_TIER_ZERO], 1);
+    free(buf);
+    pair_free(p);
+}
