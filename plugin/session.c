@@ -337,9 +337,17 @@ static void refuse(struct rdmax_conn *c, const char *reason)
 {
     struct rdmax_wire w;
 
+    uint8_t b;
+    unsigned n = 0;
+
     fprintf(stderr, "rdma-x: refused connection from %s: %s\n", c->peer, reason);
     rdmax_wire_init(&w, c);
     rdmax_wire_send(&w, RDMAX_F_ERROR, 0, 0, reason, strlen(reason));
+    /* Closing with unread input sends a TCP reset, which can destroy the
+     * reason before the client reads it: take what already came. */
+    while (n < 65536 && c->ops->recv(c, &b, 1, 0) == 0) {
+        n++;
+    }
     rdmax_wire_destroy(&w);
 }
 
