@@ -75,14 +75,20 @@ static void *lane_main(void *arg)
 {
     struct recv_lane *l = arg;
     struct rdmax_wire *w = &rdmax_s.lane[l->idx];
-    uint8_t *buf = malloc(RDMAX_FRAME_MAX + 1);
+    /*
+     * A lane carries batches, never longer than the encoder's bound: a
+     * longer frame is refused at its header, so a hostile sender cannot
+     * make each of 64 lanes hold a 4 MiB frame.
+     */
+    size_t cap = rdmax_lane_encoder_bound() + RDMAX_TAG_LEN;
+    uint8_t *buf = malloc(cap + 1);
     struct rdmax_frame_hdr h;
 
     if (!buf) {
         rdmax_fail("out of memory");
     }
     for (;;) {
-        int r = rdmax_wire_recv(w, &h, buf, RDMAX_FRAME_MAX, -1);
+        int r = rdmax_wire_recv(w, &h, buf, cap, -1);
         if (r < 0) {
             rdmax_fail("lane %u from %s: %s", l->idx, w->conn->peer, rdmax_wire_strerror(r));
         }
