@@ -43,7 +43,7 @@ class Attempt:
 
     def __init__(self, rig, src, tag, send_to='127.0.0.1', listen='127.0.0.1',
                  connect_port=None, send_extra='', recv_extra='', caps=None,
-                 bw=FAST, dst_wrapper=(), port=None):
+                 bw=FAST, dst_wrapper=(), port=None, prefix=None, mem=None):
         self.rig, self.src, self.tag = rig, src, tag
         self.port = port or free_port()
         q = sh_quote
@@ -52,13 +52,17 @@ class Attempt:
                           rig.path('%s-%s.rc' % (tag, w)))
                       for w in ('send', 'recv')}
         err, rc = self.files['recv']
-        recv = '%s recv --listen %s:%d %s 2>%s; echo $? >%s' % (
-            exe, listen, self.port, recv_extra, q(err), q(rc))
+        prefix = prefix or {}   # e.g. /usr/bin/time, to measure rdma-x
+        recv = '%s%s recv --listen %s:%d %s 2>%s; echo $? >%s' % (
+            prefix.get('recv', ''), exe, listen, self.port, recv_extra, q(err),
+            q(rc))
         err, rc = self.files['send']
-        send = '%s send --to %s:%d --connect-timeout 3 %s 2>%s; echo $? >%s' % (
-            exe, send_to, connect_port or self.port, send_extra, q(err), q(rc))
+        send = '%s%s send --to %s:%d --connect-timeout 3 %s 2>%s; echo $? >%s' % (
+            prefix.get('send', ''), exe, send_to, connect_port or self.port,
+            send_extra, q(err), q(rc))
+        kw = {'mem': mem} if mem else {}
         self.dst = rig.guest(tag, workload=WORKLOAD, incoming='defer',
-                             wrapper=dst_wrapper)
+                             wrapper=dst_wrapper, **kw)
         # every capability a fault test touches, so none lingers on src
         allcaps = {'return-path': True, 'pause-before-switchover': False}
         allcaps.update(caps or {})
