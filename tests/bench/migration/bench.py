@@ -85,7 +85,7 @@ WL_LABEL = {
 PRESETS = {
     # name: defaults that the command line may override
     'full': dict(workloads=list(WORKLOADS), contenders=CONTENDERS, reps=3,
-                 mem=Q.BIG_MEM, mib=512, cap=90, verify_s=4),
+                 mem=Q.BIG_MEM, mib=512, cap=60, verify_s=3),
     'quick': dict(workloads=list(WORKLOADS), contenders=CONTENDERS, reps=1,
                   mem=Q.BIG_MEM, mib=512, cap=60, verify_s=3),
     'demo': dict(workloads=['sparse-real@100'],
