@@ -267,8 +267,9 @@ def contender_setup(contender, args):
 def rdmax_uris(rig, args, port):
     q = Q.sh_quote
     common = '--lanes %d' % args.lanes
-    send = ('%s send --to %s:%d %s --cache-size %d --stats-json %s 2>%s' % (
+    send = ('%s send --to %s:%d %s --cache-size %d %s --stats-json %s 2>%s' % (
         q(args.rdmax), DST_IP, port, common, args.cache_total // args.lanes,
+        args.send_args,
         q(rig.path('send.json')), q(rig.path('send.err'))))
     send = 'exec:%s; echo $? >%s' % (send, q(rig.path('send.rc')))
     recv = ('%s recv --listen %s:%d %s --stats-json %s 2>%s' % (
@@ -624,7 +625,7 @@ def config_of(args):
     return dict(link=args.link, guest_mem=args.mem, region_mib=args.mib,
                 reps=args.reps, cap_s=args.cap, verify_s=args.verify_s,
                 lanes=args.lanes, cache_per_lane=args.cache_total // args.lanes,
-                cache_total=args.cache_total,
+                cache_total=args.cache_total, send_args=args.send_args,
                 xbzrle_cache_size=args.cache_total, downtime_limit_ms=300,
                 max_bandwidth=10_000_000_000, multifd_channels=2,
                 multifd_zstd_level=1, rdmax=args.rdmax,
@@ -655,7 +656,7 @@ def markdown(doc):
              'for %d s after the switch-over. All contenders: return-path on, '
              'max-bandwidth 10e9, downtime-limit 300 ms; xbzrle-cache-size %d MiB '
              '(= rdma-x page cache total: %d lanes x %d MiB); multifd 2 channels, '
-             'zstd level 1; rdma-x `exec:` with `--lanes %d --cache-size %d MiB`, '
+             'zstd level 1; rdma-x `exec:` with `--lanes %d --cache-size %d MiB%s`, '
              'send in the source namespace, recv in the destination one. A run '
              'not completed after %d s is cancelled and counts as not converged. '
              '%d repetition(s) per cell, medians shown; contenders interleaved '
@@ -663,7 +664,9 @@ def markdown(doc):
                  cfg['guest_mem'], cfg['link'], cfg['region_mib'], cfg['verify_s'],
                  cfg['cache_total'] >> 20, cfg['lanes'],
                  cfg['cache_per_lane'] >> 20, cfg['lanes'],
-                 cfg['cache_per_lane'] >> 20, cfg['cap_s'], cfg['reps']))
+                 cfg['cache_per_lane'] >> 20,
+                 (' ' + cfg['send_args']) if cfg.get('send_args') else '',
+                 cfg['cap_s'], cfg['reps']))
     L.append('')
     for m in doc.get('merged_from') or []:
         L.append('Merged in: %d runs (%s) from `%s` of %s (rdma-x %s).' % (
@@ -923,6 +926,8 @@ def main():
     ap.add_argument('--cache-total', type=parse_size, default=parse_size('1G'),
                     help='rdma-x page cache total (lanes x --cache-size) and '
                     'QEMU xbzrle-cache-size; a power of two (default 1G)')
+    ap.add_argument('--send-args', default='',
+                    help='extra options for rdma-x send (e.g. "--zstd-level 1")')
     ap.add_argument('--rdmax', default=os.path.join(TOP, 'build', 'rdma-x'))
     ap.add_argument('--out', help='directory for results.json (default '
                     'out/bench/<preset>-<time>)')
