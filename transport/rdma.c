@@ -170,18 +170,19 @@ struct rdma_conn {
     int error;            /* first error, -errno; 0 while fine */
     bool shut;            /* shutdown() was called */
     bool polling;         /* a thread owns the CQ/fd wait; others use cond */
+    bool spinning;        /* the busy-polling thread polls the CQ unlocked */
     unsigned credits;     /* data messages we may still post */
     unsigned credits_max; /* what the peer offered in its hello */
     unsigned owed;        /* re-posted receive WRs not yet reported to the peer */
     unsigned ctrl_inflight;
-    unsigned send_inflight;  /* posted sends (data + credit-only) not completed */
-    unsigned *send_free;     /* stack of free send slots */
+    unsigned send_inflight; /* posted sends (data + credit-only) not completed */
+    unsigned *send_free;    /* stack of free send slots */
     unsigned n_send_free;
-    unsigned *ready;         /* ring of receive slots holding unread data */
+    unsigned *ready; /* ring of receive slots holding unread data */
     unsigned ready_head;
     unsigned ready_count;
-    uint32_t *recv_len;      /* payload bytes in each receive slot */
-    size_t ready_off;        /* bytes of the head slot already read */
+    uint32_t *recv_len; /* payload bytes in each receive slot */
+    size_t ready_off;   /* bytes of the head slot already read */
 
     /*
      * Slot ownership: a send slot popped from send_free belongs to the
@@ -266,18 +267,52 @@ static void rdma_memlock_hint(char *buf, size_t len)
                  "locked-memory limit (RLIMIT_MEMLOCK) is %llu KiB with %zu KiB registered "
                  "already: raise it (ulimit -l unlimited; LimitMEMLOCK=infinity in a systemd "
                  "unit; '* - memlock unlimited' in /etc/security/limits.conf) or lower "
-                 "--pinned-max",
-                 (unsigned long long)(rl.rlim_cur / 1024),
-                 atomic_load(&rdma_pinned_total) / 1024);
+                 "the bound (--pinned-max, RDMAX_RDMA_PINNED_MAX)",
+                 (unsigned long long)(rl.rlim_cur / 1024), atomic_load(&rdma_pinned_total) / 1024);
     } else {
-        snprintf(buf, len, "locked-memory limit is unlimited; the device or the system "
-                           "is out of memory");
+        snprintf(buf, len,
+                 "locked-memory limit is unlimited; the device or the system "
+                 "is out of memory");
     }
 }
 
+/* A size from the environment (K/M/G suffixes), 0 when unset or invalid. */
+static size_t rdma_env_size(const char *name)
+{
+    const char *s = getenv(name);
+    unsigned long long v;
+    char *end;
+
+    if (!s || !*s) {
+        return 0;
+    }
+    errno = 0;
+    v = strtoull(s, &end, 0);
+    if (errno || end == s) {
+        return 0;
+    }
+    switch (*end) {
+    case 'k':
+    case 'K':
+        v <<= 10;
+        break;
+    case 'm':
+    case 'M':
+        v <<= 20;
+        break;
+    case 'g':
+    case 'G':
+        v <<= 30;
+        break;
+    default:
+        break;
+    }
+    return (size_t)v;
+}
+
 /*
- * The bound on registered memory for this process: o->pinned_max, or by
- * default RDMA_PINNED_DEFAULT, lowered to fit a finite RLIMIT_MEMLOCK
+ * The bound on registered memory for this process: o->pinned_max, else
+ * $RDMAX_RDMA_PINNED_MAX, else RDMA_PINNED_DEFAULT, lowered to fit a finite RLIMIT_MEMLOCK
  * unless we may lock memory anyway (root, CAP_IPC_LOCK: checked by trying
  * the registration).
  */
@@ -288,6 +323,10 @@ static size_t rdma_pinned_budget(const struct rdmax_transport_opts *o)
 
     if (o && o->pinned_max) {
         return o->pinned_max;
+    }
+    b = rdma_env_size("RDMAX_RDMA_PINNED_MAX");
+    if (b) {
+        return b;
     }
     b = RDMA_PINNED_DEFAULT;
     if (geteuid() != 0 && getrlimit(RLIMIT_MEMLOCK, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
@@ -300,18 +339,10 @@ static size_t rdma_pinned_budget(const struct rdmax_transport_opts *o)
 
 static size_t rdma_msg_size(void)
 {
-    const char *s = getenv("RDMAX_RDMA_MSG_SIZE");
-    unsigned long v;
-    char *end;
+    size_t v = rdma_env_size("RDMAX_RDMA_MSG_SIZE");
 
-    if (!s || !*s) {
+    if (!v) {
         return RDMA_MSG_SIZE_DEFAULT;
-    }
-    v = strtoul(s, &end, 0);
-    if (*end == 'k' || *end == 'K') {
-        v *= 1024;
-    } else if (*end == 'm' || *end == 'M') {
-        v *= 1024 * 1024;
     }
     if (v < RDMA_MSG_SIZE_MIN) {
         v = RDMA_MSG_SIZE_MIN;
@@ -359,7 +390,8 @@ static int rdma_pool_plan(struct rdma_conn *c, const struct rdmax_transport_opts
             continue;
         }
         g_warning("rdma: pinned-memory budget exhausted: %zu KiB of %zu KiB registered, "
-                  "%zu KiB more needed for a connection: raise --pinned-max",
+                  "%zu KiB more needed for a connection: raise the bound (--pinned-max, "
+                  "RDMAX_RDMA_PINNED_MAX)",
                   used / 1024, budget / 1024, need / 1024);
         return -ENOMEM;
     }
@@ -382,7 +414,7 @@ static struct rdma_conn *rdma_conn_alloc(const struct rdmax_transport_opts *o)
         return NULL;
     }
     c->base.ops = &rdmax_rdma_ops;
-    c->busy_poll = o && o->busy_poll;
+    c->busy_poll = (o && o->busy_poll) || rdma_env_size("RDMAX_RDMA_BUSY_POLL") > 0;
     c->state = RDMA_CONN_INIT;
     c->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (c->wake_fd < 0) {
@@ -759,6 +791,9 @@ static int rdma_progress_locked(struct rdma_conn *c)
     struct ibv_wc wc[RDMA_CQ_BATCH];
     int n, total = 0;
 
+    if (c->spinning) {
+        return 0; /* another thread owns the CQ right now */
+    }
     for (;;) {
         n = ibv_poll_cq(c->cq, RDMA_CQ_BATCH, wc);
         if (n < 0) {
@@ -884,35 +919,62 @@ static int rdma_sleep_locked(struct rdma_conn *c, int64_t deadline)
     return 0;
 }
 
-/* Busy polling: spins on the CQ, glancing at the cm channel now and then. */
+/*
+ * Busy polling: spins on the CQ without c->lock (holding it would starve the
+ * other thread of this connection, which could then never take the lock
+ * between two spins), glancing at the cm channel now and then. While
+ * c->spinning, only this thread polls the CQ, so completions are handled in
+ * the order the CQ gives them.
+ */
 static int rdma_spin_locked(struct rdma_conn *c, int64_t deadline)
 {
     struct pollfd pfd = {.fd = c->ech->fd, .events = POLLIN};
+    struct ibv_wc wc[RDMA_CQ_BATCH];
+    bool cm = false, late = false;
     int n;
 
-    for (unsigned i = 0;; i++) {
-        n = rdma_progress_locked(c);
-        if (n != 0) {
-            return n < 0 ? n : 0;
+    n = rdma_progress_locked(c);
+    if (n != 0) {
+        return n < 0 ? n : 0;
+    }
+    c->spinning = true;
+    pthread_mutex_unlock(&c->lock);
+    for (unsigned i = 1;; i++) {
+        n = ibv_poll_cq(c->cq, RDMA_CQ_BATCH, wc);
+        if (n != 0 || __atomic_load_n(&c->shut, __ATOMIC_RELAXED)) {
+            break;
         }
-        if (c->shut) {
-            return 0;
-        }
-        if ((i & 255) == 255) {
+        if ((i & 1023) == 0) {
             if (poll(&pfd, 1, 0) > 0) {
-                rdma_cm_event_locked(c);
-                return 0;
+                cm = true;
+                break;
             }
             if (rdma_left_ms(deadline) == 0) {
-                return -ETIMEDOUT;
+                late = true;
+                break;
             }
-        }
-        pthread_mutex_unlock(&c->lock);
-        if ((i & 63) == 63) {
             sched_yield();
         }
-        pthread_mutex_lock(&c->lock);
     }
+    pthread_mutex_lock(&c->lock);
+    c->spinning = false;
+    if (n < 0) {
+        rdma_fail_locked(c, -EIO, "ibv_poll_cq failed (%d)", n);
+        return -EIO;
+    }
+    for (int k = 0; k < n; k++) {
+        rdma_complete_locked(c, &wc[k]);
+    }
+    if (cm) {
+        rdma_cm_event_locked(c);
+    }
+    n = rdma_progress_locked(c); /* the rest, credits, wake-ups */
+    if (n < 0) {
+        return n;
+    }
+    rdma_return_credits_locked(c);
+    pthread_cond_broadcast(&c->cond);
+    return late ? -ETIMEDOUT : 0;
 }
 
 /*
@@ -953,8 +1015,7 @@ static int rdma_send_state_locked(const struct rdma_conn *c)
 /* ---- connection management ------------------------------------------------ */
 
 /* Waits for the next cm event on ech until deadline. */
-static int rdma_cm_next(struct rdma_event_channel *ech, int64_t deadline,
-                        struct rdma_cm_event **ev)
+static int rdma_cm_next(struct rdma_event_channel *ech, int64_t deadline, struct rdma_cm_event **ev)
 {
     struct pollfd pfd = {.fd = ech->fd, .events = POLLIN};
     int r, left;
@@ -1141,8 +1202,8 @@ static int rdma_connect_once(const struct sockaddr *dst, const struct rdmax_tran
         snprintf(why, why_len, "rdma_resolve_route: %s", g_strerror(-r));
         goto err_free;
     }
-    r = rdma_cm_expect(c, RDMA_CM_EVENT_ROUTE_RESOLVED, false, step + 500, "rdma_resolve_route", why,
-                       why_len);
+    r = rdma_cm_expect(c, RDMA_CM_EVENT_ROUTE_RESOLVED, false, step + 500, "rdma_resolve_route",
+                       why, why_len);
     if (r < 0) {
         goto err_free;
     }
@@ -1179,7 +1240,7 @@ static bool rdma_connect_retriable(int r)
 }
 
 static int rdma_op_connect(const char *host, const char *port, const struct rdmax_transport_opts *o,
-                        struct rdmax_conn **out)
+                           struct rdmax_conn **out)
 {
     struct addrinfo hints = {.ai_socktype = SOCK_STREAM};
     struct addrinfo *res, *ai;
@@ -1225,7 +1286,7 @@ static int rdma_op_connect(const char *host, const char *port, const struct rdma
 }
 
 static int rdma_op_listen(const char *host, const char *port, const struct rdmax_transport_opts *o,
-                       struct rdmax_listener **out)
+                          struct rdmax_listener **out)
 {
     struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE};
     struct addrinfo *res;
@@ -1291,8 +1352,8 @@ err_res:
 
 /* Sets up and accepts the connection request on id (taken over by c). */
 static int rdma_accept_one(struct rdma_listener *l, struct rdma_cm_id *id,
-                           const struct rdma_hello *peer, size_t peer_len,
-                           struct rdma_conn **out, char *why, size_t why_len)
+                           const struct rdma_hello *peer, size_t peer_len, struct rdma_conn **out,
+                           char *why, size_t why_len)
 {
     struct rdma_conn_param param;
     struct rdma_hello hello;
@@ -1587,7 +1648,7 @@ static void rdma_op_shutdown(struct rdmax_conn *base)
     uint64_t one = 1;
 
     pthread_mutex_lock(&c->lock);
-    c->shut = true;
+    __atomic_store_n(&c->shut, true, __ATOMIC_RELAXED); /* read unlocked by a spinner */
     pthread_cond_broadcast(&c->cond);
     pthread_mutex_unlock(&c->lock);
     if (write(c->wake_fd, &one, sizeof(one)) < 0) {
