@@ -486,34 +486,47 @@ static uint64_t xfer_size(const char *s)
     uint64_t v = strtoull(s, &end, 0);
 
     switch (*end) {
-    case 'k': case 'K': return v << 10;
-    case 'm': case 'M': return v << 20;
-    case 'g': case 'G': return v << 30;
-    default: return v;
+    case 'k':
+    case 'K':
+        return v << 10;
+    case 'm':
+    case 'M':
+        return v << 20;
+    case 'g':
+    case 'G':
+        return v << 30;
+    default:
+        return v;
     }
 }
 
 static void xfer_usage(FILE *f)
 {
-    fprintf(f,
-            "Usage: rdmax-xfer recv --listen HOST:PORT [--conns N] [--out FILE] [--echo]\n"
-            "       rdmax-xfer send --to HOST:PORT [--conns N] [--in FILE | --bytes N]\n"
-            "                       [--frame BYTES] [--echo] [--no-check]\n"
-            "  common: [--transport rdma|tcp] [--busy-poll] [--pinned-max BYTES]\n"
-            "          [--timeout MS] [--json]\n"
-            "--bytes 0 without --in streams until the connection fails.\n");
+    fprintf(f, "Usage: rdmax-xfer recv --listen HOST:PORT [--conns N] [--out FILE] [--echo]\n"
+               "       rdmax-xfer send --to HOST:PORT [--conns N] [--in FILE | --bytes N]\n"
+               "                       [--frame BYTES] [--echo] [--no-check]\n"
+               "  common: [--transport rdma|tcp] [--busy-poll] [--pinned-max BYTES]\n"
+               "          [--timeout MS] [--json]\n"
+               "--bytes 0 without --in streams until the connection fails.\n");
 }
 
 int main(int argc, char **argv)
 {
     static const struct option lo[] = {
-        {"listen", required_argument, NULL, 'l'},  {"to", required_argument, NULL, 't'},
-        {"transport", required_argument, NULL, 'T'}, {"conns", required_argument, NULL, 'n'},
-        {"in", required_argument, NULL, 'i'},      {"out", required_argument, NULL, 'o'},
-        {"bytes", required_argument, NULL, 'b'},   {"frame", required_argument, NULL, 'f'},
-        {"echo", no_argument, NULL, 'e'},          {"busy-poll", no_argument, NULL, 'p'},
-        {"pinned-max", required_argument, NULL, 'm'}, {"timeout", required_argument, NULL, 'w'},
-        {"json", no_argument, NULL, 'j'},          {"help", no_argument, NULL, 'h'},
+        {"listen", required_argument, NULL, 'l'},
+        {"to", required_argument, NULL, 't'},
+        {"transport", required_argument, NULL, 'T'},
+        {"conns", required_argument, NULL, 'n'},
+        {"in", required_argument, NULL, 'i'},
+        {"out", required_argument, NULL, 'o'},
+        {"bytes", required_argument, NULL, 'b'},
+        {"frame", required_argument, NULL, 'f'},
+        {"echo", no_argument, NULL, 'e'},
+        {"busy-poll", no_argument, NULL, 'p'},
+        {"pinned-max", required_argument, NULL, 'm'},
+        {"timeout", required_argument, NULL, 'w'},
+        {"json", no_argument, NULL, 'j'},
+        {"help", no_argument, NULL, 'h'},
         {"no-check", no_argument, NULL, 'N'},
         {NULL, 0, NULL, 0},
     };
@@ -538,21 +551,52 @@ int main(int argc, char **argv)
     optind = 2;
     while ((c = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
         switch (c) {
-        case 'l': case 't': addr = optarg; break;
-        case 'T': o.transport = optarg; break;
-        case 'n': o.conns = atoi(optarg); break;
-        case 'i': o.in = optarg; break;
-        case 'o': o.out = optarg; break;
-        case 'b': o.bytes = xfer_size(optarg); break;
-        case 'f': o.frame = (size_t)xfer_size(optarg); break;
-        case 'e': o.echo = true; break;
-        case 'p': o.topts.busy_poll = 1; break;
-        case 'm': o.topts.pinned_max = (size_t)xfer_size(optarg); break;
-        case 'w': o.timeout_ms = atoi(optarg); break;
-        case 'j': o.json = true; break;
-        case 'N': o.nocheck = true; break;
-        case 'h': xfer_usage(stdout); return 0;
-        default: xfer_usage(stderr); return 2;
+        case 'l':
+        case 't':
+            addr = optarg;
+            break;
+        case 'T':
+            o.transport = optarg;
+            break;
+        case 'n':
+            o.conns = atoi(optarg);
+            break;
+        case 'i':
+            o.in = optarg;
+            break;
+        case 'o':
+            o.out = optarg;
+            break;
+        case 'b':
+            o.bytes = xfer_size(optarg);
+            break;
+        case 'f':
+            o.frame = (size_t)xfer_size(optarg);
+            break;
+        case 'e':
+            o.echo = true;
+            break;
+        case 'p':
+            o.topts.busy_poll = 1;
+            break;
+        case 'm':
+            o.topts.pinned_max = (size_t)xfer_size(optarg);
+            break;
+        case 'w':
+            o.timeout_ms = atoi(optarg);
+            break;
+        case 'j':
+            o.json = true;
+            break;
+        case 'N':
+            o.nocheck = true;
+            break;
+        case 'h':
+            xfer_usage(stdout);
+            return 0;
+        default:
+            xfer_usage(stderr);
+            return 2;
         }
     }
     if (!addr || o.conns < 1 || o.conns > XFER_CONNS_MAX || o.frame < 1 ||
@@ -560,8 +604,8 @@ int main(int argc, char **argv)
         xfer_usage(stderr);
         return 2;
     }
-    if (rdmax_addr_split(addr, o.host, sizeof(o.host), o.port, sizeof(o.port), err,
-                         sizeof(err)) < 0) {
+    if (rdmax_addr_split(addr, o.host, sizeof(o.host), o.port, sizeof(o.port), err, sizeof(err)) <
+        0) {
         fprintf(stderr, "rdmax-xfer: error: %s\n", err);
         return 2;
     }
