@@ -1,14 +1,14 @@
 #!/bin/sh
 # xfer-loopback.sh RDMAX_XFER TRANSPORT [ADDR]: one echo run (both directions
 # of each connection busy at once, 2 connections) and one byte-exact file
-# carry through TRANSPORT. Exit 77 (skip) for rdma when no device reaches
-# ADDR (default 127.0.0.1; the Soft-RoCE guest passes its rxe address).
+# carry through TRANSPORT. Exit 77 (skip) for rdma when the host has no RDMA
+# device. ADDR defaults to $RDMAX_RDMA_TEST_ADDR, else 127.0.0.1.
 set -u
-xfer=$1 transport=$2 addr=${3:-127.0.0.1}
+xfer=$1 transport=$2 addr=${3:-${RDMAX_RDMA_TEST_ADDR:-127.0.0.1}}
 tmp=$(mktemp -d)
 trap 'kill $pid 2>/dev/null; rm -rf "$tmp"' EXIT
 pid=
-if [ "$transport" = rdma ] && ! ibv_devices 2>/dev/null | grep -q '^ *[a-z]'; then
+if [ "$transport" = rdma ] && ! ibv_devices 2>/dev/null | awk 'NR > 2 && NF' | grep -q .; then
     echo "no RDMA device: skipped"
     exit 77
 fi
