@@ -3,6 +3,9 @@
 #include <errno.h>
 #include <stdlib.h>
 
+/* Spin briefly before sleeping: the other side is usually about to move. */
+#define SPINS 200
+
 int rdmax_ring_init(struct rdmax_ring *r, size_t slot_size, size_t cap)
 {
     r->mem = malloc(slot_size * cap);
@@ -11,12 +14,13 @@ int rdmax_ring_init(struct rdmax_ring *r, size_t slot_size, size_t cap)
     }
     r->slot_size = slot_size;
     r->cap = cap;
-    r->head = 0;
-    r->count = 0;
-    r->closed = false;
+    atomic_init(&r->head, 0);
+    atomic_init(&r->tail, 0);
+    atomic_init(&r->closed, false);
+    atomic_init(&r->cons_sleep, false);
+    atomic_init(&r->prod_sleep, false);
     pthread_mutex_init(&r->mu, NULL);
-    pthread_cond_init(&r->not_empty, NULL);
-    pthread_cond_init(&r->not_full, NULL);
+    pthread_cond_init(&r->cv, NULL);
     return 0;
 }
 
@@ -25,81 +29,104 @@ void rdmax_ring_destroy(struct rdmax_ring *r)
     free(r->mem);
     r->mem = NULL;
     pthread_mutex_destroy(&r->mu);
-    pthread_cond_destroy(&r->not_empty);
-    pthread_cond_destroy(&r->not_full);
+    pthread_cond_destroy(&r->cv);
+}
+
+static void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void wake(struct rdmax_ring *r, _Atomic bool *sleeper)
+{
+    /*
+     * seq_cst pairs with the sleeper's store of its flag and reload of the
+     * index: either it sees our index move, or we see its flag.
+     */
+    if (atomic_load(sleeper)) {
+        pthread_mutex_lock(&r->mu);
+        pthread_cond_broadcast(&r->cv);
+        pthread_mutex_unlock(&r->mu);
+    }
 }
 
 void *rdmax_ring_reserve(struct rdmax_ring *r, bool try)
 {
-    void *slot = NULL;
+    size_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
 
-    pthread_mutex_lock(&r->mu);
-    while (r->count == r->cap && !try) {
-        pthread_cond_wait(&r->not_full, &r->mu);
+    for (int i = 0; atomic_load_explicit(&r->head, memory_order_acquire) + r->cap == tail; i++) {
+        if (try) {
+            return NULL;
+        }
+        if (i < SPINS) {
+            cpu_relax();
+            continue;
+        }
+        pthread_mutex_lock(&r->mu);
+        atomic_store(&r->prod_sleep, true);
+        while (atomic_load(&r->head) + r->cap == tail) {
+            pthread_cond_wait(&r->cv, &r->mu);
+        }
+        atomic_store(&r->prod_sleep, false);
+        pthread_mutex_unlock(&r->mu);
     }
-    if (r->count < r->cap) {
-        slot = r->mem + ((r->head + r->count) % r->cap) * r->slot_size;
-    }
-    pthread_mutex_unlock(&r->mu);
-    return slot;
+    return r->mem + (tail % r->cap) * r->slot_size;
 }
 
 void rdmax_ring_commit(struct rdmax_ring *r)
 {
-    pthread_mutex_lock(&r->mu);
-    r->count++;
-    pthread_cond_signal(&r->not_empty);
-    pthread_mutex_unlock(&r->mu);
+    atomic_store(&r->tail, atomic_load_explicit(&r->tail, memory_order_relaxed) + 1);
+    wake(r, &r->cons_sleep);
 }
 
 void *rdmax_ring_peek(struct rdmax_ring *r, bool try)
 {
-    void *slot = NULL;
+    size_t head = atomic_load_explicit(&r->head, memory_order_relaxed);
 
-    pthread_mutex_lock(&r->mu);
-    while (r->count == 0 && !r->closed && !try) {
-        pthread_cond_wait(&r->not_empty, &r->mu);
+    for (int i = 0; atomic_load_explicit(&r->tail, memory_order_acquire) == head; i++) {
+        if (atomic_load(&r->closed) && atomic_load(&r->tail) == head) {
+            return NULL;
+        }
+        if (try) {
+            return NULL;
+        }
+        if (i < SPINS) {
+            cpu_relax();
+            continue;
+        }
+        pthread_mutex_lock(&r->mu);
+        atomic_store(&r->cons_sleep, true);
+        while (atomic_load(&r->tail) == head && !atomic_load(&r->closed)) {
+            pthread_cond_wait(&r->cv, &r->mu);
+        }
+        atomic_store(&r->cons_sleep, false);
+        pthread_mutex_unlock(&r->mu);
     }
-    if (r->count > 0) {
-        slot = r->mem + r->head * r->slot_size;
-    }
-    pthread_mutex_unlock(&r->mu);
-    return slot;
+    return r->mem + (head % r->cap) * r->slot_size;
 }
 
 void rdmax_ring_release(struct rdmax_ring *r)
 {
-    pthread_mutex_lock(&r->mu);
-    r->head = (r->head + 1) % r->cap;
-    r->count--;
-    pthread_cond_signal(&r->not_full);
-    pthread_mutex_unlock(&r->mu);
+    atomic_store(&r->head, atomic_load_explicit(&r->head, memory_order_relaxed) + 1);
+    wake(r, &r->prod_sleep);
 }
 
 void rdmax_ring_close(struct rdmax_ring *r)
 {
     pthread_mutex_lock(&r->mu);
-    r->closed = true;
-    pthread_cond_broadcast(&r->not_empty);
+    atomic_store(&r->closed, true);
+    pthread_cond_broadcast(&r->cv);
     pthread_mutex_unlock(&r->mu);
 }
 
 bool rdmax_ring_closed_and_empty(struct rdmax_ring *r)
 {
-    bool v;
-
-    pthread_mutex_lock(&r->mu);
-    v = r->closed && r->count == 0;
-    pthread_mutex_unlock(&r->mu);
-    return v;
+    return atomic_load(&r->closed) && atomic_load(&r->tail) == atomic_load(&r->head);
 }
 
 size_t rdmax_ring_count(struct rdmax_ring *r)
 {
-    size_t n;
-
-    pthread_mutex_lock(&r->mu);
-    n = r->count;
-    pthread_mutex_unlock(&r->mu);
-    return n;
+    return atomic_load(&r->tail) - atomic_load(&r->head);
 }

@@ -4,25 +4,32 @@
  * reads it in place (peek, read, release), so pages are copied once.
  * Every queue in rdma-x is one of these: when one is full, its producer
  * blocks, and the back-pressure reaches QEMU's writes.
+ *
+ * The indices are atomics, so the hot path takes no lock; a side sleeps on
+ * the mutex/condvar only when the ring is empty (consumer) or full
+ * (producer), and the other side signals only when it sees a sleeper.
+ * A per-page lock and wake-up cost more than the page's encoding.
  */
 #ifndef RDMAX_QUEUE_H
 #define RDMAX_QUEUE_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
 struct rdmax_ring {
-    pthread_mutex_t mu;
-    pthread_cond_t not_empty;
-    pthread_cond_t not_full;
-    uint8_t *mem;     /* cap * slot_size bytes, set at init */
-    size_t slot_size; /* set at init, read-only */
-    size_t cap;       /* set at init, read-only */
-    size_t head;      /* protected by mu */
-    size_t count;     /* protected by mu */
-    bool closed;      /* protected by mu: producer finished (or abort) */
+    uint8_t *mem;            /* cap * slot_size bytes, set at init */
+    size_t slot_size;        /* set at init, read-only */
+    size_t cap;              /* set at init, read-only */
+    _Atomic size_t head;     /* next slot to read; written by the consumer */
+    _Atomic size_t tail;     /* next slot to fill; written by the producer */
+    _Atomic bool closed;     /* producer finished (or abort) */
+    _Atomic bool cons_sleep; /* consumer is (about to be) waiting on cv */
+    _Atomic bool prod_sleep; /* producer is (about to be) waiting on cv */
+    pthread_mutex_t mu;      /* only for sleeping */
+    pthread_cond_t cv;
 };
 
 int rdmax_ring_init(struct rdmax_ring *r, size_t slot_size, size_t cap);
@@ -32,7 +39,10 @@ void rdmax_ring_destroy(struct rdmax_ring *r);
 void *rdmax_ring_reserve(struct rdmax_ring *r, bool try);
 void rdmax_ring_commit(struct rdmax_ring *r);
 
-/* Consumer: the oldest slot, blocking while empty; NULL when try and empty, or when closed and empty. */
+/*
+ * Consumer: the oldest slot, blocking while empty; NULL when try and empty,
+ * or when closed and empty.
+ */
 void *rdmax_ring_peek(struct rdmax_ring *r, bool try);
 void rdmax_ring_release(struct rdmax_ring *r);
 
