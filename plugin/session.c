@@ -82,8 +82,25 @@ void rdmax_fail(const char *fmt, ...)
     signal(SIGALRM, fail_alarm);
     alarm(2);
     if (rdmax_s.ctrl.conn) {
-        rdmax_wire_send(&rdmax_s.ctrl, RDMAX_F_ERROR, 0, 0, reason, strlen(reason));
-        rdmax_s.ctrl.conn->ops->shutdown(rdmax_s.ctrl.conn);
+        struct rdmax_conn *c = rdmax_s.ctrl.conn;
+        double until = rdmax_now() + 1.0;
+        static uint8_t sink[4096];
+
+        if (rdmax_wire_send(&rdmax_s.ctrl, RDMAX_F_ERROR, 0, 0, reason, strlen(reason)) == 0) {
+            /*
+             * Let the reason arrive. Closing a TCP socket with unread input
+             * sends a reset, and a reset makes the peer's kernel drop what
+             * its reader has not read yet: our ERROR too, and the peer
+             * would only say "connection closed". So read and drop what the
+             * peer still sends until it closes (it does once it has read
+             * the ERROR), for at most a second.
+             */
+            int r = 0;
+            while ((r == 0 || r == -ETIMEDOUT) && rdmax_now() < until) {
+                r = c->ops->recv(c, sink, sizeof(sink), 100);
+            }
+        }
+        c->ops->shutdown(c);
     }
     for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
         if (rdmax_s.lane[i].conn) {
