@@ -19,7 +19,7 @@ import sys
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'lib'))
 from faults import WORKLOAD, Attempt, migrate_ok  # noqa
-from qmp import log, run_test  # noqa
+from qmp import log, run_test, wait_for  # noqa
 
 BW = 16 << 20   # bulk: slow enough to still be iterating at the kill
 PHASES = os.environ.get('E2E_FAULT_PHASES', 'setup,bulk,switchover').split(',')
@@ -30,7 +30,11 @@ def fault(rig, src, side, phase):
     tag = 'kill-%s-%s' % (side, phase)
     other = 'recv' if side == 'send' else 'send'
     if phase == 'setup':
+        # as soon as send has connected (killed before, recv would have no
+        # peer to lose: it keeps listening, as a destination should)
         a = Attempt(rig, src, tag, bw=BW)
+        wait_for(lambda: a.connected('send'), 10, 'send to connect',
+                 interval=0.01)
         a.signal(side, signal.SIGKILL)
     elif phase == 'bulk':
         a = Attempt(rig, src, tag, bw=BW)

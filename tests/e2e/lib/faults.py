@@ -86,6 +86,17 @@ class Attempt:
                 out.append(p)
         return out
 
+    def connected(self, which):
+        """True once every rdma-x `which` process has a socket open."""
+        def has_socket(p):
+            try:
+                return any(os.readlink('/proc/%d/fd/%s' % (p, fd)).startswith(
+                    'socket:') for fd in os.listdir('/proc/%d/fd' % p))
+            except OSError:
+                return False
+        pids = self.pids(which)
+        return pids and all(has_socket(p) for p in pids)
+
     def signal(self, which, sig):
         pids = wait_for(lambda: self.pids(which), 10,
                         'rdma-x %s of %s' % (which, self.tag), interval=0.02)
