@@ -59,7 +59,22 @@ def body(rig):
             fault(rig, src, side, phase)
             n += 1
             src = migrate_ok(rig, src, 'retry-%d' % n)
-    log('%d kills, each followed by a verified migration' % n)
+    # QEMU closing its side
+    if os.environ.get('E2E_FAULT_QEMU', '1') == '1':
+        a = Attempt(rig, src, 'qemu-cancel', bw=BW)
+        a.wait_moved(8 << 20)
+        src.qmp.cmd('migrate_cancel')
+        a.expect_failed(status='cancelled', reasons={
+            'send': 'source QEMU closed the stream', 'recv': 'sender: '})
+        src = migrate_ok(rig, src, 'retry-cancel')
+        a = Attempt(rig, src, 'qemu-dst-killed', bw=BW)
+        a.wait_moved(8 << 20)
+        os.kill(a.dst.proc.pid, signal.SIGKILL)
+        log('qemu-dst-killed: killed the destination QEMU')
+        a.expect_failed(reasons={'recv': 'destination QEMU', 'send': 'receiver: '})
+        src = migrate_ok(rig, src, 'retry-dst-killed')
+        n += 2
+    log('%d faults, each followed by a verified migration' % n)
 
 
 if __name__ == '__main__':

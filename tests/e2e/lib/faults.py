@@ -151,7 +151,8 @@ class Attempt:
             log('%s: migrate-continue: %s' % (self.tag, e))
 
     # -- outcomes
-    def expect_failed(self, killed=(), reasons=None, within=25):
+    def expect_failed(self, killed=(), reasons=None, within=25,
+                      status='failed'):
         """The source QEMU marks the migration failed within `within` s and
         keeps running its guest; every rdma-x process not in `killed` exits
         non-zero with an `rdma-x: error:` line (matching reasons[side]);
@@ -159,10 +160,10 @@ class Attempt:
         t0 = time.monotonic()
         info, _ = wait_migration(self.src.qmp, within)
         dt = time.monotonic() - t0
-        check(info['status'] == 'failed', '%s: source migration ended %s, '
-              'not failed' % (self.tag, info['status']))
-        log('%s: source migration failed after %.1f s: %s' %
-            (self.tag, dt, info.get('error-desc', '')))
+        check(info['status'] == status, '%s: source migration ended %s, '
+              'not %s' % (self.tag, info['status'], status))
+        log('%s: source migration %s after %.1f s: %s' %
+            (self.tag, info['status'], dt, info.get('error-desc', '')))
         wait_status(self.src, ('running',), 15)
         for which in ('send', 'recv'):
             if which in killed:
