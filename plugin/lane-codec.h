@@ -64,7 +64,7 @@ struct rdmax_lane_stats {
     uint64_t cache_misses;      /* pages whose key was not */
     uint64_t full_zstd_batches; /* batches whose full-page part went compressed */
     uint64_t full_raw_batches;  /* ... went raw (incompressible, or raw chosen) */
-    uint64_t encode_ns;         /* time spent in add() and flush() */
+    uint64_t encode_ns;         /* from each batch's first add() to its flush()'s end */
     int zstd_level;             /* level of the last batch's full part, 0 = raw */
 };
 
