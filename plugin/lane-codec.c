@@ -40,18 +40,23 @@
  * most `delta_cap` bytes, about what a FULL page costs at the current zstd
  * ratio; otherwise FULL.
  *
- * zstd level (cfg.zstd_level 0 = adaptive): over windows of batches the
- * encoder measures the share of wall time it is busy, counted from each
- * batch's first add() to the end of its flush() (the lane thread adds a
- * batch's pages back to back: send.c flushes as soon as its ring runs dry,
- * so it waits on QEMU or the link only between batches, and reading the
- * clock per batch rather than per page costs nothing measurable). Busy
- * > 85%: the encoder is the bottleneck, step down (3 -> 2 -> 1 -> raw);
- * busy < 50%: the thread waits on the link (or on QEMU) and has CPU to
- * spare, step up. Pages that do not compress by 1/16 go raw, with a probe
- * at level 1 now and then to notice when they do again. At any level, a
- * batch whose full part did not compress makes the next 1, 2, 4 or 8
- * batches skip the try.
+ * zstd level (cfg.zstd_level 0 = adaptive): the level follows whichever
+ * of the link and the encoder is the bottleneck, judged over windows of
+ * batches (20 ms or 64 batches):
+ *  - link: the share of wall time the lane thread spent blocked sending
+ *    (rdmax_lane_encoder_note_link, from send.c). Above 20%, the link is
+ *    the bottleneck: step up (raw -> 1 -> 2 -> 3), CPU buys wire time.
+ *  - encoder: the share of wall time the thread spent encoding, from a
+ *    batch's first add() to the end of its flush() (preempted time counts:
+ *    on a shared host the CPU is then the bottleneck, and a cheaper level
+ *    helps QEMU and the other lanes too). Above 85% with the link not
+ *    pushing back (< 5%), step down (3 -> 2 -> 1 -> raw).
+ *  - neither (waiting on QEMU): hold. Waiting for input says nothing about
+ *    the link, and on a shared host the CPU a higher level takes is taken
+ *    from QEMU and the other lanes.
+ * Pages that do not compress by 1/16 go raw, with a probe at level 1 now
+ * and then to notice when they do again. At any level, a batch whose full
+ * part did not compress makes the next 1, 2, 4 or 8 batches skip the try.
  */
 #include "lane-codec.h"
 
@@ -113,7 +118,7 @@ struct rdmax_lane_encoder {
     unsigned desc_backoff;            /* next desc_skip after a try that did not pay */
     unsigned full_skip, full_backoff; /* the same for the full-page part */
     uint64_t batch_start_ns;          /* first add() of the pending batch */
-    uint64_t win_start_ns, win_busy_ns;
+    uint64_t win_start_ns, win_busy_ns, win_link_ns;
     unsigned win_batches;
     uint64_t win_full_in, win_full_out; /* compressed batches in the window */
     struct rdmax_lane_stats stats;
@@ -128,6 +133,11 @@ struct rdmax_lane_decoder {
     uint8_t *zero; /* one zero page */
     bool broken;   /* an error desynchronized the cache: refuse everything */
 };
+
+void rdmax_lane_encoder_note_link(struct rdmax_lane_encoder *e, uint64_t blocked_ns)
+{
+    e->win_link_ns += blocked_ns;
+}
 
 static uint64_t now_ns(void)
 {
@@ -428,8 +438,9 @@ static void enc_adapt(struct rdmax_lane_encoder *e, uint64_t now)
         (wall < ADAPT_WINDOW_NS && e->win_batches < ADAPT_WINDOW_BATCHES)) {
         return;
     }
-    busy = e->win_busy_ns * 100 > wall * 85;
-    idle = e->win_busy_ns * 100 < wall * 50;
+    bool link_bound = e->win_link_ns * 100 > wall * 20;
+    busy = e->win_busy_ns * 100 > wall * 85 && e->win_link_ns * 100 < wall * 5;
+    idle = link_bound;
     if (e->win_full_in && e->win_full_out * 16 > e->win_full_in * 15) {
         /* Compressed pages did not shrink by 1/16: raw until a probe says so. */
         e->level = 0;
@@ -441,6 +452,7 @@ static void enc_adapt(struct rdmax_lane_encoder *e, uint64_t now)
     }
     e->win_start_ns = now;
     e->win_busy_ns = 0;
+    e->win_link_ns = 0;
     e->win_batches = 0;
     e->win_full_in = e->win_full_out = 0;
 }

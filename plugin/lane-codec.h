@@ -98,6 +98,12 @@ size_t rdmax_lane_encoder_bound(void);
  */
 ssize_t rdmax_lane_encoder_flush(struct rdmax_lane_encoder *e, uint8_t *out, size_t cap);
 
+/*
+ * Tell the adaptive level how long the lane was blocked sending a batch
+ * (wall ns): back-pressure from the link is what makes compressing harder pay.
+ */
+void rdmax_lane_encoder_note_link(struct rdmax_lane_encoder *e, uint64_t blocked_ns);
+
 const struct rdmax_lane_stats *rdmax_lane_encoder_stats(const struct rdmax_lane_encoder *e);
 
 /*

@@ -113,8 +113,10 @@ static void lane_send_batch(struct send_lane *l)
     if (n < 0) {
         rdmax_fail("lane %u: encoding a batch: %s", l->idx, strerror((int)-n));
     }
+    double t0 = rdmax_now();
     r = rdmax_wire_send(&rdmax_s.lane[l->idx], RDMAX_F_PAGES, 0, (uint16_t)(l->idx + 1), l->out,
                         (size_t)n);
+    rdmax_lane_encoder_note_link(l->enc, (uint64_t)((rdmax_now() - t0) * 1e9));
     if (r < 0) {
         rdmax_fail("lane %u to %s: %s", l->idx, rdmax_s.lane[l->idx].conn->peer,
                    rdmax_wire_strerror(r));
