@@ -35,6 +35,53 @@ static uint64_t wire_bytes(void)
     return n;
 }
 
+static const char *const tier_names[RDMAX_TIER_COUNT] = {"unchanged", "zero", "delta", "full"};
+
+/* Sum of the lanes' encoder counters (sender only; zero on the receiver). */
+static struct rdmax_lane_stats lanes_total(void)
+{
+    struct rdmax_lane_stats t = {0};
+
+    for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
+        const struct rdmax_lane_stats *ls = atomic_load(&rdmax_s.lane_stats[i]);
+        if (!ls) {
+            continue;
+        }
+        t.pages += ls->pages;
+        t.batches += ls->batches;
+        t.bytes_raw += ls->bytes_raw;
+        t.bytes_wire += ls->bytes_wire;
+        for (int k = 0; k < RDMAX_TIER_COUNT; k++) {
+            t.tier_pages[k] += ls->tier_pages[k];
+            t.tier_bytes[k] += ls->tier_bytes[k];
+        }
+        t.cache_hits += ls->cache_hits;
+        t.cache_misses += ls->cache_misses;
+        t.full_zstd_batches += ls->full_zstd_batches;
+        t.full_raw_batches += ls->full_raw_batches;
+        t.encode_ns += ls->encode_ns;
+    }
+    return t;
+}
+
+static void json_tiers(FILE *f, const struct rdmax_lane_stats *t)
+{
+    fprintf(f, "\"tiers\": {");
+    for (int k = 0; k < RDMAX_TIER_COUNT; k++) {
+        fprintf(f, "%s\"%s\": {\"pages\": %llu, \"bytes\": %llu}", k ? ", " : "",
+                tier_names[k], (unsigned long long)t->tier_pages[k],
+                (unsigned long long)t->tier_bytes[k]);
+    }
+    fprintf(f, "}, \"cache_hits\": %llu, \"cache_misses\": %llu, \"cache_hit_rate\": %.4f, "
+               "\"zstd_batches\": %llu, \"raw_batches\": %llu, \"encode_seconds\": %.3f",
+            (unsigned long long)t->cache_hits, (unsigned long long)t->cache_misses,
+            t->cache_hits + t->cache_misses
+                ? (double)t->cache_hits / (double)(t->cache_hits + t->cache_misses)
+                : 0.0,
+            (unsigned long long)t->full_zstd_batches, (unsigned long long)t->full_raw_batches,
+            (double)t->encode_ns / 1e9);
+}
+
 void rdmax_stats_write(const char *result)
 {
     const struct rdmax_counters *c = &rdmax_s.c;
@@ -69,6 +116,13 @@ void rdmax_stats_write(const char *result)
             (unsigned long long)atomic_load(&c->rp_bytes));
     fprintf(f, "  \"cache_bytes_per_lane\": %llu,\n",
             (unsigned long long)rdmax_s.codec.cache_bytes);
+    if (rdmax_s.o.sender) {
+        struct rdmax_lane_stats t = lanes_total();
+        fprintf(f, "  ");
+        json_tiers(f, &t);
+        fprintf(f, ",\n  \"page_bytes\": %llu,\n  \"batch_bytes\": %llu,\n",
+                (unsigned long long)t.bytes_raw, (unsigned long long)t.bytes_wire);
+    }
     fprintf(f, "  \"lane\": [");
     for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
         const struct rdmax_lane_stats *ls = atomic_load(&rdmax_s.lane_stats[i]);
@@ -77,9 +131,11 @@ void rdmax_stats_write(const char *result)
                                      rdmax_s.lane[i].bytes_received));
         if (ls) {
             fprintf(f, ", \"pages\": %llu, \"batches\": %llu, \"page_bytes\": %llu, "
-                       "\"batch_bytes\": %llu",
+                       "\"batch_bytes\": %llu, \"zstd_level\": %d, ",
                     (unsigned long long)ls->pages, (unsigned long long)ls->batches,
-                    (unsigned long long)ls->bytes_raw, (unsigned long long)ls->bytes_wire);
+                    (unsigned long long)ls->bytes_raw, (unsigned long long)ls->bytes_wire,
+                    ls->zstd_level);
+            json_tiers(f, ls);
         }
         fprintf(f, "}");
     }
@@ -97,10 +153,24 @@ static void progress_line(bool final)
     uint64_t in = atomic_load(&rdmax_s.c.bytes_in);
     double rate = t > last_t && last_t > 0 ? (double)(in - last_in) / (t - last_t) : 0;
 
-    fprintf(stderr, "\rrdma-x %s: %.1f MiB stream, %.1f MiB wire, %.1f MiB/s, %llu pages, %u lanes%s",
-            rdmax_s.o.sender ? "send" : "recv", (double)in / 1048576.0,
-            (double)wire_bytes() / 1048576.0, rate / 1048576.0,
-            (unsigned long long)atomic_load(&rdmax_s.c.pages), rdmax_s.nlanes,
+    uint64_t wire = wire_bytes();
+    char tiers[160] = "";
+
+    if (rdmax_s.o.sender) {
+        struct rdmax_lane_stats lt = lanes_total();
+        uint64_t looked = lt.cache_hits + lt.cache_misses;
+        snprintf(tiers, sizeof(tiers), " (delta %llu, unchanged %llu, full %llu), cache hits %.0f%%",
+                 (unsigned long long)lt.tier_pages[RDMAX_TIER_DELTA],
+                 (unsigned long long)lt.tier_pages[RDMAX_TIER_UNCHANGED],
+                 (unsigned long long)lt.tier_pages[RDMAX_TIER_FULL],
+                 looked ? 100.0 * (double)lt.cache_hits / (double)looked : 0.0);
+    }
+    fprintf(stderr,
+            "\rrdma-x %s: %.1f MiB stream, %.1f MiB wire (ratio %.1f), %.1f MiB/s, "
+            "%llu pages%s, %u lanes%s",
+            rdmax_s.o.sender ? "send" : "recv", (double)in / 1048576.0, (double)wire / 1048576.0,
+            wire ? (double)in / (double)wire : 0.0, rate / 1048576.0,
+            (unsigned long long)atomic_load(&rdmax_s.c.pages), tiers, rdmax_s.nlanes,
             final ? "\n" : "   ");
     last_t = t;
     last_in = in;
