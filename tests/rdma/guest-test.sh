@@ -132,6 +132,9 @@ fi
 
 # ---- rdmax-xfer: more of the transport, through its ops table ----------------
 if want xfer; then
+    # the pool an unprivileged process gets under an 8 MiB RLIMIT_MEMLOCK
+    RECV_OPTS="--pinned-max 6M"
+    xfer xfer-1conn-6M --pinned-max 6M --bytes $XFER_BYTES --frame 1M --no-check
     RECV_OPTS="--conns 4"
     xfer xfer-4conn --conns 4 --bytes $(( IBW_ITERS / 4 ))M --frame 1M --no-check
     RECV_OPTS="--busy-poll"
@@ -164,12 +167,13 @@ if want xfer; then
         logtail xfer-connect-retry /tmp/xs.log
     fi
 
-    # Registered memory is bounded: a budget for two connections refuses the
-    # third with a message that says what to raise.
+    # Registered memory is bounded: 100K holds two connections of the smallest
+    # pool (6 x 8 KiB); the third is refused with a message that says what to
+    # raise.
     next_port
     rdmax-xfer recv --listen $IP:$port --conns 4 > /tmp/xr.log 2>&1 &
     rpid=$!
-    rdmax-xfer send --to $IP:$port --conns 4 --bytes 1M --pinned-max 800K > /tmp/xs.out \
+    rdmax-xfer send --to $IP:$port --conns 4 --bytes 1M --pinned-max 100K > /tmp/xs.out \
         2> /tmp/xs.log
     rc=$?
     kill $rpid 2> /dev/null
