@@ -50,6 +50,10 @@ static void usage_sub(FILE *f, bool sender)
                 "  --psk-file FILE       authenticate both ends with the key in FILE (the\n"
                 "                        receiver needs the same one); at least 16 bytes\n"
                 "  --encrypt             encrypt the link (AES-256-GCM; needs --psk-file)\n"
+                "  --rdma-pinned-max B   rdma: bound on registered (pinned) memory, K/M/G\n"
+                "                        (default: fits RLIMIT_MEMLOCK; see docs/rdma.md)\n"
+                "  --busy-poll           rdma: poll completions instead of sleeping (dedicated\n"
+                "                        cores only)\n"
                 "  --stats-json FILE     write figures as JSON at exit, also on failure\n"
                 "  --progress            a live status line on stderr\n"
                 "  -h, --help            this help\n",
@@ -72,6 +76,8 @@ static void usage_sub(FILE *f, bool sender)
                 "  --timeout S           give up when the peer is silent S seconds (default 5)\n"
                 "  --psk-file FILE       accept only senders holding the key in FILE\n"
                 "  --encrypt             require an encrypted link (needs --psk-file)\n"
+                "  --rdma-pinned-max B   rdma: bound on registered (pinned) memory, K/M/G\n"
+                "  --busy-poll           rdma: poll completions instead of sleeping\n"
                 "  --cache-max BYTES     refuse senders whose page caches (all lanes) need\n"
                 "                        more (default: min(4G, RAM/4))\n"
                 "  --stats-json FILE     write figures as JSON at exit, also on failure\n"
@@ -145,6 +151,8 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
         O_PSK,
         O_ENCRYPT,
         O_CACHE_MAX,
+        O_PINNED,
+        O_BUSY_POLL,
     };
     static const struct option send_opts[] = {
         {"to", required_argument, NULL, 't'},
@@ -158,6 +166,8 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
         {"zstd-level", required_argument, NULL, O_ZSTD},
         {"psk-file", required_argument, NULL, O_PSK},
         {"encrypt", no_argument, NULL, O_ENCRYPT},
+        {"rdma-pinned-max", required_argument, NULL, O_PINNED},
+        {"busy-poll", no_argument, NULL, O_BUSY_POLL},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -171,6 +181,8 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
         {"psk-file", required_argument, NULL, O_PSK},
         {"encrypt", no_argument, NULL, O_ENCRYPT},
         {"cache-max", required_argument, NULL, O_CACHE_MAX},
+        {"rdma-pinned-max", required_argument, NULL, O_PINNED},
+        {"busy-poll", no_argument, NULL, O_BUSY_POLL},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -253,6 +265,17 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
                         optarg);
                 return -1;
             }
+            break;
+        case O_PINNED:
+            if (parse_size(optarg, &o->pinned_max) < 0 || o->pinned_max < (1u << 20)) {
+                fprintf(stderr,
+                        "rdma-x: error: --rdma-pinned-max takes a size of 1M or more, not '%s'\n",
+                        optarg);
+                return -1;
+            }
+            break;
+        case O_BUSY_POLL:
+            o->busy_poll = true;
             break;
         case 'h':
             usage_sub(stdout, o->sender);

@@ -18,8 +18,8 @@ static const struct rdmax_transport_ops *pick_transport(void)
     if (strcmp(t, "auto") != 0) {
         return rdmax_transport_find(t);
     }
-    /* auto: the RDMA transport decides in its connect/listen whether a
-     * device reaches the peer; until it can, tcp is the one that always works. */
+    /* auto: tcp unless session.c finds an RDMA path at connect/accept time. */
+    rdmax_s.auto_transport = true;
     return rdmax_transport_find("tcp");
 }
 
@@ -52,9 +52,12 @@ int main(int argc, char **argv)
     }
     /* A closed peer or QEMU pipe is an error to report, not a signal to die of. */
     signal(SIGPIPE, SIG_IGN);
+    rdmax_log_init();
     rdmax_s.t0 = rdmax_now();
     rdmax_s.tp = pick_transport();
     rdmax_s.topts.connect_timeout_ms = rdmax_s.o.connect_timeout_ms;
+    rdmax_s.topts.pinned_max = rdmax_s.o.pinned_max;
+    rdmax_s.topts.busy_poll = rdmax_s.o.busy_poll;
     if (rdmax_s.o.sender) {
         rdmax_s.nlanes = rdmax_s.o.lanes;
         rdmax_s.codec.zstd_level = rdmax_s.o.zstd_level;

@@ -261,7 +261,7 @@ static int hello_read(struct rdmax_wire *w, struct rdmax_hello *h, uint8_t raw[R
 }
 
 static void connect_one(struct rdmax_wire *w, const char *host, const char *port, uint16_t role,
-                        uint16_t lane)
+                        uint16_t lane, struct rdmax_conn *pre)
 {
     struct rdmax_conn *c;
     struct rdmax_hello h, peer;
@@ -272,7 +272,8 @@ static void connect_one(struct rdmax_wire *w, const char *host, const char *port
     const char *why;
     int r;
 
-    r = rdmax_s.tp->connect(host, port, &rdmax_s.topts, &c);
+    c = pre;
+    r = c ? 0 : rdmax_s.tp->connect(host, port, &rdmax_s.topts, &c);
     if (r < 0) {
         rdmax_fail("cannot connect to %s:%s over %s: %s", host, port, rdmax_s.tp->name,
                    strerror(-r));
@@ -330,6 +331,42 @@ static void connect_one(struct rdmax_wire *w, const char *host, const char *port
     }
 }
 
+/*
+ * --transport auto on the sender: RDMA when a device here reaches the
+ * receiver over RDMA (tried for a few seconds), else TCP; says which. The
+ * lanes then use what the control connection used. Returns the connected
+ * control connection, or NULL to connect it over rdmax_s.tp as usual.
+ */
+static struct rdmax_conn *auto_connect(const char *host, const char *port)
+{
+    const struct rdmax_transport_ops *rdma = rdmax_transport_find("rdma");
+    struct rdmax_transport_opts o = rdmax_s.topts;
+    struct rdmax_conn *c = NULL;
+    int r;
+
+    if (!rdmax_s.auto_transport) {
+        return NULL;
+    }
+    if (!rdma) {
+        fprintf(stderr, "rdma-x: note: transport auto: tcp (built without RDMA)\n");
+        return NULL;
+    }
+    if (o.connect_timeout_ms > 3000) {
+        o.connect_timeout_ms = 3000;
+    }
+    rdmax_log_quiet(true);
+    r = rdma->connect(host, port, &o, &c);
+    rdmax_log_quiet(false);
+    if (r < 0) {
+        fprintf(stderr, "rdma-x: note: transport auto: tcp (no RDMA path to %s:%s: %s)\n", host,
+                port, strerror(-r));
+        return NULL;
+    }
+    fprintf(stderr, "rdma-x: note: transport auto: rdma\n");
+    rdmax_s.tp = rdma;
+    return c;
+}
+
 void rdmax_session_connect(void)
 {
     char host[256], port[32], err[200];
@@ -343,9 +380,9 @@ void rdmax_session_connect(void)
         sizeof(rdmax_s.session_id)) {
         rdmax_s.session_id = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
     }
-    connect_one(&rdmax_s.ctrl, host, port, RDMAX_ROLE_CONTROL, 0);
+    connect_one(&rdmax_s.ctrl, host, port, RDMAX_ROLE_CONTROL, 0, auto_connect(host, port));
     for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
-        connect_one(&rdmax_s.lane[i], host, port, RDMAX_ROLE_LANE, (uint16_t)i);
+        connect_one(&rdmax_s.lane[i], host, port, RDMAX_ROLE_LANE, (uint16_t)i, NULL);
     }
 }
 
@@ -450,6 +487,84 @@ static void server_accept_ok(struct rdmax_wire *w, const uint8_t *client_nonce,
     }
 }
 
+/*
+ * --transport auto on the receiver: listen on RDMA too when a device here
+ * has the address, and take the migration over whichever transport its
+ * control connection arrives on.
+ */
+static struct rdmax_listener *alt_l;
+static const struct rdmax_transport_ops *alt_tp;
+static bool last_from_alt; /* the last accepted connection came over alt_tp */
+
+static void auto_listen(const char *host, const char *port)
+{
+    const struct rdmax_transport_ops *rdma = rdmax_transport_find("rdma");
+    int r;
+
+    if (!rdmax_s.auto_transport) {
+        return;
+    }
+    if (!rdma) {
+        fprintf(stderr, "rdma-x: note: transport auto: tcp (built without RDMA)\n");
+        return;
+    }
+    rdmax_log_quiet(true);
+    r = rdma->listen(host, port, &rdmax_s.topts, &alt_l);
+    rdmax_log_quiet(false);
+    if (r < 0) {
+        fprintf(stderr, "rdma-x: note: transport auto: tcp only (no RDMA device for %s: %s)\n",
+                host, strerror(-r));
+        alt_l = NULL;
+        return;
+    }
+    alt_tp = rdma;
+}
+
+/* Accept on the listener, or on either of the two in auto mode. */
+static int accept_any(struct rdmax_listener **l, int wait_ms, struct rdmax_conn **c)
+{
+    double end = wait_ms < 0 ? 0 : rdmax_now() + wait_ms / 1000.0;
+
+    last_from_alt = false;
+    if (!alt_l) {
+        return rdmax_s.tp->accept(*l, wait_ms, c);
+    }
+    for (;;) {
+        int r = rdmax_s.tp->accept(*l, 50, c);
+        if (r != -ETIMEDOUT) {
+            return r;
+        }
+        r = alt_tp->accept(alt_l, 50, c);
+        if (r != -ETIMEDOUT) {
+            last_from_alt = r == 0;
+            return r;
+        }
+        if (wait_ms >= 0 && rdmax_now() >= end) {
+            return -ETIMEDOUT;
+        }
+    }
+}
+
+/*
+ * The control connection is in: the migration uses its transport, the lanes
+ * follow it there, and the other transport's listener goes.
+ */
+static void auto_settle(struct rdmax_listener **l)
+{
+    if (!alt_l) {
+        return;
+    }
+    if (last_from_alt) {
+        rdmax_s.tp->listener_close(*l);
+        *l = alt_l;
+        rdmax_s.tp = alt_tp;
+    } else {
+        alt_tp->listener_close(alt_l);
+    }
+    alt_l = NULL;
+    fprintf(stderr, "rdma-x: note: transport auto: %s\n", rdmax_s.tp->name);
+}
+
 void rdmax_session_accept(void)
 {
     char host[256], port[32], err[700];
@@ -471,6 +586,7 @@ void rdmax_session_accept(void)
         rdmax_fail("cannot listen on %s:%s over %s: %s", host, port, rdmax_s.tp->name,
                    strerror(-r));
     }
+    auto_listen(host, port);
     while (!have_ctrl || have_lanes < rdmax_s.nlanes) {
         struct rdmax_conn *c;
         struct rdmax_wire w;
@@ -488,7 +604,7 @@ void rdmax_session_accept(void)
                            rdmax_s.nlanes);
             }
         }
-        r = rdmax_s.tp->accept(l, wait, &c);
+        r = accept_any(&l, wait, &c);
         if (r == -ETIMEDOUT) {
             continue;
         }
@@ -576,6 +692,7 @@ void rdmax_session_accept(void)
             rdmax_s.codec.zstd_level = h.zstd_level;
             rdmax_s.ctrl = w;
             have_ctrl = true;
+            auto_settle(&l);
             deadline = rdmax_now() + rdmax_s.o.timeout_ms / 1000.0;
             server_accept_ok(&rdmax_s.ctrl, h.nonce, nonce, 0);
         } else {

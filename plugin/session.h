@@ -24,6 +24,8 @@ struct rdmax_opts {
     int connect_timeout_ms; /* sender: how long to retry connecting */
     uint64_t cache_bytes;   /* --cache-size, 0 = from the guest RAM size */
     int zstd_level;         /* --zstd-level: 0 adaptive, -1 off */
+    uint64_t pinned_max;    /* --rdma-pinned-max, 0 = transport default */
+    bool busy_poll;         /* --busy-poll */
     const char *psk_file;   /* --psk-file: mutual authentication */
     bool encrypt;           /* --encrypt: AES-256-GCM frames (needs a PSK) */
     uint64_t cache_max;     /* recv --cache-max: cap on lanes x cache, 0 = default */
@@ -51,6 +53,7 @@ struct rdmax_session {
     struct rdmax_counters c;
     _Atomic(const struct rdmax_lane_stats *) lane_stats[RDMAX_LANES_MAX];
     _Atomic bool finishing; /* the end is acknowledged: the peer may go */
+    bool auto_transport;    /* --transport auto: chosen at connect/accept */
     uint32_t features;      /* RDMAX_FEAT_*, from the options; set at start */
     uint8_t psk[RDMAX_PSK_MAX]; /* set at start, read-only */
     size_t psk_len;         /* 0: no --psk-file */
@@ -77,6 +80,13 @@ void rdmax_session_accept(void);
 
 /* Load the --psk-file key and set the feature bits; fails the run on error. */
 void rdmax_session_init(void);
+
+/*
+ * Route glib log messages (the transports' warnings) to stderr as
+ * "rdma-x: warning: ..."; quiet while probing a transport that may be absent.
+ */
+void rdmax_log_init(void);
+void rdmax_log_quiet(bool quiet);
 
 /* Keep-alives on the control connection (every second, or --timeout / 4). */
 void rdmax_keepalive_start(void);
