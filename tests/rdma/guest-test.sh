@@ -241,6 +241,10 @@ if want streams && [ -f /streams/MANIFEST ]; then
             logtail "$t" /tmp/recv.err
         fi
         rm -f /tmp/out.bin
+        # keep the smallest input for the transport auto test
+        if [ ! -f /tmp/small.bin ] || [ "$size" -lt "$(fsize /tmp/small.bin)" ]; then
+            cp /tmp/in.bin /tmp/small.bin
+        fi
         # keep the largest input for the kill test
         if [ "$size" -gt "$(fsize /tmp/big.bin)" ]; then
             mv /tmp/in.bin /tmp/big.bin
@@ -250,6 +254,37 @@ if want streams && [ -f /streams/MANIFEST ]; then
     done < /streams/MANIFEST
 elif want streams; then
     result streams FAIL reason=no_/streams/MANIFEST
+fi
+
+# ---- --transport auto picks rdma here, and tcp when the receiver has none ------
+auto_test() { # name, recv transport, expected transport
+    t=$1
+    next_port
+    rdma-x recv --transport "$2" --listen $IP:$port --stats-json /tmp/arecv.json < /dev/null \
+        > /tmp/aout.bin 2> /tmp/arecv.err &
+    rpid=$!
+    sleep 0.5
+    rdma-x send --transport auto --to $IP:$port --stats-json /tmp/asend.json \
+        < /tmp/small.bin > /dev/null 2> /tmp/asend.err
+    rc=$?
+    wait $rpid
+    rrc=$?
+    used=$(sed -n 's/.*"transport": *"\([a-z]*\)".*/\1/p' /tmp/asend.json 2>/dev/null)
+    rused=$(sed -n 's/.*"transport": *"\([a-z]*\)".*/\1/p' /tmp/arecv.json 2>/dev/null)
+    note=$(grep -o 'transport auto: [a-z]*' /tmp/asend.err | head -1 | tr ' ' '_')
+    if [ $rc = 0 ] && [ $rrc = 0 ] && cmp -s /tmp/small.bin /tmp/aout.bin &&
+        [ "$used" = "$3" ] && [ "$rused" = "$3" ] && [ -n "$note" ]; then
+        result "$t" PASS send=$used recv=$rused said=$note
+    else
+        result "$t" FAIL send_rc=$rc recv_rc=$rrc send=$used recv=$rused expected=$3
+        logtail "$t" /tmp/asend.err
+        logtail "$t" /tmp/arecv.err
+    fi
+    rm -f /tmp/aout.bin
+}
+if want streams && [ -f /tmp/small.bin ]; then
+    auto_test auto-rdma auto rdma
+    auto_test auto-fallback-tcp tcp tcp
 fi
 
 # ---- the receiver dies mid-stream --------------------------------------------
