@@ -276,7 +276,7 @@ static void rdma_memlock_hint(char *buf, size_t len)
                  "locked-memory limit (RLIMIT_MEMLOCK) is %llu KiB with %zu KiB registered "
                  "already: raise it (ulimit -l unlimited; LimitMEMLOCK=infinity in a systemd "
                  "unit; '* - memlock unlimited' in /etc/security/limits.conf) or lower "
-                 "the bound (--pinned-max, RDMAX_RDMA_PINNED_MAX)",
+                 "the bound (--rdma-pinned-max, RDMAX_RDMA_PINNED_MAX)",
                  (unsigned long long)(rl.rlim_cur / 1024), atomic_load(&rdma_pinned_total) / 1024);
     } else {
         snprintf(buf, len,
@@ -447,7 +447,7 @@ static int rdma_pool_plan(struct rdma_conn *c, const struct rdmax_transport_opts
             continue;
         }
         g_warning("rdma: pinned-memory budget exhausted: %zu KiB of %zu KiB registered, "
-                  "%zu KiB more needed for a connection: raise the bound (--pinned-max, "
+                  "%zu KiB more needed for a connection: raise the bound (--rdma-pinned-max, "
                   "RDMAX_RDMA_PINNED_MAX)",
                   used / 1024, budget / 1024, need / 1024);
         return -ENOMEM;
