@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -520,6 +521,19 @@ static void auto_listen(const char *host, const char *port)
     alt_tp = rdma;
 }
 
+/*
+ * While no migration has arrived, the destination QEMU may give up (quit,
+ * cancel): its end of our stdout then closes, and QEMU waits for us to exit.
+ */
+static void check_qemu_still_there(void)
+{
+    struct pollfd pfd = {.fd = STDOUT_FILENO, .events = 0};
+
+    if (poll(&pfd, 1, 0) == 1 && (pfd.revents & (POLLERR | POLLHUP))) {
+        rdmax_fail("the destination QEMU closed its side before a sender connected");
+    }
+}
+
 /* Accept on the listener, or on either of the two in auto mode. */
 static int accept_any(struct rdmax_listener **l, int wait_ms, struct rdmax_conn **c)
 {
@@ -527,9 +541,15 @@ static int accept_any(struct rdmax_listener **l, int wait_ms, struct rdmax_conn 
 
     last_from_alt = false;
     if (!alt_l) {
-        return rdmax_s.tp->accept(*l, wait_ms, c);
+        int r;
+        do {
+            check_qemu_still_there();
+            r = rdmax_s.tp->accept(*l, wait_ms < 0 ? 500 : wait_ms, c);
+        } while (r == -ETIMEDOUT && wait_ms < 0);
+        return r;
     }
     for (;;) {
+        check_qemu_still_there();
         int r = rdmax_s.tp->accept(*l, 50, c);
         if (r != -ETIMEDOUT) {
             return r;
