@@ -349,8 +349,7 @@ static struct rdmax_conn *auto_connect(const char *host, const char *port)
         return NULL;
     }
     if (!rdma) {
-        fprintf(stderr, "rdma-x: note: transport auto: tcp (built without RDMA)\n");
-        return NULL;
+        return NULL; /* built without RDMA: tcp is the only choice */
     }
     if (o.connect_timeout_ms > 3000) {
         o.connect_timeout_ms = 3000;
@@ -359,8 +358,11 @@ static struct rdmax_conn *auto_connect(const char *host, const char *port)
     r = rdma->connect(host, port, &o, &c);
     rdmax_log_quiet(false);
     if (r < 0) {
-        fprintf(stderr, "rdma-x: note: transport auto: tcp (no RDMA path to %s:%s: %s)\n", host,
-                port, strerror(-r));
+        /* A host without any RDMA device is the common case: no need to say it. */
+        if (r != -ENODEV) {
+            fprintf(stderr, "rdma-x: note: transport auto: tcp (no RDMA path to %s:%s: %s)\n",
+                    host, port, strerror(-r));
+        }
         return NULL;
     }
     fprintf(stderr, "rdma-x: note: transport auto: rdma\n");
@@ -506,15 +508,16 @@ static void auto_listen(const char *host, const char *port)
         return;
     }
     if (!rdma) {
-        fprintf(stderr, "rdma-x: note: transport auto: tcp (built without RDMA)\n");
         return;
     }
     rdmax_log_quiet(true);
     r = rdma->listen(host, port, &rdmax_s.topts, &alt_l);
     rdmax_log_quiet(false);
     if (r < 0) {
-        fprintf(stderr, "rdma-x: note: transport auto: tcp only (no RDMA device for %s: %s)\n",
-                host, strerror(-r));
+        if (r != -ENODEV) {
+            fprintf(stderr, "rdma-x: note: transport auto: tcp only (no RDMA device for %s: %s)\n",
+                    host, strerror(-r));
+        }
         alt_l = NULL;
         return;
     }

@@ -159,8 +159,11 @@ def refused(rdmax, port, stream, extra, want):
     log('  send %s -> exit %d: %s' % (' '.join(extra) or '(no key)', rc,
                                       err.strip()))
     check(rc == 1, 'refused sender exited %d' % rc)
-    check(len(err.strip().splitlines()) == 1 and ERR_LINE.search(err),
-          'not one "rdma-x: error:" line: %r' % err)
+    # Notes (e.g. which transport auto chose) may come first; the failure is
+    # one error line, and the last one.
+    lines = err.strip().splitlines()
+    check(len(ERR_LINE.findall(err)) == 1 and lines and ERR_LINE.match(lines[-1]),
+          'not one "rdma-x: error:" line, last: %r' % err)
     check(re.search(want, err), 'reason does not match %r: %s' % (want, err))
 
 
