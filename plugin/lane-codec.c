@@ -59,6 +59,7 @@
  * part did not compress makes the next 1, 2, 4 or 8 batches skip the try.
  */
 #include "lane-codec.h"
+#include "be.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -147,24 +148,8 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-static void put_be16(uint8_t *p, uint16_t v)
-{
-    p[0] = (uint8_t)(v >> 8);
-    p[1] = (uint8_t)v;
-}
 
-static void put_be32(uint8_t *p, uint32_t v)
-{
-    p[0] = (uint8_t)(v >> 24);
-    p[1] = (uint8_t)(v >> 16);
-    p[2] = (uint8_t)(v >> 8);
-    p[3] = (uint8_t)v;
-}
 
-static uint32_t get_be32(const uint8_t *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
 
 static size_t varint_put(uint8_t *p, uint64_t v)
 {
@@ -542,10 +527,10 @@ ssize_t rdmax_lane_encoder_flush(struct rdmax_lane_encoder *e, uint8_t *out, siz
 
     out[0] = BATCH_VERSION;
     out[1] = flags;
-    put_be16(out + 2, (uint16_t)e->n);
-    put_be32(out + 4, (uint32_t)desc_len);
-    put_be32(out + 8, (uint32_t)e->desc_len);
-    put_be32(out + 12, (uint32_t)full_len);
+    rdmax_put_be16(out + 2, (uint16_t)e->n);
+    rdmax_put_be32(out + 4, (uint32_t)desc_len);
+    rdmax_put_be32(out + 8, (uint32_t)e->desc_len);
+    rdmax_put_be32(out + 12, (uint32_t)full_len);
 
     /* A delta pays while it is below what a full page costs at this ratio. */
     if (full_raw) {
@@ -720,9 +705,9 @@ int rdmax_lane_decoder_decode(struct rdmax_lane_decoder *d, const uint8_t *in, s
     }
     flags = in[1];
     count = (unsigned)in[2] << 8 | in[3];
-    desc_len = get_be32(in + 4);
-    desc_raw = get_be32(in + 8);
-    full_len = get_be32(in + 12);
+    desc_len = rdmax_get_be32(in + 4);
+    desc_raw = rdmax_get_be32(in + 8);
+    full_len = rdmax_get_be32(in + 12);
     if ((flags & ~(BF_DESC_ZSTD | BF_FULL_ZSTD)) || count == 0 || count > RDMAX_BATCH_MAX_PAGES ||
         desc_raw > DESC_MAX || desc_len > len - BATCH_HDR ||
         full_len != len - BATCH_HDR - desc_len) {

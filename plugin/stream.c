@@ -20,6 +20,7 @@
  * switches to the opaque tail, as does anything not understood.
  */
 #include "stream.h"
+#include "be.h"
 
 #include <errno.h>
 #include <stdarg.h>
@@ -132,20 +133,8 @@ struct rdmax_stream {
     char err[160];
 };
 
-static uint16_t get_be16(const uint8_t *p)
-{
-    return (uint16_t)(p[0] << 8 | p[1]);
-}
 
-static uint32_t get_be32(const uint8_t *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
 
-static uint64_t get_be64(const uint8_t *p)
-{
-    return (uint64_t)get_be32(p) << 32 | get_be32(p + 4);
-}
 
 struct rdmax_stream *rdmax_stream_create(enum rdmax_stream_mode mode)
 {
@@ -342,14 +331,14 @@ static int on_command(struct rdmax_stream *s)
         return 0;
     }
     if (s->cmd == CMD_POSTCOPY_ADVISE && s->cmd_len == 16) {
-        s->hugepages = get_be64(d) != get_be64(d + 8);
+        s->hugepages = rdmax_get_be64(d) != rdmax_get_be64(d + 8);
     }
     if (s->cmd == CMD_PACKAGED) {
         if (s->cmd_len != 4) {
             return stream_fail(s, "PACKAGED command of length %u", s->cmd_len);
         }
         /* Postcopy device state, length-delimited: forward the blob whole. */
-        go_skip(s, get_be32(d), ST_ITEM, 1);
+        go_skip(s, rdmax_get_be32(d), ST_ITEM, 1);
         return 0;
     }
     go_item(s);
@@ -402,18 +391,18 @@ static int on_field(struct rdmax_stream *s)
 
     switch (s->st) {
     case ST_HEADER:
-        if (get_be32(a) != QEVM_MAGIC) {
-            return stream_fail(s, "not a QEMU migration stream (magic 0x%08x)", get_be32(a));
+        if (rdmax_get_be32(a) != QEVM_MAGIC) {
+            return stream_fail(s, "not a QEMU migration stream (magic 0x%08x)", rdmax_get_be32(a));
         }
-        if (get_be32(a + 4) != QEVM_VERSION) {
-            return stream_fail(s, "unsupported stream version %u", get_be32(a + 4));
+        if (rdmax_get_be32(a + 4) != QEVM_VERSION) {
+            return stream_fail(s, "unsupported stream version %u", rdmax_get_be32(a + 4));
         }
         go_item(s);
         return 0;
     case ST_ITEM:
         return on_item(s, a[0]);
     case ST_CFG_NAME_LEN: {
-        uint32_t n = get_be32(a);
+        uint32_t n = rdmax_get_be32(a);
         if (n > 255) {
             /* Machine names are short; longer means we misread. */
             return stream_fail(s, "machine name of %u bytes", n);
@@ -443,7 +432,7 @@ static int on_field(struct rdmax_stream *s)
         return 0;
     }
     case ST_CFG_CAP_COUNT:
-        s->cfg_caps_left = get_be32(a);
+        s->cfg_caps_left = rdmax_get_be32(a);
         if (s->cfg_caps_left > 64) {
             return stream_fail(s, "%u validated capabilities", s->cfg_caps_left);
         }
@@ -463,13 +452,13 @@ static int on_field(struct rdmax_stream *s)
         go(s, s->cfg_caps_left ? ST_CFG_CAP_LEN : ST_CFG_PEEK, 1);
         return 0;
     case ST_SEC_LONG:
-        s->sec_sid = get_be32(a);
+        s->sec_sid = rdmax_get_be32(a);
         go(s, ST_SEC_LONG_REST, (size_t)a[4] + 8);
         return 0;
     case ST_SEC_LONG_REST:
         return on_section_long(s, s->sec_type);
     case ST_SEC_SHORT:
-        s->sec_sid = get_be32(a);
+        s->sec_sid = rdmax_get_be32(a);
         s->stats.sections++;
         if (s->ram_sid_known && s->sec_sid == s->ram_sid) {
             s->iterating = true;
@@ -479,15 +468,15 @@ static int on_field(struct rdmax_stream *s)
         }
         return 0;
     case ST_FOOTER:
-        if (get_be32(a + 1) != s->sec_sid) {
-            return stream_fail(s, "footer of section %u closes section %u", get_be32(a + 1),
+        if (rdmax_get_be32(a + 1) != s->sec_sid) {
+            return stream_fail(s, "footer of section %u closes section %u", rdmax_get_be32(a + 1),
                                s->sec_sid);
         }
         go_item(s);
         return 0;
     case ST_CMD:
-        s->cmd = get_be16(a);
-        s->cmd_len = get_be16(a + 2);
+        s->cmd = rdmax_get_be16(a);
+        s->cmd_len = rdmax_get_be16(a + 2);
         if (s->cmd == CMD_PACKAGED || s->cmd == CMD_POSTCOPY_ADVISE) {
             if (s->cmd_len > sizeof(s->acc)) {
                 return stream_fail(s, "command %u of length %u", s->cmd, s->cmd_len);
@@ -507,7 +496,7 @@ static int on_field(struct rdmax_stream *s)
     case ST_CMD_DATA:
         return on_command(s);
     case ST_RAM_REC:
-        s->ram_rec = get_be64(a);
+        s->ram_rec = rdmax_get_be64(a);
         return on_ram_record(s);
     case ST_RAM_BLK_LEN:
         if (a[0] == 0) {
@@ -537,7 +526,7 @@ static int on_field(struct rdmax_stream *s)
     case ST_RAM_MS_ENTRY: {
         size_t extra = 8 + (s->ignore_shared ? 8 : 0);
         size_t nlen = s->need - extra;
-        uint64_t used = get_be64(a + nlen);
+        uint64_t used = rdmax_get_be64(a + nlen);
         uint32_t id;
         int r = intern_block(s, a, nlen, &id);
         if (r < 0) {
@@ -556,7 +545,7 @@ static int on_field(struct rdmax_stream *s)
         go(s, ST_RAM_REC, 8);
         return 0;
     case ST_RAM_XBZRLE_HDR: {
-        uint16_t len = get_be16(a + 1);
+        uint16_t len = rdmax_get_be16(a + 1);
         if (a[0] != 1 || len > RDMAX_PAGE_SIZE) {
             return stream_fail(s, "XBZRLE record (encoding %u, %u bytes)", a[0], len);
         }
@@ -564,7 +553,7 @@ static int on_field(struct rdmax_stream *s)
         return 0;
     }
     case ST_RAM_COMPRESS: {
-        uint32_t len = get_be32(a);
+        uint32_t len = rdmax_get_be32(a);
         if (len > 2 * RDMAX_PAGE_SIZE) {
             return stream_fail(s, "compressed page of %u bytes", len);
         }
@@ -572,7 +561,7 @@ static int on_field(struct rdmax_stream *s)
         return 0;
     }
     case ST_VMDESC_LEN:
-        go_skip(s, get_be32(a), ST_DONE, 1);
+        go_skip(s, rdmax_get_be32(a), ST_DONE, 1);
         return 0;
     default:
         break;

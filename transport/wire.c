@@ -4,6 +4,7 @@
  * connection's ops table.
  */
 #include "wire.h"
+#include "be.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -14,40 +15,11 @@
 #include "crc32c.h"
 #include "crypt.h"
 
-static void put_be16(uint8_t *p, uint16_t v)
-{
-    p[0] = v >> 8;
-    p[1] = (uint8_t)v;
-}
 
-static void put_be32(uint8_t *p, uint32_t v)
-{
-    p[0] = v >> 24;
-    p[1] = (uint8_t)(v >> 16);
-    p[2] = (uint8_t)(v >> 8);
-    p[3] = (uint8_t)v;
-}
 
-static void put_be64(uint8_t *p, uint64_t v)
-{
-    put_be32(p, (uint32_t)(v >> 32));
-    put_be32(p + 4, (uint32_t)v);
-}
 
-static uint16_t get_be16(const uint8_t *p)
-{
-    return (uint16_t)(p[0] << 8 | p[1]);
-}
 
-static uint32_t get_be32(const uint8_t *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
 
-static uint64_t get_be64(const uint8_t *p)
-{
-    return (uint64_t)get_be32(p) << 32 | get_be32(p + 4);
-}
 
 void rdmax_wire_init(struct rdmax_wire *w, struct rdmax_conn *c)
 {
@@ -106,18 +78,18 @@ void rdmax_frame_hdr_encode(uint8_t out[RDMAX_FRAME_HDR], const struct rdmax_fra
 {
     out[0] = h->type;
     out[1] = h->flags;
-    put_be16(out + 2, h->channel);
-    put_be32(out + 4, h->len);
-    put_be32(out + 8, h->crc);
+    rdmax_put_be16(out + 2, h->channel);
+    rdmax_put_be32(out + 4, h->len);
+    rdmax_put_be32(out + 8, h->crc);
 }
 
 int rdmax_frame_hdr_decode(const uint8_t in[RDMAX_FRAME_HDR], struct rdmax_frame_hdr *h)
 {
     h->type = in[0];
     h->flags = in[1];
-    h->channel = get_be16(in + 2);
-    h->len = get_be32(in + 4);
-    h->crc = get_be32(in + 8);
+    h->channel = rdmax_get_be16(in + 2);
+    h->len = rdmax_get_be32(in + 4);
+    h->crc = rdmax_get_be32(in + 8);
     if (h->type == 0 || h->type > RDMAX_F_TYPE_MAX) {
         return -EPROTO;
     }
@@ -173,7 +145,7 @@ int rdmax_wire_sendv(struct rdmax_wire *w, uint8_t type, uint8_t flags, uint16_t
     for (int i = 1; i <= iovcnt; i++) {
         crc = rdmax_crc32c(crc, v[i].iov_base, v[i].iov_len);
     }
-    put_be32(hdr + 8, crc);
+    rdmax_put_be32(hdr + 8, crc);
 
     r = w->conn->ops->send(w->conn, v, iovcnt + 1);
     if (r == 0) {
@@ -248,17 +220,17 @@ int rdmax_wire_recv(struct rdmax_wire *w, struct rdmax_frame_hdr *h, uint8_t *bu
 void rdmax_hello_encode(uint8_t out[RDMAX_HELLO_LEN], const struct rdmax_hello *h)
 {
     memset(out, 0, RDMAX_HELLO_LEN);
-    put_be32(out + 0, h->magic);
-    put_be16(out + 4, h->version);
-    put_be16(out + 6, h->role);
-    put_be16(out + 8, h->lane);
-    put_be16(out + 10, h->lanes);
-    put_be32(out + 12, h->page_size);
-    put_be64(out + 16, h->session);
-    put_be32(out + 24, h->features);
-    put_be64(out + 28, h->cache_bytes);
-    put_be32(out + 36, (uint32_t)h->zstd_level);
-    put_be32(out + 40, h->reserved);
+    rdmax_put_be32(out + 0, h->magic);
+    rdmax_put_be16(out + 4, h->version);
+    rdmax_put_be16(out + 6, h->role);
+    rdmax_put_be16(out + 8, h->lane);
+    rdmax_put_be16(out + 10, h->lanes);
+    rdmax_put_be32(out + 12, h->page_size);
+    rdmax_put_be64(out + 16, h->session);
+    rdmax_put_be32(out + 24, h->features);
+    rdmax_put_be64(out + 28, h->cache_bytes);
+    rdmax_put_be32(out + 36, (uint32_t)h->zstd_level);
+    rdmax_put_be32(out + 40, h->reserved);
     memcpy(out + RDMAX_HELLO_NONCE, h->nonce, sizeof(h->nonce));
     memcpy(out + RDMAX_HELLO_MAC, h->mac, sizeof(h->mac));
 }
@@ -270,8 +242,8 @@ int rdmax_hello_decode(const uint8_t *in, size_t len, struct rdmax_hello *h, cha
         snprintf(err, err_len, "handshake of %zu bytes", len);
         return -EPROTO;
     }
-    h->magic = get_be32(in);
-    h->version = get_be16(in + 4);
+    h->magic = rdmax_get_be32(in);
+    h->version = rdmax_get_be16(in + 4);
     if (h->magic != RDMAX_WIRE_MAGIC) {
         snprintf(err, err_len, "peer is not rdma-x (magic 0x%08x)", h->magic);
         return -EPROTO;
@@ -285,15 +257,15 @@ int rdmax_hello_decode(const uint8_t *in, size_t len, struct rdmax_hello *h, cha
         snprintf(err, err_len, "handshake of %zu bytes, expected %u", len, RDMAX_HELLO_LEN);
         return -EPROTO;
     }
-    h->role = get_be16(in + 6);
-    h->lane = get_be16(in + 8);
-    h->lanes = get_be16(in + 10);
-    h->page_size = get_be32(in + 12);
-    h->session = get_be64(in + 16);
-    h->features = get_be32(in + 24);
-    h->cache_bytes = get_be64(in + 28);
-    h->zstd_level = (int32_t)get_be32(in + 36);
-    h->reserved = get_be32(in + 40);
+    h->role = rdmax_get_be16(in + 6);
+    h->lane = rdmax_get_be16(in + 8);
+    h->lanes = rdmax_get_be16(in + 10);
+    h->page_size = rdmax_get_be32(in + 12);
+    h->session = rdmax_get_be64(in + 16);
+    h->features = rdmax_get_be32(in + 24);
+    h->cache_bytes = rdmax_get_be64(in + 28);
+    h->zstd_level = (int32_t)rdmax_get_be32(in + 36);
+    h->reserved = rdmax_get_be32(in + 40);
     memcpy(h->nonce, in + RDMAX_HELLO_NONCE, sizeof(h->nonce));
     memcpy(h->mac, in + RDMAX_HELLO_MAC, sizeof(h->mac));
     if (h->role > RDMAX_ROLE_LANE) {
@@ -313,7 +285,7 @@ int rdmax_hello_decode(const uint8_t *in, size_t len, struct rdmax_hello *h, cha
         return -EPROTO;
     }
     /* Reserved bytes must be 0, so a later version can give them a meaning. */
-    if (get_be32(in + 40) != 0 || get_be32(in + 44) != 0) {
+    if (rdmax_get_be32(in + 40) != 0 || rdmax_get_be32(in + 44) != 0) {
         snprintf(err, err_len, "reserved handshake fields are not zero");
         return -EPROTO;
     }
