@@ -121,6 +121,9 @@ def raw_client(port, data, wait=10):
     return ''
 
 
+RECEIVERS = []
+
+
 class Recv:
     def __init__(self, rdmax, tmp, tag, extra):
         self.port = free_port()
@@ -131,6 +134,7 @@ class Recv:
                                   stdin=subprocess.DEVNULL,
                                   stdout=open(self.out, 'wb'),
                                   stderr=open(self.err, 'wb'))
+        RECEIVERS.append(self.p)
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -245,6 +249,11 @@ def main():
         except (Fail, subprocess.TimeoutExpired) as e:
             log('FAIL: %s' % e)
             return 1
+        finally:
+            for p in RECEIVERS:     # a failed check must not leave listeners
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
     if rc == 0:
         log('PASS fault-handshake')
     return rc
