@@ -231,7 +231,8 @@ class Sampler:
             if st is None:
                 continue
             self.cpu[p] = st[0]
-            if p not in self.kind:
+            # every time: the fork of `sh -c` is 'sh' until it execs rdma-x
+            if True:
                 argv = Q.cmdline(p).split()
                 self.kind[p] = ('rdma-x' if argv and self.rdmax and
                                 argv[0] == self.rdmax else
