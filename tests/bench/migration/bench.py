@@ -345,6 +345,16 @@ def run_one(args, link, wl_name, contender, rep, port):
         while True:
             info = Q.query_migrate(src.qmp)
             st = info.get('status', 'none')
+            if st == 'active':
+                # QEMU's last view before the switch-over: why it stopped
+                ram_a = info.get('ram', {})
+                r['last_active'] = {
+                    't_ms': round((time.monotonic() - t0) * 1000),
+                    'expected_downtime_ms': info.get('expected-downtime'),
+                    'mbps': ram_a.get('mbps'),
+                    'remaining': ram_a.get('remaining'),
+                    'dirty_pages_rate': ram_a.get('dirty-pages-rate'),
+                    'dirty_sync_count': ram_a.get('dirty-sync-count')}
             ssamp.poll()
             dsamp.poll()
             if st == 'completed' and not info.get('total-time'):
