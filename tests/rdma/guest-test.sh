@@ -287,6 +287,31 @@ if want streams && [ -f /tmp/small.bin ]; then
     auto_test auto-fallback-tcp tcp tcp
 fi
 
+# ---- --psk-file --encrypt over the rdma transport ------------------------------
+if want streams && [ -f /tmp/big.bin ]; then
+    t=stream-encrypted-rdma
+    head -c 32 /dev/urandom > /tmp/psk && chmod 600 /tmp/psk
+    next_port
+    rdma-x recv --transport rdma --listen $IP:$port --psk-file /tmp/psk --encrypt \
+        < /dev/null > /tmp/eout.bin 2> /tmp/erecv.err &
+    rpid=$!
+    t0=$(now_cs)
+    rdma-x send --transport rdma --to $IP:$port --psk-file /tmp/psk --encrypt \
+        < /tmp/big.bin > /dev/null 2> /tmp/esend.err
+    rc=$?
+    t1=$(now_cs)
+    wait $rpid
+    rrc=$?
+    if [ $rc = 0 ] && [ $rrc = 0 ] && cmp -s /tmp/big.bin /tmp/eout.bin; then
+        result "$t" PASS bytes=$(fsize /tmp/big.bin) secs=$(secs "$t0" "$t1") identical=yes
+    else
+        result "$t" FAIL send_rc=$rc recv_rc=$rrc
+        logtail "$t" /tmp/esend.err
+        logtail "$t" /tmp/erecv.err
+    fi
+    rm -f /tmp/eout.bin
+fi
+
 # ---- the receiver dies mid-stream --------------------------------------------
 kill_test() { # name, receiver command, sender command (strings)
     name=$1
