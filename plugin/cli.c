@@ -13,18 +13,18 @@
 
 void rdmax_cli_usage(FILE *f)
 {
-    fprintf(f,
-            "Usage: rdma-x send --to HOST:PORT [OPTIONS]\n"
-            "       rdma-x recv --listen ADDR:PORT [OPTIONS]\n"
-            "       rdma-x --help | --version\n"
-            "\n"
-            "A QEMU live-migration accelerator. QEMU starts both halves itself:\n"
-            "  destination:  qemu-system-x86_64 ... -incoming 'exec:rdma-x recv --listen 0.0.0.0:7070'\n"
-            "  source (QMP): migrate-set-capabilities return-path=on,\n"
-            "                migrate-set-parameters max-bandwidth=<above the link rate>,\n"
-            "                migrate uri=\"exec:rdma-x send --to DEST:7070\"\n"
-            "\n"
-            "Run 'rdma-x send --help' or 'rdma-x recv --help' for the options.\n");
+    fprintf(f, "Usage: rdma-x send --to HOST:PORT [OPTIONS]\n"
+               "       rdma-x recv --listen ADDR:PORT [OPTIONS]\n"
+               "       rdma-x --help | --version\n"
+               "\n"
+               "A QEMU live-migration accelerator. QEMU starts both halves itself:\n"
+               "  destination:  qemu-system-x86_64 ... -incoming 'exec:rdma-x recv --listen "
+               "0.0.0.0:7070'\n"
+               "  source (QMP): migrate-set-capabilities return-path=on,\n"
+               "                migrate-set-parameters max-bandwidth=<above the link rate>,\n"
+               "                migrate uri=\"exec:rdma-x send --to DEST:7070\"\n"
+               "\n"
+               "Run 'rdma-x send --help' or 'rdma-x recv --help' for the options.\n");
 }
 
 static void usage_sub(FILE *f, bool sender)
@@ -59,30 +59,29 @@ static void usage_sub(FILE *f, bool sender)
                 "  -h, --help            this help\n",
                 RDMAX_LANES_MAX);
     } else {
-        fprintf(f,
-                "Usage: rdma-x recv --listen ADDR:PORT [OPTIONS]\n"
-                "\n"
-                "Destination side. Accepts one migration from 'rdma-x send', writes the\n"
-                "QEMU migration stream to stdout, byte for byte as the source QEMU wrote\n"
-                "it, and carries the return path from stdin back to the source. Exits 0\n"
-                "once the stream was delivered and QEMU closed its side; otherwise prints\n"
-                "'rdma-x: error: REASON' and exits 1. Connections that are not a valid\n"
-                "rdma-x sender are refused with a reason and do not stop the listener.\n"
-                "\n"
-                "  --listen ADDR:PORT    address to listen on (0.0.0.0:PORT, [::]:PORT)\n"
-                "  --lanes N             refuse senders with another lane count\n"
-                "                        (default: accept the sender's)\n"
-                "  --transport T         tcp, rdma or auto (default: auto)\n"
-                "  --timeout S           give up when the peer is silent S seconds (default 5)\n"
-                "  --psk-file FILE       accept only senders holding the key in FILE\n"
-                "  --encrypt             require an encrypted link (needs --psk-file)\n"
-                "  --rdma-pinned-max B   rdma: bound on registered (pinned) memory, K/M/G\n"
-                "  --busy-poll           rdma: poll completions instead of sleeping\n"
-                "  --cache-max BYTES     refuse senders whose page caches (all lanes) need\n"
-                "                        more (default: min(4G, RAM/4))\n"
-                "  --stats-json FILE     write figures as JSON at exit, also on failure\n"
-                "  --progress            a live status line on stderr\n"
-                "  -h, --help            this help\n");
+        fprintf(f, "Usage: rdma-x recv --listen ADDR:PORT [OPTIONS]\n"
+                   "\n"
+                   "Destination side. Accepts one migration from 'rdma-x send', writes the\n"
+                   "QEMU migration stream to stdout, byte for byte as the source QEMU wrote\n"
+                   "it, and carries the return path from stdin back to the source. Exits 0\n"
+                   "once the stream was delivered and QEMU closed its side; otherwise prints\n"
+                   "'rdma-x: error: REASON' and exits 1. Connections that are not a valid\n"
+                   "rdma-x sender are refused with a reason and do not stop the listener.\n"
+                   "\n"
+                   "  --listen ADDR:PORT    address to listen on (0.0.0.0:PORT, [::]:PORT)\n"
+                   "  --lanes N             refuse senders with another lane count\n"
+                   "                        (default: accept the sender's)\n"
+                   "  --transport T         tcp, rdma or auto (default: auto)\n"
+                   "  --timeout S           give up when the peer is silent S seconds (default 5)\n"
+                   "  --psk-file FILE       accept only senders holding the key in FILE\n"
+                   "  --encrypt             require an encrypted link (needs --psk-file)\n"
+                   "  --rdma-pinned-max B   rdma: bound on registered (pinned) memory, K/M/G\n"
+                   "  --busy-poll           rdma: poll completions instead of sleeping\n"
+                   "  --cache-max BYTES     refuse senders whose page caches (all lanes) need\n"
+                   "                        more (default: min(4G, RAM/4))\n"
+                   "  --stats-json FILE     write figures as JSON at exit, also on failure\n"
+                   "  --progress            a live status line on stderr\n"
+                   "  -h, --help            this help\n");
     }
 }
 
@@ -206,8 +205,8 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
             break;
         case 'l':
             if (parse_int(optarg, 1, RDMAX_LANES_MAX, &v) < 0) {
-                fprintf(stderr, "rdma-x: error: --lanes takes 1..%u, not '%s'\n",
-                        RDMAX_LANES_MAX, optarg);
+                fprintf(stderr, "rdma-x: error: --lanes takes 1..%u, not '%s'\n", RDMAX_LANES_MAX,
+                        optarg);
                 return -1;
             }
             o->lanes = (unsigned)v;
@@ -230,8 +229,7 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
         case O_TIMEOUT:
         case O_CTIMEOUT:
             if (parse_int(optarg, 1, 3600, &v) < 0) {
-                fprintf(stderr, "rdma-x: error: timeouts take 1..3600 seconds, not '%s'\n",
-                        optarg);
+                fprintf(stderr, "rdma-x: error: timeouts take 1..3600 seconds, not '%s'\n", optarg);
                 return -1;
             }
             if (c == O_TIMEOUT) {

@@ -94,7 +94,7 @@
 /* Adaptive control. */
 #define ADAPT_WINDOW_NS 20000000ull /* 20 ms, or ADAPT_WINDOW_BATCHES */
 #define ADAPT_WINDOW_BATCHES 64u
-#define ADAPT_MAX_LEVEL 2 /* level 3 costs ~2x level 1 per batch for ~8% fewer bytes */
+#define ADAPT_MAX_LEVEL 2     /* level 3 costs ~2x level 1 per batch for ~8% fewer bytes */
 #define ADAPT_PROBE_EVERY 64u /* raw for incompressibility: probe batches */
 #define DESC_ZSTD_MIN 512u    /* smaller descriptor parts are not worth a frame */
 
@@ -122,8 +122,8 @@ struct rdmax_lane_encoder {
     unsigned full_skip, full_backoff; /* the same for the full-page part */
     uint64_t batch_start_ns;          /* first add() of the pending batch */
     uint64_t win_start_ns, win_busy_ns, win_link_ns;
-    uint64_t win_cpu_ns;              /* thread CPU time spent encoding in the window */
-    uint64_t batch_cpu_ns;            /* thread CPU clock at the batch's first add() */
+    uint64_t win_cpu_ns;   /* thread CPU time spent encoding in the window */
+    uint64_t batch_cpu_ns; /* thread CPU clock at the batch's first add() */
     unsigned win_batches;
     uint64_t win_full_in, win_full_out; /* compressed batches in the window */
     struct rdmax_lane_stats stats;
@@ -163,9 +163,6 @@ static uint64_t now_ns(void)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
-
-
-
 
 static size_t varint_put(uint8_t *p, uint64_t v)
 {

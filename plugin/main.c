@@ -40,13 +40,12 @@ int main(int argc, char **argv)
         return 0;
     }
     if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "-V") == 0) {
-        printf("rdma-x %s (wire protocol v%u; transports: %s)\n", RDMAX_VERSION,
-               RDMAX_WIRE_VERSION, rdmax_transport_list());
+        printf("rdma-x %s (wire protocol v%u; transports: %s)\n", RDMAX_VERSION, RDMAX_WIRE_VERSION,
+               rdmax_transport_list());
         return 0;
     }
     if (strcmp(argv[1], "send") != 0 && strcmp(argv[1], "recv") != 0) {
-        fprintf(stderr, "rdma-x: error: unknown command '%s' (expected send or recv)\n",
-                argv[1]);
+        fprintf(stderr, "rdma-x: error: unknown command '%s' (expected send or recv)\n", argv[1]);
         return 2;
     }
     r = rdmax_cli_parse(argc - 1, argv + 1, &rdmax_s.o);

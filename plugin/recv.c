@@ -164,8 +164,7 @@ static void *ctrl_reader_main(void *arg)
                 ZSTD_outBuffer out = {zout, CTRL_CHUNK, 0};
                 size_t zr = ZSTD_decompressStream(z, &out, &in);
                 if (ZSTD_isError(zr)) {
-                    rdmax_fail("corrupt control stream from the sender: %s",
-                               ZSTD_getErrorName(zr));
+                    rdmax_fail("corrupt control stream from the sender: %s", ZSTD_getErrorName(zr));
                 }
                 ctrl_push(zout, out.pos);
                 if (out.pos == 0 && in.pos < in.size && zr == 0) {
@@ -178,8 +177,7 @@ static void *ctrl_reader_main(void *arg)
                 ZSTD_inBuffer none = {NULL, 0, 0};
                 size_t zr = ZSTD_decompressStream(z, &out, &none);
                 if (ZSTD_isError(zr)) {
-                    rdmax_fail("corrupt control stream from the sender: %s",
-                               ZSTD_getErrorName(zr));
+                    rdmax_fail("corrupt control stream from the sender: %s", ZSTD_getErrorName(zr));
                 }
                 if (out.pos == 0) {
                     break;
@@ -328,8 +326,7 @@ static void splice(struct rdmax_stream *st)
                 }
                 if (s->key.block != key.block || s->key.offset != key.offset) {
                     rdmax_fail("lane %u out of step: expected page 0x%llx, got 0x%llx", k,
-                               (unsigned long long)key.offset,
-                               (unsigned long long)s->key.offset);
+                               (unsigned long long)key.offset, (unsigned long long)s->key.offset);
                 }
                 out_put(s->data, RDMAX_PAGE_SIZE);
                 rdmax_ring_release(&lanes[k].ring);
@@ -366,8 +363,8 @@ int rdmax_recv_run(void)
     int r;
 
     out_buf = malloc(OUT_BUF);
-    if (!st || !out_buf || rdmax_ring_init(&ctrl_ring, sizeof(struct ctrl_chunk),
-                                           CTRL_RING_CHUNKS) < 0) {
+    if (!st || !out_buf ||
+        rdmax_ring_init(&ctrl_ring, sizeof(struct ctrl_chunk), CTRL_RING_CHUNKS) < 0) {
         rdmax_fail("out of memory");
     }
     rdmax_session_accept();

@@ -78,8 +78,7 @@ static void ctrl_flush(void)
             rdmax_fail("compressing control bytes: %s", ZSTD_getErrorName(rem));
         }
         if (out.pos) {
-            r = rdmax_wire_send(&rdmax_s.ctrl, RDMAX_F_CTRL, RDMAX_FF_ZSTD, 0, ctrl_zbuf,
-                                out.pos);
+            r = rdmax_wire_send(&rdmax_s.ctrl, RDMAX_F_CTRL, RDMAX_FF_ZSTD, 0, ctrl_zbuf, out.pos);
             if (r < 0) {
                 rdmax_fail("control connection to %s: %s", rdmax_s.ctrl.conn->peer,
                            rdmax_wire_strerror(r));
@@ -149,8 +148,8 @@ static void *lane_main(void *arg)
     for (int i = 0; i < 8; i++) {
         eof[i] = (uint8_t)(pages >> (56 - 8 * i));
     }
-    int r = rdmax_wire_send(&rdmax_s.lane[l->idx], RDMAX_F_LANE_EOF, 0, (uint16_t)(l->idx + 1),
-                            eof, sizeof(eof));
+    int r = rdmax_wire_send(&rdmax_s.lane[l->idx], RDMAX_F_LANE_EOF, 0, (uint16_t)(l->idx + 1), eof,
+                            sizeof(eof));
     if (r < 0) {
         rdmax_fail("lane %u: %s", l->idx, rdmax_wire_strerror(r));
     }
@@ -256,8 +255,7 @@ static void send_eof(uint64_t stream_bytes, uint64_t pages)
     }
     r = rdmax_wire_send(&rdmax_s.ctrl, RDMAX_F_EOF, 0, 0, p, sizeof(p));
     if (r < 0) {
-        rdmax_fail("control connection to %s: %s", rdmax_s.ctrl.conn->peer,
-                   rdmax_wire_strerror(r));
+        rdmax_fail("control connection to %s: %s", rdmax_s.ctrl.conn->peer, rdmax_wire_strerror(r));
     }
 }
 
@@ -325,8 +323,8 @@ int rdmax_send_run(void)
     if (rdmax_s.o.cache_bytes != UINT64_MAX) {
         rdmax_s.codec.cache_bytes = rdmax_s.o.cache_bytes;
     } else {
-        rdmax_s.codec.cache_bytes = rdmax_page_cache_budget(
-            ram ? ram : DEFAULT_RAM_GUESS, rdmax_s.nlanes, 0);
+        rdmax_s.codec.cache_bytes =
+            rdmax_page_cache_budget(ram ? ram : DEFAULT_RAM_GUESS, rdmax_s.nlanes, 0);
     }
     rdmax_session_connect();
     lanes_start();

@@ -135,8 +135,8 @@ void rdmax_session_init(void)
     char err[600];
 
     if (rdmax_s.o.psk_file) {
-        if (rdmax_psk_load(rdmax_s.o.psk_file, rdmax_s.psk, sizeof(rdmax_s.psk),
-                           &rdmax_s.psk_len, err, sizeof(err)) < 0) {
+        if (rdmax_psk_load(rdmax_s.o.psk_file, rdmax_s.psk, sizeof(rdmax_s.psk), &rdmax_s.psk_len,
+                           err, sizeof(err)) < 0) {
             rdmax_fail("%s", err);
         }
         rdmax_s.features |= RDMAX_FEAT_PSK;
@@ -182,8 +182,7 @@ static int auth_proof(const char *label, const uint8_t client[RDMAX_HELLO_LEN],
     memcpy(s, server, sizeof(s));
     memset(c + RDMAX_HELLO_MAC, 0, RDMAX_MAC_LEN);
     memset(s + RDMAX_HELLO_MAC, 0, RDMAX_MAC_LEN);
-    return rdmax_auth_mac(rdmax_s.psk, rdmax_s.psk_len, label, c, sizeof(c), s, sizeof(s),
-                          out);
+    return rdmax_auth_mac(rdmax_s.psk, rdmax_s.psk_len, label, c, sizeof(c), s, sizeof(s), out);
 }
 
 /*
@@ -305,7 +304,8 @@ static void connect_one(struct rdmax_wire *w, const char *host, const char *port
     }
     if (!rdmax_auth_equal(mac, peer.mac)) {
         rdmax_fail("authentication failed: the receiver at %s:%s does not hold this "
-                   "pre-shared key (wrong --psk-file?)", host, port);
+                   "pre-shared key (wrong --psk-file?)",
+                   host, port);
     }
     if (auth_proof(AUTH_LABEL_CLIENT, mine, theirs, mac) < 0) {
         rdmax_fail("computing the authentication proof failed");
@@ -326,8 +326,7 @@ static void connect_one(struct rdmax_wire *w, const char *host, const char *port
         rdmax_fail("handshake with %s:%s: got %s frame instead of AUTH_OK", host, port,
                    rdmax_frame_type_name(fh.type));
     }
-    if ((rdmax_s.features & RDMAX_FEAT_ENCRYPT) &&
-        crypt_setup(w, h.nonce, peer.nonce, true) < 0) {
+    if ((rdmax_s.features & RDMAX_FEAT_ENCRYPT) && crypt_setup(w, h.nonce, peer.nonce, true) < 0) {
         rdmax_fail("setting up encryption with %s:%s failed", host, port);
     }
 }
@@ -360,8 +359,8 @@ static struct rdmax_conn *auto_connect(const char *host, const char *port)
     if (r < 0) {
         /* A host without any RDMA device is the common case: no need to say it. */
         if (r != -ENODEV) {
-            fprintf(stderr, "rdma-x: note: transport auto: tcp (no RDMA path to %s:%s: %s)\n",
-                    host, port, strerror(-r));
+            fprintf(stderr, "rdma-x: note: transport auto: tcp (no RDMA path to %s:%s: %s)\n", host,
+                    port, strerror(-r));
         }
         return NULL;
     }
@@ -375,8 +374,8 @@ void rdmax_session_connect(void)
     char host[256], port[32], err[200];
 
     rdmax_session_init();
-    if (rdmax_addr_split(rdmax_s.o.addr, host, sizeof(host), port, sizeof(port), err,
-                         sizeof(err)) < 0) {
+    if (rdmax_addr_split(rdmax_s.o.addr, host, sizeof(host), port, sizeof(port), err, sizeof(err)) <
+        0) {
         rdmax_fail("%s", err);
     }
     if (getrandom(&rdmax_s.session_id, sizeof(rdmax_s.session_id), 0) !=
@@ -600,8 +599,8 @@ void rdmax_session_accept(void)
 
     rdmax_session_init();
     cache_cap = rdmax_s.o.cache_max ? rdmax_s.o.cache_max : rdmax_page_cache_default_cap();
-    if (rdmax_addr_split(rdmax_s.o.addr, host, sizeof(host), port, sizeof(port), err,
-                         sizeof(err)) < 0) {
+    if (rdmax_addr_split(rdmax_s.o.addr, host, sizeof(host), port, sizeof(port), err, sizeof(err)) <
+        0) {
         rdmax_fail("%s", err);
     }
     r = rdmax_s.tp->listen(host, port, &rdmax_s.topts, &l);
@@ -623,8 +622,7 @@ void rdmax_session_accept(void)
         if (have_ctrl) {
             wait = (int)((deadline - rdmax_now()) * 1000);
             if (wait <= 0) {
-                rdmax_fail("only %u of %u lane connections arrived", have_lanes,
-                           rdmax_s.nlanes);
+                rdmax_fail("only %u of %u lane connections arrived", have_lanes, rdmax_s.nlanes);
             }
         }
         r = accept_any(&l, wait, &c);
@@ -669,8 +667,8 @@ void rdmax_session_accept(void)
             }
             lane_mismatch = rdmax_s.o.lanes && h.lanes != rdmax_s.o.lanes;
             if (lane_mismatch) {
-                snprintf(err, sizeof(err), "lane count mismatch: sender %u, receiver %u",
-                         h.lanes, rdmax_s.o.lanes);
+                snprintf(err, sizeof(err), "lane count mismatch: sender %u, receiver %u", h.lanes,
+                         rdmax_s.o.lanes);
                 if (!(rdmax_s.features & RDMAX_FEAT_PSK)) {
                     w.conn = NULL;
                     rdmax_wire_destroy(&w);
@@ -724,7 +722,7 @@ void rdmax_session_accept(void)
             server_accept_ok(&rdmax_s.lane[h.lane], h.nonce, nonce, h.lane);
         }
         continue;
-refuse:
+    refuse:
         /* refuse() owns the connection from here; the wire holds no crypto yet. */
         w.conn = NULL;
         rdmax_wire_destroy(&w);

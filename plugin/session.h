@@ -33,30 +33,30 @@ struct rdmax_opts {
 
 /* Counters: written by the data threads, read by stats/progress (relaxed). */
 struct rdmax_counters {
-    _Atomic uint64_t bytes_in;    /* QEMU stream bytes (sender: read, receiver: written) */
-    _Atomic uint64_t pages;       /* page payloads carried in lanes */
-    _Atomic uint64_t ctrl_bytes;  /* control bytes (stream minus page payloads) */
-    _Atomic uint64_t rp_bytes;    /* return-path bytes relayed */
-    _Atomic uint64_t zero_pages;  /* QEMU ZERO records seen */
+    _Atomic uint64_t bytes_in;   /* QEMU stream bytes (sender: read, receiver: written) */
+    _Atomic uint64_t pages;      /* page payloads carried in lanes */
+    _Atomic uint64_t ctrl_bytes; /* control bytes (stream minus page payloads) */
+    _Atomic uint64_t rp_bytes;   /* return-path bytes relayed */
+    _Atomic uint64_t zero_pages; /* QEMU ZERO records seen */
 };
 
 struct rdmax_session {
-    struct rdmax_opts o;                    /* set at start, read-only */
-    const struct rdmax_transport_ops *tp;   /* set at start, read-only */
-    struct rdmax_transport_opts topts;      /* set at start, read-only */
-    struct rdmax_wire ctrl;                 /* control connection */
-    struct rdmax_wire lane[RDMAX_LANES_MAX];/* one connection per lane */
-    unsigned nlanes;                        /* set by the handshake */
-    struct rdmax_codec_config codec;        /* set by the handshake */
+    struct rdmax_opts o;                     /* set at start, read-only */
+    const struct rdmax_transport_ops *tp;    /* set at start, read-only */
+    struct rdmax_transport_opts topts;       /* set at start, read-only */
+    struct rdmax_wire ctrl;                  /* control connection */
+    struct rdmax_wire lane[RDMAX_LANES_MAX]; /* one connection per lane */
+    unsigned nlanes;                         /* set by the handshake */
+    struct rdmax_codec_config codec;         /* set by the handshake */
     uint64_t session_id;
-    double t0;                              /* monotonic start, seconds */
+    double t0; /* monotonic start, seconds */
     struct rdmax_counters c;
     _Atomic(const struct rdmax_lane_stats *) lane_stats[RDMAX_LANES_MAX];
-    _Atomic bool finishing; /* the end is acknowledged: the peer may go */
-    bool auto_transport;    /* --transport auto: chosen at connect/accept */
-    uint32_t features;      /* RDMAX_FEAT_*, from the options; set at start */
+    _Atomic bool finishing;     /* the end is acknowledged: the peer may go */
+    bool auto_transport;        /* --transport auto: chosen at connect/accept */
+    uint32_t features;          /* RDMAX_FEAT_*, from the options; set at start */
     uint8_t psk[RDMAX_PSK_MAX]; /* set at start, read-only */
-    size_t psk_len;         /* 0: no --psk-file */
+    size_t psk_len;             /* 0: no --psk-file */
 };
 
 extern struct rdmax_session rdmax_s;

@@ -100,12 +100,12 @@ static void json_tiers(FILE *f, const struct rdmax_lane_stats *t)
 {
     fprintf(f, "\"tiers\": {");
     for (int k = 0; k < RDMAX_TIER_COUNT; k++) {
-        fprintf(f, "%s\"%s\": {\"pages\": %llu, \"bytes\": %llu}", k ? ", " : "",
-                tier_names[k], (unsigned long long)t->tier_pages[k],
-                (unsigned long long)t->tier_bytes[k]);
+        fprintf(f, "%s\"%s\": {\"pages\": %llu, \"bytes\": %llu}", k ? ", " : "", tier_names[k],
+                (unsigned long long)t->tier_pages[k], (unsigned long long)t->tier_bytes[k]);
     }
-    fprintf(f, "}, \"cache_hits\": %llu, \"cache_misses\": %llu, \"cache_hit_rate\": %.4f, "
-               "\"zstd_batches\": %llu, \"raw_batches\": %llu, \"encode_seconds\": %.3f",
+    fprintf(f,
+            "}, \"cache_hits\": %llu, \"cache_misses\": %llu, \"cache_hit_rate\": %.4f, "
+            "\"zstd_batches\": %llu, \"raw_batches\": %llu, \"encode_seconds\": %.3f",
             (unsigned long long)t->cache_hits, (unsigned long long)t->cache_misses,
             t->cache_hits + t->cache_misses
                 ? (double)t->cache_hits / (double)(t->cache_hits + t->cache_misses)
@@ -144,8 +144,7 @@ void rdmax_stats_write(const char *result)
     fprintf(f, "  \"pages\": %llu,\n", (unsigned long long)atomic_load(&c->pages));
     fprintf(f, "  \"zero_pages\": %llu,\n", (unsigned long long)atomic_load(&c->zero_pages));
     fprintf(f, "  \"control_bytes\": %llu,\n", (unsigned long long)atomic_load(&c->ctrl_bytes));
-    fprintf(f, "  \"return_path_bytes\": %llu,\n",
-            (unsigned long long)atomic_load(&c->rp_bytes));
+    fprintf(f, "  \"return_path_bytes\": %llu,\n", (unsigned long long)atomic_load(&c->rp_bytes));
     fprintf(f, "  \"cache_bytes_per_lane\": %llu,\n",
             (unsigned long long)rdmax_s.codec.cache_bytes);
     if (rdmax_s.o.sender) {
@@ -159,11 +158,11 @@ void rdmax_stats_write(const char *result)
     for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
         const struct rdmax_lane_stats *ls = atomic_load(&rdmax_s.lane_stats[i]);
         fprintf(f, "%s\n    {\"wire_bytes\": %llu", i ? "," : "",
-                (unsigned long long)(rdmax_s.lane[i].bytes_sent +
-                                     rdmax_s.lane[i].bytes_received));
+                (unsigned long long)(rdmax_s.lane[i].bytes_sent + rdmax_s.lane[i].bytes_received));
         if (ls) {
-            fprintf(f, ", \"pages\": %llu, \"batches\": %llu, \"page_bytes\": %llu, "
-                       "\"batch_bytes\": %llu, \"zstd_level\": %d, ",
+            fprintf(f,
+                    ", \"pages\": %llu, \"batches\": %llu, \"page_bytes\": %llu, "
+                    "\"batch_bytes\": %llu, \"zstd_level\": %d, ",
                     (unsigned long long)ls->pages, (unsigned long long)ls->batches,
                     (unsigned long long)ls->bytes_raw, (unsigned long long)ls->bytes_wire,
                     ls->zstd_level);
@@ -191,7 +190,8 @@ static void progress_line(bool final)
     if (rdmax_s.o.sender) {
         struct rdmax_lane_stats lt = lanes_total();
         uint64_t looked = lt.cache_hits + lt.cache_misses;
-        snprintf(tiers, sizeof(tiers), " (delta %llu, unchanged %llu, full %llu), cache hits %.0f%%",
+        snprintf(tiers, sizeof(tiers),
+                 " (delta %llu, unchanged %llu, full %llu), cache hits %.0f%%",
                  (unsigned long long)lt.tier_pages[RDMAX_TIER_DELTA],
                  (unsigned long long)lt.tier_pages[RDMAX_TIER_UNCHANGED],
                  (unsigned long long)lt.tier_pages[RDMAX_TIER_FULL],

@@ -107,12 +107,12 @@ struct rdmax_stream {
     enum state after_skip;  /* state to enter after the skip */
     uint32_t cfg_caps_left; /* capability names left in the configuration */
     bool saw_config;
-    bool saw_eof;          /* EOF marker (0x00) seen at item level */
-    bool ram_started;      /* a RAM START section was seen */
-    bool iterating;        /* a PART/END section was seen */
-    bool ignore_shared;    /* x-ignore-shared: MEM_SIZE entries carry an address */
-    bool hugepages;        /* POSTCOPY_ADVISE: some block has another page size */
-    uint8_t sec_type;      /* type byte of the section being parsed */
+    bool saw_eof;       /* EOF marker (0x00) seen at item level */
+    bool ram_started;   /* a RAM START section was seen */
+    bool iterating;     /* a PART/END section was seen */
+    bool ignore_shared; /* x-ignore-shared: MEM_SIZE entries carry an address */
+    bool hugepages;     /* POSTCOPY_ADVISE: some block has another page size */
+    uint8_t sec_type;   /* type byte of the section being parsed */
 
     uint32_t ram_sid;
     bool ram_sid_known;
@@ -132,9 +132,6 @@ struct rdmax_stream {
     struct rdmax_stream_stats stats;
     char err[160];
 };
-
-
-
 
 struct rdmax_stream *rdmax_stream_create(enum rdmax_stream_mode mode)
 {
@@ -165,8 +162,8 @@ static int stream_fail(struct rdmax_stream *s, const char *fmt, ...)
     va_list ap;
 
     if (!s->err[0]) {
-        int n = snprintf(s->err, sizeof(s->err), "bad migration stream at byte %llu: ",
-                         (unsigned long long)s->stats.bytes);
+        int n = snprintf(s->err, sizeof(s->err),
+                         "bad migration stream at byte %llu: ", (unsigned long long)s->stats.bytes);
         va_start(ap, fmt);
         vsnprintf(s->err + n, sizeof(s->err) - n, fmt, ap);
         va_end(ap);
@@ -674,9 +671,8 @@ void rdmax_stream_page_done(struct rdmax_stream *s)
 
 bool rdmax_stream_complete(const struct rdmax_stream *s)
 {
-    return !s->page_pending &&
-           (s->st == ST_DONE || s->st == ST_OPAQUE ||
-            (s->saw_eof && s->st == ST_ITEM && s->acc_len == 0));
+    return !s->page_pending && (s->st == ST_DONE || s->st == ST_OPAQUE ||
+                                (s->saw_eof && s->st == ST_ITEM && s->acc_len == 0));
 }
 
 int rdmax_stream_finish(struct rdmax_stream *s)
@@ -691,7 +687,7 @@ int rdmax_stream_finish(struct rdmax_stream *s)
         return stream_fail(s, "empty stream");
     }
     return stream_fail(s, "stream truncated (%s)",
-                       s->page_pending ? "inside a page"
+                       s->page_pending  ? "inside a page"
                        : s->ram_started ? "inside the RAM section"
                                         : "before the RAM section");
 }

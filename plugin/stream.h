@@ -32,13 +32,13 @@ enum rdmax_stream_mode {
 #define RDMAX_STREAM_MAX_BLOCKS 1024
 
 struct rdmax_stream_stats {
-    uint64_t bytes;       /* input bytes consumed (control + page) */
-    uint64_t pages;       /* PAGE records (payload slots) */
-    uint64_t zero_pages;  /* ZERO records */
-    uint64_t xbzrle;      /* QEMU's own XBZRLE records, passed through */
-    uint64_t sections;    /* section headers */
-    uint64_t ram_total;   /* bytes announced by MEM_SIZE (guest RAM incl. ROMs) */
-    bool opaque;          /* entered the opaque tail */
+    uint64_t bytes;      /* input bytes consumed (control + page) */
+    uint64_t pages;      /* PAGE records (payload slots) */
+    uint64_t zero_pages; /* ZERO records */
+    uint64_t xbzrle;     /* QEMU's own XBZRLE records, passed through */
+    uint64_t sections;   /* section headers */
+    uint64_t ram_total;  /* bytes announced by MEM_SIZE (guest RAM incl. ROMs) */
+    bool opaque;         /* entered the opaque tail */
 };
 
 struct rdmax_stream;

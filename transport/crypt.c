@@ -44,8 +44,7 @@ int rdmax_psk_load(const char *path, uint8_t *psk, size_t cap, size_t *len, char
     }
     /* Like ssh with private keys: a key others can read is no secret. */
     if (st.st_mode & S_IROTH) {
-        snprintf(err, err_len, "key file %s is readable by others (chmod o-r %s)", path,
-                 path);
+        snprintf(err, err_len, "key file %s is readable by others (chmod o-r %s)", path, path);
         close(fd);
         return -EPERM;
     }
@@ -80,8 +79,8 @@ int rdmax_psk_load(const char *path, uint8_t *psk, size_t cap, size_t *len, char
     if (n < RDMAX_PSK_MIN) {
         OPENSSL_cleanse(psk, cap);
         snprintf(err, err_len,
-                 "key in %s is %zu bytes; at least %u are needed (e.g. openssl rand -hex 32)",
-                 path, n, RDMAX_PSK_MIN);
+                 "key in %s is %zu bytes; at least %u are needed (e.g. openssl rand -hex 32)", path,
+                 n, RDMAX_PSK_MIN);
         return -EINVAL;
     }
     *len = n;
@@ -113,8 +112,8 @@ bool rdmax_auth_equal(const uint8_t a[RDMAX_MAC_LEN], const uint8_t b[RDMAX_MAC_
     return CRYPTO_memcmp(a, b, RDMAX_MAC_LEN) == 0;
 }
 
-int rdmax_crypt_derive(const uint8_t *psk, size_t psk_len, const uint8_t *salt,
-                       size_t salt_len, const char *info, uint8_t key[RDMAX_KEY_LEN])
+int rdmax_crypt_derive(const uint8_t *psk, size_t psk_len, const uint8_t *salt, size_t salt_len,
+                       const char *info, uint8_t key[RDMAX_KEY_LEN])
 {
     EVP_PKEY_CTX *p = EVP_PKEY_CTX_new_id(EVP_PKEY_HKDF, NULL);
     size_t klen = RDMAX_KEY_LEN;
@@ -192,8 +191,7 @@ int rdmax_crypt_seal(struct rdmax_crypt *c, const uint8_t *aad, size_t aad_len,
         if (iov[i].iov_len == 0) {
             continue;
         }
-        if (EVP_EncryptUpdate(c->ctx, out + pos, &n, iov[i].iov_base, (int)iov[i].iov_len) !=
-            1) {
+        if (EVP_EncryptUpdate(c->ctx, out + pos, &n, iov[i].iov_base, (int)iov[i].iov_len) != 1) {
             return -EIO;
         }
         pos += (size_t)n;

@@ -47,8 +47,8 @@ int rdmax_auth_mac(const uint8_t *psk, size_t psk_len, const char *label, const 
 bool rdmax_auth_equal(const uint8_t a[RDMAX_MAC_LEN], const uint8_t b[RDMAX_MAC_LEN]);
 
 /* HKDF-SHA256(ikm = psk, salt, info) -> 32-byte key. 0 or -EIO. */
-int rdmax_crypt_derive(const uint8_t *psk, size_t psk_len, const uint8_t *salt,
-                       size_t salt_len, const char *info, uint8_t key[RDMAX_KEY_LEN]);
+int rdmax_crypt_derive(const uint8_t *psk, size_t psk_len, const uint8_t *salt, size_t salt_len,
+                       const char *info, uint8_t key[RDMAX_KEY_LEN]);
 
 /* One direction of one connection. Not thread-safe: its owner serialises. */
 struct rdmax_crypt;

@@ -100,7 +100,7 @@ const char *rdmax_transport_list(void);
  * Split "host:port" or "[v6addr]:port" into its parts. Returns 0 or
  * -EINVAL with the reason in err.
  */
-int rdmax_addr_split(const char *spec, char *host, size_t host_len, char *port,
-                     size_t port_len, char *err, size_t err_len);
+int rdmax_addr_split(const char *spec, char *host, size_t host_len, char *port, size_t port_len,
+                     char *err, size_t err_len);
 
 #endif

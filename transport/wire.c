@@ -15,12 +15,6 @@
 #include "crc32c.h"
 #include "crypt.h"
 
-
-
-
-
-
-
 void rdmax_wire_init(struct rdmax_wire *w, struct rdmax_conn *c)
 {
     memset(w, 0, sizeof(*w));
@@ -249,8 +243,8 @@ int rdmax_hello_decode(const uint8_t *in, size_t len, struct rdmax_hello *h, cha
         return -EPROTO;
     }
     if (h->version != RDMAX_WIRE_VERSION) {
-        snprintf(err, err_len, "peer speaks wire protocol v%u, this rdma-x speaks v%u",
-                 h->version, RDMAX_WIRE_VERSION);
+        snprintf(err, err_len, "peer speaks wire protocol v%u, this rdma-x speaks v%u", h->version,
+                 RDMAX_WIRE_VERSION);
         return -EPROTONOSUPPORT;
     }
     if (len != RDMAX_HELLO_LEN) {
@@ -308,9 +302,8 @@ int rdmax_hello_decode(const uint8_t *in, size_t len, struct rdmax_hello *h, cha
 const char *rdmax_frame_type_name(unsigned type)
 {
     static const char *const names[] = {
-        "?",   "HELLO", "HELLO_ACK", "CTRL",   "PAGES",    "RP",
-        "EOF", "FIN_ACK", "ERROR",   "KEEPALIVE", "RP_EOF", "LANE_EOF",
-        "AUTH", "AUTH_OK",
+        "?",       "HELLO", "HELLO_ACK", "CTRL",   "PAGES",    "RP",   "EOF",
+        "FIN_ACK", "ERROR", "KEEPALIVE", "RP_EOF", "LANE_EOF", "AUTH", "AUTH_OK",
     };
 
     return type <= RDMAX_F_TYPE_MAX ? names[type] : "?";

@@ -88,13 +88,13 @@ struct rdmax_crypt;
 
 /* A connection with its frame-level state. */
 struct rdmax_wire {
-    struct rdmax_conn *conn;    /* owned */
-    pthread_mutex_t send_lock;  /* serialises senders */
-    uint64_t bytes_sent;        /* protected by send_lock */
-    uint64_t bytes_received;    /* owned by the receiving thread */
-    struct rdmax_crypt *tx;     /* --encrypt: owned, protected by send_lock */
-    struct rdmax_crypt *rx;     /* --encrypt: owned by the receiving thread */
-    uint8_t *seal_buf;          /* ciphertext of the frame being sent (send_lock) */
+    struct rdmax_conn *conn;   /* owned */
+    pthread_mutex_t send_lock; /* serialises senders */
+    uint64_t bytes_sent;       /* protected by send_lock */
+    uint64_t bytes_received;   /* owned by the receiving thread */
+    struct rdmax_crypt *tx;    /* --encrypt: owned, protected by send_lock */
+    struct rdmax_crypt *rx;    /* --encrypt: owned by the receiving thread */
+    uint8_t *seal_buf;         /* ciphertext of the frame being sent (send_lock) */
     size_t seal_cap;
 };
 

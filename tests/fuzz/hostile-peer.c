@@ -39,20 +39,24 @@ static struct rdmax_wire conns[RDMAX_LANES_MAX + 1];
 static unsigned nconns;
 static uint8_t *junk;
 
-static int hello(struct rdmax_wire *w, uint16_t type, uint16_t role, uint16_t lane,
-                 uint16_t lanes, uint64_t session, uint64_t cache)
+static int hello(struct rdmax_wire *w, uint16_t type, uint16_t role, uint16_t lane, uint16_t lanes,
+                 uint64_t session, uint64_t cache)
 {
-    struct rdmax_hello h = {.magic = RDMAX_WIRE_MAGIC, .version = RDMAX_WIRE_VERSION,
-                            .role = role, .lane = lane, .lanes = lanes, .page_size = 4096,
-                            .session = session, .cache_bytes = cache};
+    struct rdmax_hello h = {.magic = RDMAX_WIRE_MAGIC,
+                            .version = RDMAX_WIRE_VERSION,
+                            .role = role,
+                            .lane = lane,
+                            .lanes = lanes,
+                            .page_size = 4096,
+                            .session = session,
+                            .cache_bytes = cache};
     uint8_t b[RDMAX_HELLO_LEN];
 
     if (getrandom(h.nonce, sizeof(h.nonce), 0) < 0) {
         return -errno;
     }
     rdmax_hello_encode(b, &h);
-    return rdmax_wire_send(w, (uint8_t)type, 0, role == RDMAX_ROLE_LANE ? lane : 0, b,
-                           sizeof(b));
+    return rdmax_wire_send(w, (uint8_t)type, 0, role == RDMAX_ROLE_LANE ? lane : 0, b, sizeof(b));
 }
 
 static int expect(struct rdmax_wire *w, uint8_t type)
@@ -144,8 +148,9 @@ int main(int argc, char **argv)
     char host[256], port[32], err[200];
 
     if (argc < 4) {
-        fprintf(stderr, "usage: %s send HOST:PORT stall|flood|bomb [LANES [CACHE]]\n"
-                        "       %s recv PORT stall|flood\n",
+        fprintf(stderr,
+                "usage: %s send HOST:PORT stall|flood|bomb [LANES [CACHE]]\n"
+                "       %s recv PORT stall|flood\n",
                 argv[0], argv[0]);
         return 1;
     }
@@ -158,8 +163,8 @@ int main(int argc, char **argv)
         unsigned lanes = argc > 4 ? (unsigned)atoi(argv[4]) : RDMAX_LANES_MAX;
         uint64_t cache = argc > 5 ? strtoull(argv[5], NULL, 0) : 0;
         uint64_t session = 0x686f7374696c65ull;
-        if (rdmax_addr_split(argv[2], host, sizeof(host), port, sizeof(port), err,
-                             sizeof(err)) < 0) {
+        if (rdmax_addr_split(argv[2], host, sizeof(host), port, sizeof(port), err, sizeof(err)) <
+            0) {
             fprintf(stderr, "%s\n", err);
             return 1;
         }
@@ -209,8 +214,8 @@ int main(int argc, char **argv)
                 return 1;
             }
             want = peer.lanes + 1u;
-            hello(&conns[nconns], RDMAX_F_HELLO_ACK, peer.role, peer.lane, peer.lanes,
-                  peer.session, peer.cache_bytes);
+            hello(&conns[nconns], RDMAX_F_HELLO_ACK, peer.role, peer.lane, peer.lanes, peer.session,
+                  peer.cache_bytes);
             nconns++;
         }
         fprintf(stderr, "rdmax-hostile: %u connections in\n", nconns);

@@ -72,7 +72,9 @@ static void rec_close(struct rdmax_conn *c)
 }
 
 static const struct rdmax_transport_ops rec_ops = {
-    .name = "rec", .send = rec_send, .close = rec_close,
+    .name = "rec",
+    .send = rec_send,
+    .close = rec_close,
 };
 
 static const uint8_t fuzz_key[RDMAX_KEY_LEN] = "rdma-x fuzz key, not a secret!!";
@@ -81,9 +83,13 @@ static void wire_seeds(void)
 {
     static struct rec_conn rc = {.base = {.ops = &rec_ops}};
     struct rdmax_wire w;
-    struct rdmax_hello h = {.magic = RDMAX_WIRE_MAGIC, .version = RDMAX_WIRE_VERSION,
-                            .role = RDMAX_ROLE_CONTROL, .lanes = 4, .page_size = 4096,
-                            .session = 0x1122334455667788ull, .features = RDMAX_FEAT_PSK,
+    struct rdmax_hello h = {.magic = RDMAX_WIRE_MAGIC,
+                            .version = RDMAX_WIRE_VERSION,
+                            .role = RDMAX_ROLE_CONTROL,
+                            .lanes = 4,
+                            .page_size = 4096,
+                            .session = 0x1122334455667788ull,
+                            .features = RDMAX_FEAT_PSK,
                             .cache_bytes = 64 << 20};
     uint8_t hb[RDMAX_HELLO_LEN], big[3000];
     uint8_t opt;
@@ -115,8 +121,7 @@ static void wire_seeds(void)
         rdmax_wire_send(&w, RDMAX_F_EOF, 0, 0, big, 16);
         rdmax_wire_send(&w, RDMAX_F_LANE_EOF, 0, 1, big, 8);
         opt = (uint8_t)(enc | 4); /* cap 65536 */
-        put("fuzz-wire-header", enc ? "frames-encrypted" : "frames-plain", &opt, 1, rc.buf,
-            rc.len);
+        put("fuzz-wire-header", enc ? "frames-encrypted" : "frames-plain", &opt, 1, rc.buf, rc.len);
         opt = (uint8_t)enc; /* cap 64: the long frames are refused */
         put("fuzz-wire-header", enc ? "frames-encrypted-cap64" : "frames-plain-cap64", &opt, 1,
             rc.buf, rc.len);

@@ -62,21 +62,20 @@
 enum fill { FILL_ZERO, FILL_RANDOM, FILL_REAL };
 enum write { WR_NONE, WR_SPARSE, WR_PAGE_REAL, WR_PAGE_RANDOM };
 
-static const char *const fill_names[] = { "zero", "random", "real" };
-static const char *const write_names[] = { "none", "sparse", "page-real",
-                                           "page-random" };
+static const char *const fill_names[] = {"zero", "random", "real"};
+static const char *const write_names[] = {"none", "sparse", "page-real", "page-random"};
 
 static const struct {
     const char *name;
     enum fill fill;
     enum write write;
 } modes[] = {
-    { "idle", FILL_REAL, WR_NONE },
-    { "sparse-random", FILL_RANDOM, WR_SPARSE },
-    { "sparse-real", FILL_REAL, WR_SPARSE },
-    { "page-real", FILL_REAL, WR_PAGE_REAL },
-    { "page-random", FILL_RANDOM, WR_PAGE_RANDOM },
-    { "zero-sparse", FILL_ZERO, WR_SPARSE },
+    {"idle", FILL_REAL, WR_NONE},
+    {"sparse-random", FILL_RANDOM, WR_SPARSE},
+    {"sparse-real", FILL_REAL, WR_SPARSE},
+    {"page-real", FILL_REAL, WR_PAGE_REAL},
+    {"page-random", FILL_RANDOM, WR_PAGE_RANDOM},
+    {"zero-sparse", FILL_ZERO, WR_SPARSE},
 };
 
 struct wl {
@@ -85,9 +84,9 @@ struct wl {
     enum fill fill;
     enum write write;
     size_t mib;
-    double rate_mb;     /* MB/s (1e6 bytes) of pages dirtied; 0 = unpaced */
+    double rate_mb; /* MB/s (1e6 bytes) of pages dirtied; 0 = unpaced */
     double report_s;
-    double duration_s;  /* 0 = forever */
+    double duration_s; /* 0 = forever */
     bool verify;
     uint64_t seed;
     const char *content_dir;
@@ -96,7 +95,7 @@ struct wl {
     /* state, all in guest memory */
     uint8_t *region;
     size_t npages;
-    uint32_t *shadow;   /* generation of each page's current stamp */
+    uint32_t *shadow; /* generation of each page's current stamp */
     uint8_t *content;
     size_t content_len;
     uint64_t rng;
@@ -150,19 +149,16 @@ static inline uint64_t xorshift64(uint64_t *s)
 }
 
 /* The stamp of (page, gen): its value (never 0) and its word offset. */
-static inline uint64_t stamp_value(const struct wl *w, size_t page,
-                                   uint32_t gen)
+static inline uint64_t stamp_value(const struct wl *w, size_t page, uint32_t gen)
 {
     uint64_t v = mix64(w->seed ^ ((uint64_t)page << 24) ^ gen);
 
     return v ? v : 1;
 }
 
-static inline unsigned stamp_word(const struct wl *w, size_t page,
-                                  uint32_t gen)
+static inline unsigned stamp_word(const struct wl *w, size_t page, uint32_t gen)
 {
-    return (unsigned)(mix64(~w->seed ^ ((uint64_t)gen << 32) ^ page) %
-                      PAGE_WORDS);
+    return (unsigned)(mix64(~w->seed ^ ((uint64_t)gen << 32) ^ page) % PAGE_WORDS);
 }
 
 static inline uint64_t *page_words(const struct wl *w, size_t page)
@@ -189,9 +185,9 @@ static void check(struct wl *w, size_t page)
     }
     w->verify_bad++;
     if (w->fail_lines < MAX_FAIL_LINES) {
-        printf("VERIFY-FAIL page=%zu gen=%" PRIu32 " off=%u expected=%016"
-               PRIx64 " found=%016" PRIx64 "\n", page, gen, off * 8, want,
-               got);
+        printf("VERIFY-FAIL page=%zu gen=%" PRIu32 " off=%u expected=%016" PRIx64
+               " found=%016" PRIx64 "\n",
+               page, gen, off * 8, want, got);
     } else if (w->fail_lines == MAX_FAIL_LINES) {
         printf("VERIFY-FAIL further failures not printed, see verify_bad\n");
     }
@@ -212,8 +208,7 @@ static int load_file(struct wl *w, const char *path)
         return 0;
     }
     while (w->content_len < CONTENT_MAX) {
-        n = read(fd, w->content + w->content_len,
-                 CONTENT_MAX - w->content_len);
+        n = read(fd, w->content + w->content_len, CONTENT_MAX - w->content_len);
         if (n <= 0) {
             break;
         }
@@ -241,10 +236,8 @@ static void load_dir(struct wl *w, const char *dir, int depth)
         return;
     }
     for (i = 0; i < n; i++) {
-        if (strcmp(ents[i]->d_name, ".") != 0 &&
-            strcmp(ents[i]->d_name, "..") != 0 &&
-            snprintf(path, sizeof(path), "%s/%s", dir, ents[i]->d_name) <
-                (int)sizeof(path) &&
+        if (strcmp(ents[i]->d_name, ".") != 0 && strcmp(ents[i]->d_name, "..") != 0 &&
+            snprintf(path, sizeof(path), "%s/%s", dir, ents[i]->d_name) < (int)sizeof(path) &&
             lstat(path, &st) == 0) {
             if (S_ISDIR(st.st_mode) && depth < 8) {
                 load_dir(w, path, depth + 1);
@@ -366,13 +359,12 @@ static void report(struct wl *w, double t, double rate_mbps, const char *tag)
 {
     printf("%s t=%.1f pass=%" PRIu64 " pages=%" PRIu64 " mbps=%.1f"
            " verify_checked=%" PRIu64 " verify_bad=%" PRIu64 "\n",
-           tag, t, w->pass, w->pages_written, rate_mbps, w->verify_checked,
-           w->verify_bad);
+           tag, t, w->pass, w->pages_written, rate_mbps, w->verify_checked, w->verify_bad);
 }
 
 static void run(struct wl *w)
 {
-    const double pps = w->rate_mb * 1e6 / PAGE;   /* pages per second */
+    const double pps = w->rate_mb * 1e6 / PAGE; /* pages per second */
     const size_t chunk = pps > 0 && pps < 64 * 20 ? 1 : 64;
     double t0 = now_s(), t_pace = t0, t_rep = t0, t, target;
     uint64_t paced = 0, rep_pages = 0;
@@ -413,19 +405,15 @@ static void run(struct wl *w)
             }
         }
         t = now_s();
-        if (w->corrupt_after_s > 0 && !corrupted &&
-            t - t0 >= w->corrupt_after_s && w->npages) {
+        if (w->corrupt_after_s > 0 && !corrupted && t - t0 >= w->corrupt_after_s && w->npages) {
             /* what a lost page write looks like: the stamp is stale */
             victim = w->npages / 2;
-            page_words(w, victim)[stamp_word(w, victim, w->shadow[victim])] ^=
-                1;
+            page_words(w, victim)[stamp_word(w, victim, w->shadow[victim])] ^= 1;
             corrupted = true;
             printf("WORKLOAD-CORRUPTED page=%zu\n", victim);
         }
         if (t - t_rep >= w->report_s) {
-            report(w, t - t0,
-                   (w->pages_written - rep_pages) * (double)PAGE / 1e6 /
-                       (t - t_rep),
+            report(w, t - t0, (w->pages_written - rep_pages) * (double)PAGE / 1e6 / (t - t_rep),
                    "WORKLOAD-REPORT");
             rep_pages = w->pages_written;
             t_rep = t;
@@ -439,23 +427,22 @@ static void run(struct wl *w)
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: workload [--mode M] [--mib N] [--rate MBps] [--report S]\n"
-            "                [--duration S] [--verify 0|1] [--fill F]\n"
-            "                [--seed N] [--content DIR]\n"
-            "  --mode     idle|sparse-random|sparse-real|page-real|"
-            "page-random|zero-sparse\n"
-            "             (default sparse-random)\n"
-            "  --mib      region size in MiB (default 64)\n"
-            "  --rate     MB/s of pages dirtied, 0 = unpaced (default 20)\n"
-            "  --report   seconds between WORKLOAD-REPORT lines (default 1)\n"
-            "  --duration seconds to run, 0 = forever (default 0)\n"
-            "  --verify   check every write on the next visit (default 1)\n"
-            "  --fill     zero|random|real: override the mode's fill\n"
-            "  --seed     stamp/random seed (default 1)\n"
-            "  --content  directory of real files (default /content)\n"
-            "  --corrupt-after S  flip one stamp at S seconds (tests the"
-            " checker)\n");
+    fprintf(f, "usage: workload [--mode M] [--mib N] [--rate MBps] [--report S]\n"
+               "                [--duration S] [--verify 0|1] [--fill F]\n"
+               "                [--seed N] [--content DIR]\n"
+               "  --mode     idle|sparse-random|sparse-real|page-real|"
+               "page-random|zero-sparse\n"
+               "             (default sparse-random)\n"
+               "  --mib      region size in MiB (default 64)\n"
+               "  --rate     MB/s of pages dirtied, 0 = unpaced (default 20)\n"
+               "  --report   seconds between WORKLOAD-REPORT lines (default 1)\n"
+               "  --duration seconds to run, 0 = forever (default 0)\n"
+               "  --verify   check every write on the next visit (default 1)\n"
+               "  --fill     zero|random|real: override the mode's fill\n"
+               "  --seed     stamp/random seed (default 1)\n"
+               "  --content  directory of real files (default /content)\n"
+               "  --corrupt-after S  flip one stamp at S seconds (tests the"
+               " checker)\n");
 }
 
 static int parse_enum(const char *s, const char *const *names, int n)
@@ -473,18 +460,12 @@ static int parse_enum(const char *s, const char *const *names, int n)
 int main(int argc, char **argv)
 {
     static const struct option opts[] = {
-        { "mode", required_argument, NULL, 'm' },
-        { "mib", required_argument, NULL, 's' },
-        { "rate", required_argument, NULL, 'r' },
-        { "report", required_argument, NULL, 'i' },
-        { "duration", required_argument, NULL, 'd' },
-        { "verify", required_argument, NULL, 'v' },
-        { "fill", required_argument, NULL, 'f' },
-        { "seed", required_argument, NULL, 'S' },
-        { "content", required_argument, NULL, 'c' },
-        { "corrupt-after", required_argument, NULL, 'C' },
-        { "help", no_argument, NULL, 'h' },
-        { NULL, 0, NULL, 0 },
+        {"mode", required_argument, NULL, 'm'},     {"mib", required_argument, NULL, 's'},
+        {"rate", required_argument, NULL, 'r'},     {"report", required_argument, NULL, 'i'},
+        {"duration", required_argument, NULL, 'd'}, {"verify", required_argument, NULL, 'v'},
+        {"fill", required_argument, NULL, 'f'},     {"seed", required_argument, NULL, 'S'},
+        {"content", required_argument, NULL, 'c'},  {"corrupt-after", required_argument, NULL, 'C'},
+        {"help", no_argument, NULL, 'h'},           {NULL, 0, NULL, 0},
     };
     struct wl *w;
     const char *fill_arg = NULL;
@@ -506,21 +487,44 @@ int main(int argc, char **argv)
     w->content_dir = "/content";
     setvbuf(stdout, NULL, _IOLBF, 0);
 
-    while ((c = getopt_long(argc, argv, "m:s:r:i:d:v:f:S:c:C:h", opts, NULL)) !=
-           -1) {
+    while ((c = getopt_long(argc, argv, "m:s:r:i:d:v:f:S:c:C:h", opts, NULL)) != -1) {
         switch (c) {
-        case 'm': w->mode = optarg; break;
-        case 's': w->mib = strtoull(optarg, NULL, 0); break;
-        case 'r': w->rate_mb = strtod(optarg, NULL); break;
-        case 'i': w->report_s = strtod(optarg, NULL); break;
-        case 'd': w->duration_s = strtod(optarg, NULL); break;
-        case 'v': w->verify = atoi(optarg) != 0; break;
-        case 'f': fill_arg = optarg; break;
-        case 'S': w->seed = strtoull(optarg, NULL, 0); break;
-        case 'c': w->content_dir = optarg; break;
-        case 'C': w->corrupt_after_s = strtod(optarg, NULL); break;
-        case 'h': usage(stdout); return 0;
-        default: usage(stderr); return 1;
+        case 'm':
+            w->mode = optarg;
+            break;
+        case 's':
+            w->mib = strtoull(optarg, NULL, 0);
+            break;
+        case 'r':
+            w->rate_mb = strtod(optarg, NULL);
+            break;
+        case 'i':
+            w->report_s = strtod(optarg, NULL);
+            break;
+        case 'd':
+            w->duration_s = strtod(optarg, NULL);
+            break;
+        case 'v':
+            w->verify = atoi(optarg) != 0;
+            break;
+        case 'f':
+            fill_arg = optarg;
+            break;
+        case 'S':
+            w->seed = strtoull(optarg, NULL, 0);
+            break;
+        case 'c':
+            w->content_dir = optarg;
+            break;
+        case 'C':
+            w->corrupt_after_s = strtod(optarg, NULL);
+            break;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 1;
         }
     }
     for (i = 0; i < sizeof(modes) / sizeof(modes[0]); i++) {
@@ -554,12 +558,11 @@ int main(int argc, char **argv)
 
     printf("WORKLOAD-START mode=%s fill=%s write=%s mib=%zu rate=%.1f "
            "report=%.1f duration=%.1f verify=%d seed=%" PRIu64 "\n",
-           w->mode, fill_names[w->fill], write_names[w->write], w->mib,
-           w->rate_mb, w->report_s, w->duration_s, w->verify, w->seed);
+           w->mode, fill_names[w->fill], write_names[w->write], w->mib, w->rate_mb, w->report_s,
+           w->duration_s, w->verify, w->seed);
 
     t0 = now_s();
-    if ((w->fill == FILL_REAL || w->write == WR_PAGE_REAL) &&
-        load_content(w) != 0) {
+    if ((w->fill == FILL_REAL || w->write == WR_PAGE_REAL) && load_content(w) != 0) {
         fprintf(stderr, "workload: no content under %s\n", w->content_dir);
         return 1;
     }
@@ -568,18 +571,16 @@ int main(int argc, char **argv)
     if (w->npages) {
         w->region = mmap(NULL, w->npages * PAGE, PROT_READ | PROT_WRITE,
                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
-        w->shadow = mmap(NULL, w->npages * sizeof(*w->shadow),
-                         PROT_READ | PROT_WRITE,
+        w->shadow = mmap(NULL, w->npages * sizeof(*w->shadow), PROT_READ | PROT_WRITE,
                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
         if (w->region == MAP_FAILED || w->shadow == MAP_FAILED) {
-            fprintf(stderr, "workload: cannot map %zu MiB: %s\n", w->mib,
-                    strerror(errno));
+            fprintf(stderr, "workload: cannot map %zu MiB: %s\n", w->mib, strerror(errno));
             return 1;
         }
         populate(w);
     }
-    printf("WORKLOAD-READY pages=%zu content_bytes=%zu populate_ms=%.0f\n",
-           w->npages, w->content_len, (now_s() - t0) * 1e3);
+    printf("WORKLOAD-READY pages=%zu content_bytes=%zu populate_ms=%.0f\n", w->npages,
+           w->content_len, (now_s() - t0) * 1e3);
 
     run(w);
     return w->verify_bad ? 2 : 0;

@@ -364,8 +364,7 @@ Test(stream, truncated_stream_is_a_clear_error)
         }
     }
     cr_assert_eq(rdmax_stream_finish(s), -EBADMSG);
-    cr_assert_not_null(strstr(rdmax_stream_error(s), "truncated"), "%s",
-                       rdmax_stream_error(s));
+    cr_assert_not_null(strstr(rdmax_stream_error(s), "truncated"), "%s", rdmax_stream_error(s));
     rdmax_stream_destroy(s);
     free(b.p);
 }
@@ -498,8 +497,7 @@ Test(stream, qemu_10_0_captures_roundtrip, .timeout = 300)
 
     cr_assert_not_null(root, "RDMAX_TESTDATA is not set (meson sets it)");
     snprintf(dir, sizeof(dir), "%s/qemu-10.0", root);
-    cr_assert_eq(roundtrip_dir(dir, ".bin.zst"), 4, "expected the 4 QEMU 10.0 captures in %s",
-                 dir);
+    cr_assert_eq(roundtrip_dir(dir, ".bin.zst"), 4, "expected the 4 QEMU 10.0 captures in %s", dir);
 }
 
 Test(stream, qemu_7_2_captures_roundtrip, .timeout = 300)

@@ -23,8 +23,11 @@ Test(crc32c, matches_the_standard_check_value)
 
 Test(wire, header_roundtrip)
 {
-    struct rdmax_frame_hdr h = {.type = RDMAX_F_PAGES, .flags = RDMAX_FF_ZSTD, .channel = 3,
-                                .len = 12345, .crc = 0xdeadbeef};
+    struct rdmax_frame_hdr h = {.type = RDMAX_F_PAGES,
+                                .flags = RDMAX_FF_ZSTD,
+                                .channel = 3,
+                                .len = 12345,
+                                .crc = 0xdeadbeef};
     struct rdmax_frame_hdr g;
     uint8_t b[RDMAX_FRAME_HDR];
 
@@ -163,10 +166,15 @@ Test(wire, a_flipped_bit_anywhere_is_caught)
 
 static struct rdmax_hello good_hello(void)
 {
-    struct rdmax_hello h = {.magic = RDMAX_WIRE_MAGIC, .version = RDMAX_WIRE_VERSION,
-                            .role = RDMAX_ROLE_LANE, .lane = 1, .lanes = 4,
-                            .page_size = 4096, .session = 0x1122334455667788ull,
-                            .cache_bytes = 1 << 20, .zstd_level = -1};
+    struct rdmax_hello h = {.magic = RDMAX_WIRE_MAGIC,
+                            .version = RDMAX_WIRE_VERSION,
+                            .role = RDMAX_ROLE_LANE,
+                            .lane = 1,
+                            .lanes = 4,
+                            .page_size = 4096,
+                            .session = 0x1122334455667788ull,
+                            .cache_bytes = 1 << 20,
+                            .zstd_level = -1};
     return h;
 }
 
@@ -316,14 +324,14 @@ Test(auth, proofs_differ_by_key_and_label_and_compare_in_constant_time)
     const uint8_t k1[] = "0123456789abcdef", k2[] = "0123456789abcdeg";
     uint8_t a[RDMAX_MAC_LEN], b[RDMAX_MAC_LEN], c[RDMAX_MAC_LEN], d[RDMAX_MAC_LEN];
 
-    cr_assert_eq(rdmax_auth_mac(k1, 16, "server", (const uint8_t *)"x", 1,
-                                (const uint8_t *)"y", 1, a), 0);
-    cr_assert_eq(rdmax_auth_mac(k1, 16, "server", (const uint8_t *)"x", 1,
-                                (const uint8_t *)"y", 1, b), 0);
-    cr_assert_eq(rdmax_auth_mac(k2, 16, "server", (const uint8_t *)"x", 1,
-                                (const uint8_t *)"y", 1, c), 0);
-    cr_assert_eq(rdmax_auth_mac(k1, 16, "client", (const uint8_t *)"x", 1,
-                                (const uint8_t *)"y", 1, d), 0);
+    cr_assert_eq(
+        rdmax_auth_mac(k1, 16, "server", (const uint8_t *)"x", 1, (const uint8_t *)"y", 1, a), 0);
+    cr_assert_eq(
+        rdmax_auth_mac(k1, 16, "server", (const uint8_t *)"x", 1, (const uint8_t *)"y", 1, b), 0);
+    cr_assert_eq(
+        rdmax_auth_mac(k2, 16, "server", (const uint8_t *)"x", 1, (const uint8_t *)"y", 1, c), 0);
+    cr_assert_eq(
+        rdmax_auth_mac(k1, 16, "client", (const uint8_t *)"x", 1, (const uint8_t *)"y", 1, d), 0);
     cr_assert(rdmax_auth_equal(a, b));
     cr_assert(!rdmax_auth_equal(a, c));
     cr_assert(!rdmax_auth_equal(a, d));
@@ -346,8 +354,7 @@ Test(auth, key_files_are_checked)
     cr_assert_eq(n, 22); /* the last newline is not part of the key */
     fchmod(fd, 0644);
     cr_assert_eq(rdmax_psk_load(path, k, sizeof(k), &n, err, sizeof(err)), -EPERM);
-    cr_assert_eq(rdmax_psk_load("/nonexistent/key", k, sizeof(k), &n, err, sizeof(err)),
-                 -ENOENT);
+    cr_assert_eq(rdmax_psk_load("/nonexistent/key", k, sizeof(k), &n, err, sizeof(err)), -ENOENT);
     close(fd);
     unlink(path);
 }
