@@ -20,7 +20,8 @@ import sys
 
 sys.dont_write_bytecode = True     # keep the source tree clean
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'lib'))
-from qmp import (TestFailure, check, first_difference, free_port,  # noqa
+from qmp import (check_dst_verifies, check_identical, check_rdmax_ok,  # noqa
+                 TestFailure, check, first_difference, free_port,  # noqa
                  is_listening, log, run_test, set_caps, set_params, wait_for,
                  wait_migration, wait_status)
 
@@ -62,25 +63,10 @@ def body(rig):
     wait_status(dst, ('running',))
     check(src.status() == 'postmigrate', 'source status ' + src.status())
 
-    last_src = src.reports()[-1]['passes']
-    wait_for(lambda: dst.reports() and
-             dst.reports()[-1]['passes'] >= last_src + 2, 40,
-             'destination workload to sweep its region twice')
-    fails = dst.verify_failures()
-    check(not fails, 'lost writes on the destination: ' + '; '.join(fails[:4]))
-    rep = dst.reports()[-1]
-    check(rep['bad'] == 0, 'destination verify_bad=%d' % rep['bad'])
-    log('destination guest verified: %s' % rep)
+    check_dst_verifies(src, dst)
 
-    check(rig.rc('send') == 0, 'rdma-x send exit status %d: %s' %
-          (rig.rc('send'), rig.stderr_of('send')))
-    check(rig.rc('recv') == 0, 'rdma-x recv exit status %d: %s' %
-          (rig.rc('recv'), rig.stderr_of('recv')))
-    a, b = os.path.getsize(cap_src), os.path.getsize(cap_dst)
-    d = first_difference(cap_src, cap_dst)
-    check(d is None, 'streams differ at byte %s (source %d bytes, dest %d)'
-          % (d, a, b))
-    log('streams identical: %d bytes' % a)
+    check_rdmax_ok(rig)
+    a = check_identical(cap_src, cap_dst)
     if rig.rdmax != 'socat':
         for w, path in stats.items():
             try:

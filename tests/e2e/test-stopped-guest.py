@@ -14,7 +14,8 @@ import sys
 
 sys.dont_write_bytecode = True     # keep the source tree clean
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'lib'))
-from qmp import (check, first_difference, free_port, is_listening, log,  # noqa
+from qmp import (check_dst_verifies, check_identical, check_rdmax_ok,  # noqa
+                 check, first_difference, free_port, is_listening, log,  # noqa
                  run_test, set_caps, set_params, wait_for, wait_migration,
                  wait_status)
 
@@ -44,16 +45,9 @@ def body(rig):
     # A stopped source leaves the destination paused (global runstate).
     wait_status(dst, ('paused',))
     check(src.status() == 'postmigrate', 'source status ' + src.status())
-    check(rig.rc('send') == 0, 'rdma-x send exit status %d: %s' %
-          (rig.rc('send'), rig.stderr_of('send')))
-    check(rig.rc('recv') == 0, 'rdma-x recv exit status %d: %s' %
-          (rig.rc('recv'), rig.stderr_of('recv')))
+    check_rdmax_ok(rig)
 
-    a, b = os.path.getsize(cap_src), os.path.getsize(cap_dst)
-    d = first_difference(cap_src, cap_dst)
-    check(d is None, 'streams differ at byte %s (source %d bytes, dest %d)'
-          % (d, a, b))
-    log('streams identical: %d bytes' % a)
+    check_identical(cap_src, cap_dst)
 
     h_src = src.dump_ram(rig.path('ram-src.bin'))
     h_dst = dst.dump_ram(rig.path('ram-dst.bin'))

@@ -650,3 +650,34 @@ def dump_logs(rig, tail=25):
 def check(cond, msg):
     if not cond:
         raise TestFailure(msg)
+
+
+def check_dst_verifies(src, dst, sweeps=2, timeout=40):
+    """The destination guest's workload sweeps its region `sweeps` more
+    times than the source got to, and finds no lost write."""
+    last_src = src.reports()[-1]['passes']
+    wait_for(lambda: dst.reports() and
+             dst.reports()[-1]['passes'] >= last_src + sweeps, timeout,
+             'destination workload to sweep its region %d times' % sweeps)
+    fails = dst.verify_failures()
+    check(not fails, 'lost writes on the destination: ' + '; '.join(fails[:4]))
+    rep = dst.reports()[-1]
+    check(rep['bad'] == 0, 'destination verify_bad=%d' % rep['bad'])
+    log('destination guest verified: %s' % rep)
+
+
+def check_rdmax_ok(rig):
+    """Both rdma-x halves exited 0."""
+    for w in ('send', 'recv'):
+        check(rig.rc(w) == 0, 'rdma-x %s exit status %d: %s' %
+              (w, rig.rc(w), rig.stderr_of(w)))
+
+
+def check_identical(cap_src, cap_dst):
+    """What the source QEMU wrote is what the destination QEMU read; its size."""
+    a, b = os.path.getsize(cap_src), os.path.getsize(cap_dst)
+    d = first_difference(cap_src, cap_dst)
+    check(d is None, 'streams differ at byte %s (source %d bytes, dest %d)'
+          % (d, a, b))
+    log('streams identical: %d bytes' % a)
+    return a
