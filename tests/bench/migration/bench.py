@@ -92,7 +92,7 @@ PRESETS = {
                  contenders=['plain', 'xbzrle', 'rdma-x'], reps=1,
                  mem=Q.BIG_MEM, mib=512, cap=50, verify_s=2),
     'smoke': dict(workloads=['sparse-random@30'], contenders=['plain', 'rdma-x'],
-                  reps=1, mem=Q.SMALL_MEM, mib=64, cap=40, verify_s=2),
+                  reps=1, mem=Q.SMALL_MEM, mib=64, cap=40, verify_s=3),
 }
 
 
