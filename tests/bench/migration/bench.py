@@ -89,7 +89,7 @@ PRESETS = {
     'quick': dict(workloads=list(WORKLOADS), contenders=CONTENDERS, reps=1,
                   mem=Q.BIG_MEM, mib=512, cap=60, verify_s=3),
     'demo': dict(workloads=['sparse-real@100'],
-                 contenders=['plain', 'xbzrle', 'rdma-x'], reps=1,
+                 contenders=['plain', 'xbzrle', 'multifd-zstd', 'rdma-x'], reps=1,
                  mem=Q.BIG_MEM, mib=512, cap=50, verify_s=2),
     'smoke': dict(workloads=['sparse-random@30'], contenders=['plain', 'rdma-x'],
                   reps=1, mem=Q.SMALL_MEM, mib=64, cap=40, verify_s=3),
