@@ -228,13 +228,10 @@ static void *rp_main(void *arg)
         }
         if (n <= 0) {
             /* QEMU closed its end: it finished, or gave up on the stream. */
+            /* Mid-stream, the splice notices the closed stdout on its own. */
             r = rdmax_wire_send(&rdmax_s.ctrl, RDMAX_F_RP_EOF, 0, 0, NULL, 0);
-            if (!atomic_load(&stream_done)) {
-                if (r < 0) {
-                    rdmax_fail("control connection: %s", rdmax_wire_strerror(r));
-                }
-                /* Let the splice notice the closed stdout on its own. */
-                break;
+            if (r < 0 && !atomic_load(&stream_done)) {
+                rdmax_fail("control connection: %s", rdmax_wire_strerror(r));
             }
             break;
         }

@@ -60,6 +60,18 @@ static void putcstr(struct buf *b, const char *s)
     put(b, s, strlen(s));
 }
 
+/* The stream header, then the long header of a START section. */
+static void put_header_and_start(struct buf *b, uint32_t sid, const char *idstr, uint32_t version)
+{
+    put32(b, 0x5145564d);
+    put32(b, 3);
+    put8(b, 0x01);
+    put32(b, sid);
+    putcstr(b, idstr);
+    put32(b, 0);
+    put32(b, version);
+}
+
 static void page_fill(uint8_t *p, uint32_t seed)
 {
     for (unsigned i = 0; i < RDMAX_PAGE_SIZE; i++) {
@@ -324,13 +336,7 @@ Test(stream, unknown_iterable_section_goes_opaque)
     bool pg;
     struct rdmax_page_key key;
 
-    put32(&b, 0x5145564d);
-    put32(&b, 3);
-    put8(&b, 0x01);
-    put32(&b, 7);
-    putcstr(&b, "dirty-bitmap");
-    put32(&b, 0);
-    put32(&b, 1);
+    put_header_and_start(&b, 7, "dirty-bitmap", 1);
     /* Bytes that would look like a PAGE record must stay opaque. */
     put64(&b, 0x08);
     putcstr(&b, "pc.ram");
@@ -387,13 +393,7 @@ Test(stream, continue_without_a_block_is_rejected)
     bool pg;
     struct rdmax_page_key key;
 
-    put32(&b, 0x5145564d);
-    put32(&b, 3);
-    put8(&b, 0x01);
-    put32(&b, 2);
-    putcstr(&b, "ram");
-    put32(&b, 0);
-    put32(&b, 4);
+    put_header_and_start(&b, 2, "ram", 4);
     put64(&b, 0x1000 | 0x08 | 0x20);
     cr_assert_lt(rdmax_stream_scan(s, b.p, b.len, &pg, &key), 0);
     rdmax_stream_destroy(s);
