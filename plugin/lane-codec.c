@@ -40,22 +40,29 @@
  * most `delta_cap` bytes, about what a FULL page costs at the current zstd
  * ratio; otherwise FULL.
  *
- * zstd level (cfg.zstd_level 0 = adaptive): the level follows whichever
- * of the link and the encoder is the bottleneck, judged over windows of
- * batches (20 ms or 64 batches):
- *  - link: the share of wall time the lane thread spent blocked sending
- *    (rdmax_lane_encoder_note_link, from send.c). Above 20%, the link is
- *    the bottleneck: step up (raw -> 1 -> 2), CPU buys wire time. Not to
- *    3: per 256 KiB batch it costs about twice level 1 for ~8% fewer bytes.
- *  - encoder: the share of wall time the thread spent computing (its own
- *    CPU clock) from a batch's first add() to the end of its flush(). Above
- *    85% with the link not pushing back (< 5%), the link is faster than the
- *    compressor: step down (2 -> 1 -> raw). Time preempted does not count:
- *    on a host shared with QEMU, raw pages cost CPU too (in the kernel, in
- *    the checksum, on the receiver), so starving is no reason to go raw.
- *  - neither (waiting on QEMU): hold. Waiting for input says nothing about
- *    the link, and on a shared host the CPU a higher level takes is taken
- *    from QEMU and the other lanes.
+ * zstd level (cfg.zstd_level 0 = adaptive): the level follows whatever
+ * limits the whole pipe, judged over windows of batches (20 ms on the
+ * encoder's clock, at least 8 batches, or 64 batches), from what the caller
+ * notes (rdmax_lane_encoder_note_pipe, from send.c):
+ *  - link: the share of wall time the lane spent blocked handing batches to
+ *    the transport. Above 20%, the link is the bottleneck: step up
+ *    (raw -> 1 -> 2); CPU buys wire time. Not to 3: per 256 KiB batch it
+ *    costs about twice level 1 for ~8% fewer bytes.
+ *  - the lane itself: the share of wall time the producer (the thread
+ *    reading QEMU) spent blocked on this lane's full ring while the link
+ *    did not push back. Above 5%, this lane is what QEMU waits for: step
+ *    down (2 -> 1 -> raw), whether the lane is slow because compressing
+ *    costs more than the link saves, or because the host's CPU is
+ *    saturated and the lane gets too little of it. Either way fewer CPU
+ *    cycles per page make the pipe faster.
+ *  - a receiver that reports it cannot keep up decoding (peer_bound): its
+ *    back-pressure looks like a slow link, but compressing harder would
+ *    slow it further: step down.
+ *  - none of these (waiting on QEMU): hold. Waiting for input says nothing
+ *    about the link, and on a shared host the CPU a higher level takes is
+ *    taken from QEMU and the other lanes.
+ * The clock is read twice per batch (vDSO, no system call); the encoder
+ * never reads a thread CPU clock.
  * Pages that do not compress by 1/16 go raw, with a probe at level 1 now
  * and then to notice when they do again. At any level, a batch whose full
  * part did not compress makes the next 1, 2, 4 or 8 batches skip the try.
@@ -121,10 +128,12 @@ struct rdmax_lane_encoder {
     unsigned desc_backoff;            /* next desc_skip after a try that did not pay */
     unsigned full_skip, full_backoff; /* the same for the full-page part */
     uint64_t batch_start_ns;          /* first add() of the pending batch */
-    uint64_t win_start_ns, win_busy_ns, win_link_ns;
-    uint64_t win_cpu_ns;   /* thread CPU time spent encoding in the window */
-    uint64_t batch_cpu_ns; /* thread CPU clock at the batch's first add() */
+    uint64_t win_start_ns, win_link_ns, win_stall_ns;
+    bool win_peer_bound; /* the receiver said so in this window */
     unsigned win_batches;
+    uint64_t (*now)(void *arg); /* the adaptive level's clock */
+    void *now_arg;
+    uint8_t *out; /* rdmax_lane_encoder_bound(): header, descriptor, compressed full part */
     uint64_t win_full_in, win_full_out; /* compressed batches in the window */
     struct rdmax_lane_stats stats;
 };
@@ -139,29 +148,27 @@ struct rdmax_lane_decoder {
     bool broken;   /* an error desynchronized the cache: refuse everything */
 };
 
-/*
- * CPU time of this thread: "the encoder is the bottleneck" must mean it was
- * computing, not waiting for a CPU that QEMU or another lane had.
- */
-static uint64_t cpu_ns(void)
+static uint64_t monotonic_ns(void *arg)
 {
     struct timespec ts;
 
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-void rdmax_lane_encoder_note_link(struct rdmax_lane_encoder *e, uint64_t blocked_ns)
-{
-    e->win_link_ns += blocked_ns;
-}
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-
+    (void)arg;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+void rdmax_lane_encoder_note_pipe(struct rdmax_lane_encoder *e, const struct rdmax_lane_pipe *p)
+{
+    e->win_link_ns += p->link_ns;
+    e->win_stall_ns += p->stall_ns;
+    e->win_peer_bound |= p->peer_bound;
+}
+
+void rdmax_lane_encoder_set_clock(struct rdmax_lane_encoder *e, uint64_t (*now)(void *arg),
+                                  void *arg)
+{
+    e->now = now ? now : monotonic_ns;
+    e->now_arg = now ? arg : NULL;
 }
 
 static size_t varint_put(uint8_t *p, uint64_t v)
@@ -271,7 +278,9 @@ int rdmax_lane_encoder_create(const struct rdmax_codec_config *cfg, struct rdmax
     e->cctx = ZSTD_createCCtx();
     e->desc = malloc(DESC_MAX);
     e->full = malloc(FULL_MAX);
-    if (!e->cctx || !e->desc || !e->full) {
+    e->out = malloc(rdmax_lane_encoder_bound());
+    e->now = monotonic_ns;
+    if (!e->cctx || !e->desc || !e->full || !e->out) {
         goto err;
     }
     if (cfg->cache_bytes) {
@@ -306,6 +315,7 @@ void rdmax_lane_encoder_destroy(struct rdmax_lane_encoder *e)
     rdmax_page_cache_destroy(e->cache);
     free(e->desc);
     free(e->full);
+    free(e->out);
     free(e);
 }
 
@@ -325,8 +335,7 @@ int rdmax_lane_encoder_add(struct rdmax_lane_encoder *e, struct rdmax_page_key k
         return -EINVAL;
     }
     if (e->n == 0) {
-        e->batch_start_ns = now_ns();
-        e->batch_cpu_ns = cpu_ns();
+        e->batch_start_ns = e->now(e->now_arg);
     }
 
     /* Descriptor header: tag (filled below), then the key if unexpected. */
@@ -431,43 +440,45 @@ static size_t enc_try_zstd(struct rdmax_lane_encoder *e, uint8_t *dst, const uin
 static void enc_adapt(struct rdmax_lane_encoder *e, uint64_t now)
 {
     uint64_t wall = now - e->win_start_ns;
-    bool busy, idle;
+    bool link_bound, lane_bound;
+    int before = e->level;
 
-    if (e->cfg.zstd_level != 0 ||
-        (wall < ADAPT_WINDOW_NS && e->win_batches < ADAPT_WINDOW_BATCHES)) {
+    if (e->cfg.zstd_level != 0 || (e->win_batches < ADAPT_WINDOW_BATCHES &&
+                                   (wall < ADAPT_WINDOW_NS || e->win_batches < 8))) {
         return;
     }
-    bool link_bound = e->win_link_ns * 100 > wall * 20;
-    busy = e->win_cpu_ns * 100 > wall * 85 && e->win_link_ns * 100 < wall * 5;
-    idle = link_bound;
+    link_bound = e->win_link_ns * 100 > wall * 20 && !e->win_peer_bound;
+    lane_bound = e->win_peer_bound || (!link_bound && e->win_stall_ns * 100 > wall * 5);
     if (e->win_full_in && e->win_full_out * 16 > e->win_full_in * 15) {
         /* Compressed pages did not shrink by 1/16: raw until a probe says so. */
         e->level = 0;
         e->incompressible = true;
-    } else if (busy && e->level > 0) {
+    } else if (lane_bound && e->level > 0) {
         e->level--;
-    } else if (idle && !e->incompressible && e->level < ADAPT_MAX_LEVEL) {
+    } else if (link_bound && !e->incompressible && e->level < ADAPT_MAX_LEVEL) {
         e->level++;
     }
+    if (e->level != before) {
+        e->stats.level_changes++;
+    }
     e->win_start_ns = now;
-    e->win_busy_ns = 0;
-    e->win_cpu_ns = 0;
     e->win_link_ns = 0;
+    e->win_stall_ns = 0;
+    e->win_peer_bound = false;
     e->win_batches = 0;
     e->win_full_in = e->win_full_out = 0;
 }
 
-ssize_t rdmax_lane_encoder_flush(struct rdmax_lane_encoder *e, uint8_t *out, size_t cap)
+ssize_t rdmax_lane_encoder_flush_iov(struct rdmax_lane_encoder *e, struct iovec iov[2],
+                                     int *iovcnt)
 {
     size_t full_raw = (size_t)e->nfull * PS;
     size_t desc_len = e->desc_len, full_len = full_raw, pos, z;
-    uint8_t flags = 0;
+    uint8_t flags = 0, *out = e->out;
     int level = e->level;
     bool probe = false;
 
-    if (cap < rdmax_lane_encoder_bound()) {
-        return -EMSGSIZE;
-    }
+    *iovcnt = 0;
     if (e->n == 0) {
         return 0;
     }
@@ -528,12 +539,19 @@ ssize_t rdmax_lane_encoder_flush(struct rdmax_lane_encoder *e, uint8_t *out, siz
             e->full_skip = e->full_backoff;
         }
     }
+    iov[0].iov_base = out;
     if (z) {
         flags |= BF_FULL_ZSTD;
         full_len = z;
         e->stats.full_zstd_batches++;
+        iov[0].iov_len = pos + full_len;
+        *iovcnt = 1;
     } else {
-        memcpy(out + pos, e->full, full_raw);
+        /* Raw pages leave from where add() put them. */
+        iov[0].iov_len = pos;
+        iov[1].iov_base = e->full;
+        iov[1].iov_len = full_raw;
+        *iovcnt = full_raw ? 2 : 1;
         if (full_raw) {
             e->stats.full_raw_batches++;
         }
@@ -563,15 +581,31 @@ ssize_t rdmax_lane_encoder_flush(struct rdmax_lane_encoder *e, uint8_t *out, siz
     enc_reset_batch(e);
 
     {
-        uint64_t t1 = now_ns();
+        uint64_t t1 = e->now(e->now_arg);
 
         e->stats.encode_ns += t1 - e->batch_start_ns;
-        e->win_busy_ns += t1 - e->batch_start_ns;
-        e->win_cpu_ns += cpu_ns() - e->batch_cpu_ns;
         e->win_batches++;
         enc_adapt(e, t1);
     }
     return (ssize_t)pos;
+}
+
+ssize_t rdmax_lane_encoder_flush(struct rdmax_lane_encoder *e, uint8_t *out, size_t cap)
+{
+    struct iovec iov[2];
+    int n;
+    ssize_t len;
+    size_t pos = 0;
+
+    if (cap < rdmax_lane_encoder_bound()) {
+        return -EMSGSIZE;
+    }
+    len = rdmax_lane_encoder_flush_iov(e, iov, &n);
+    for (int i = 0; i < n; i++) {
+        memcpy(out + pos, iov[i].iov_base, iov[i].iov_len);
+        pos += iov[i].iov_len;
+    }
+    return len;
 }
 
 const struct rdmax_lane_stats *rdmax_lane_encoder_stats(const struct rdmax_lane_encoder *e)

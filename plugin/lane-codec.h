@@ -18,6 +18,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 
 #define RDMAX_PAGE_SIZE 4096u
 #define RDMAX_BATCH_MAX_PAGES 64u
@@ -65,6 +66,7 @@ struct rdmax_lane_stats {
     uint64_t full_zstd_batches; /* batches whose full-page part went compressed */
     uint64_t full_raw_batches;  /* ... went raw (incompressible, or raw chosen) */
     uint64_t encode_ns;         /* from each batch's first add() to its flush()'s end */
+    uint64_t level_changes;     /* adaptive steps taken (up or down) */
     int zstd_level;             /* level of the last batch's full part, 0 = raw */
 };
 
@@ -94,15 +96,40 @@ size_t rdmax_lane_encoder_bound(void);
 /*
  * Encode the current batch into out[0..cap) and start a new one.
  * Returns the batch length, 0 when no page is pending (nothing to send), or
- * -EMSGSIZE when cap is below the bound.
+ * -EMSGSIZE when cap is below the bound. Copies the batch once more than
+ * rdmax_lane_encoder_flush_iov; for tests and tools.
  */
 ssize_t rdmax_lane_encoder_flush(struct rdmax_lane_encoder *e, uint8_t *out, size_t cap);
 
 /*
- * Tell the adaptive level how long the lane was blocked sending a batch
- * (wall ns): back-pressure from the link is what makes compressing harder pay.
+ * Encode the current batch and start a new one, without copying it out:
+ * iov[0..*iovcnt) (at most 2) point at the batch in the encoder's own
+ * buffers, valid until the next add() or flush on e. A raw full-page part
+ * goes out from where add() put the pages. Returns the batch length, 0 when
+ * no page is pending (*iovcnt is then 0).
  */
-void rdmax_lane_encoder_note_link(struct rdmax_lane_encoder *e, uint64_t blocked_ns);
+ssize_t rdmax_lane_encoder_flush_iov(struct rdmax_lane_encoder *e, struct iovec iov[2],
+                                     int *iovcnt);
+
+/*
+ * What the pipe around the lane did since the last note (wall ns on the
+ * encoder's clock): the adaptive level follows the bottleneck of the whole
+ * pipe, not the encoder's own speed.
+ */
+struct rdmax_lane_pipe {
+    uint64_t link_ns;  /* the lane blocked handing batches to the transport */
+    uint64_t stall_ns; /* the producer blocked on this lane's full ring */
+    bool peer_bound;   /* the receiver says its decoding cannot keep up */
+};
+
+void rdmax_lane_encoder_note_pipe(struct rdmax_lane_encoder *e, const struct rdmax_lane_pipe *p);
+
+/*
+ * The clock of the adaptive level's windows (tests inject one); the default
+ * is CLOCK_MONOTONIC. now() returns ns; it is called twice per batch.
+ */
+void rdmax_lane_encoder_set_clock(struct rdmax_lane_encoder *e, uint64_t (*now)(void *arg),
+                                  void *arg);
 
 const struct rdmax_lane_stats *rdmax_lane_encoder_stats(const struct rdmax_lane_encoder *e);
 

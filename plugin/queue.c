@@ -19,6 +19,8 @@ int rdmax_ring_init(struct rdmax_ring *r, size_t slot_size, size_t cap)
     atomic_init(&r->closed, false);
     atomic_init(&r->cons_sleep, false);
     atomic_init(&r->prod_sleep, false);
+    atomic_init(&r->want, 1);
+    atomic_init(&r->kick, false);
     pthread_mutex_init(&r->mu, NULL);
     pthread_cond_init(&r->cv, NULL);
     return 0;
@@ -77,8 +79,61 @@ void *rdmax_ring_reserve(struct rdmax_ring *r, bool try)
 
 void rdmax_ring_commit(struct rdmax_ring *r)
 {
-    atomic_store(&r->tail, atomic_load_explicit(&r->tail, memory_order_relaxed) + 1);
+    size_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed) + 1;
+
+    atomic_store(&r->tail, tail);
+    /* A batching consumer sleeps until it can fill its batch. */
+    if (atomic_load(&r->cons_sleep) &&
+        tail - atomic_load_explicit(&r->head, memory_order_relaxed) >= atomic_load(&r->want)) {
+        wake(r, &r->cons_sleep);
+    }
+}
+
+void rdmax_ring_kick(struct rdmax_ring *r)
+{
+    atomic_store(&r->kick, true);
     wake(r, &r->cons_sleep);
+}
+
+bool rdmax_ring_kicked(struct rdmax_ring *r)
+{
+    return atomic_load_explicit(&r->kick, memory_order_relaxed) && atomic_exchange(&r->kick, false);
+}
+
+void *rdmax_ring_peek_wait(struct rdmax_ring *r, size_t want)
+{
+    size_t head = atomic_load_explicit(&r->head, memory_order_relaxed);
+
+    if (want < 1) {
+        want = 1;
+    }
+    if (want > r->cap) {
+        want = r->cap;
+    }
+    for (int i = 0; atomic_load_explicit(&r->tail, memory_order_acquire) - head < want; i++) {
+        if (atomic_load(&r->closed) || atomic_load(&r->kick)) {
+            break;
+        }
+        if (i < SPINS) {
+            cpu_relax();
+            continue;
+        }
+        pthread_mutex_lock(&r->mu);
+        atomic_store(&r->want, want);
+        atomic_store(&r->cons_sleep, true);
+        while (atomic_load(&r->tail) - head < want && !atomic_load(&r->closed) &&
+               !atomic_load(&r->kick)) {
+            pthread_cond_wait(&r->cv, &r->mu);
+        }
+        atomic_store(&r->cons_sleep, false);
+        atomic_store(&r->want, 1);
+        pthread_mutex_unlock(&r->mu);
+        break;
+    }
+    if (atomic_load_explicit(&r->tail, memory_order_acquire) == head) {
+        return NULL;
+    }
+    return r->mem + (head % r->cap) * r->slot_size;
 }
 
 void *rdmax_ring_peek(struct rdmax_ring *r, bool try)

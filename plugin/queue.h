@@ -28,6 +28,8 @@ struct rdmax_ring {
     _Atomic bool closed;     /* producer finished (or abort) */
     _Atomic bool cons_sleep; /* consumer is (about to be) waiting on cv */
     _Atomic bool prod_sleep; /* producer is (about to be) waiting on cv */
+    _Atomic size_t want;     /* the sleeping consumer waits for this many slots */
+    _Atomic bool kick;       /* producer: "act on what you have" (rdmax_ring_kick) */
     pthread_mutex_t mu;      /* only for sleeping */
     pthread_cond_t cv;
 };
@@ -45,6 +47,22 @@ void rdmax_ring_commit(struct rdmax_ring *r);
  */
 void *rdmax_ring_peek(struct rdmax_ring *r, bool try);
 void rdmax_ring_release(struct rdmax_ring *r);
+
+/*
+ * Consumer: the oldest slot once at least `want` are filled, the producer
+ * kicked, or the ring closed; NULL when closed and empty, or when kicked
+ * and empty. A consumer that batches sleeps through the producer's first
+ * want - 1 commits instead of waking for each.
+ */
+void *rdmax_ring_peek_wait(struct rdmax_ring *r, size_t want);
+
+/*
+ * Producer: wake the consumer to act on what it has (say, send a partial
+ * batch) because the producer is about to wait itself.
+ */
+void rdmax_ring_kick(struct rdmax_ring *r);
+/* Consumer: whether the producer kicked since the last call (clears it). */
+bool rdmax_ring_kicked(struct rdmax_ring *r);
 
 /* No more items will come; wakes the consumer. */
 void rdmax_ring_close(struct rdmax_ring *r);

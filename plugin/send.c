@@ -43,9 +43,9 @@ struct send_lane {
     unsigned idx;
     struct rdmax_ring ring; /* main thread -> lane thread */
     struct rdmax_lane_encoder *enc;
-    uint8_t *out;
-    size_t out_cap;
     pthread_t thread;
+    _Atomic uint64_t stall_ns; /* main thread waited on this ring; the lane takes it */
+    bool dirty;                /* main thread: pages committed since the last kick */
 };
 
 static struct send_lane lanes[RDMAX_LANES_MAX];
@@ -106,22 +106,34 @@ static void ctrl_append(const uint8_t *p, size_t n)
 
 static void lane_send_batch(struct send_lane *l)
 {
-    ssize_t n = rdmax_lane_encoder_flush(l->enc, l->out, l->out_cap);
+    struct iovec iov[2];
+    int iovcnt;
+    ssize_t n = rdmax_lane_encoder_flush_iov(l->enc, iov, &iovcnt);
+    struct rdmax_lane_pipe pipe = {0};
     int r;
 
-    if (n < 0) {
-        rdmax_fail("lane %u: encoding a batch: %s", l->idx, strerror((int)-n));
+    if (n <= 0) {
+        return;
     }
     double t0 = rdmax_now();
-    r = rdmax_wire_send(&rdmax_s.lane[l->idx], RDMAX_F_PAGES, 0, (uint16_t)(l->idx + 1), l->out,
-                        (size_t)n);
-    rdmax_lane_encoder_note_link(l->enc, (uint64_t)((rdmax_now() - t0) * 1e9));
+    r = rdmax_wire_sendv(&rdmax_s.lane[l->idx], RDMAX_F_PAGES, 0, (uint16_t)(l->idx + 1), iov,
+                         iovcnt);
+    pipe.link_ns = (uint64_t)((rdmax_now() - t0) * 1e9);
+    pipe.stall_ns = atomic_exchange_explicit(&l->stall_ns, 0, memory_order_relaxed);
+    rdmax_lane_encoder_note_pipe(l->enc, &pipe);
     if (r < 0) {
         rdmax_fail("lane %u to %s: %s", l->idx, rdmax_s.lane[l->idx].conn->peer,
                    rdmax_wire_strerror(r));
     }
 }
 
+/*
+ * Batches stay full while pages keep coming: the lane sends when it has
+ * RDMAX_BATCH_MAX_PAGES, and a partial batch only when the main thread
+ * kicks it because it is about to wait (for QEMU, or for a full ring), so
+ * no page is held back while nothing else moves. It sleeps until it can
+ * fill its batch rather than waking for every page.
+ */
 static void *lane_main(void *arg)
 {
     struct send_lane *l = arg;
@@ -129,22 +141,26 @@ static void *lane_main(void *arg)
     uint8_t eof[8];
 
     for (;;) {
-        struct page_slot *s = rdmax_ring_peek(&l->ring, false);
+        unsigned pend = rdmax_lane_encoder_pending(l->enc);
+        struct page_slot *s =
+            rdmax_ring_peek_wait(&l->ring, pend ? RDMAX_BATCH_MAX_PAGES - pend : 1);
         if (!s) {
-            break; /* closed and drained */
+            if (rdmax_ring_closed_and_empty(&l->ring)) {
+                break;
+            }
+            if (rdmax_ring_kicked(&l->ring)) {
+                lane_send_batch(l);
+            }
+            continue;
         }
         rdmax_lane_encoder_add(l->enc, s->key, s->data);
         rdmax_ring_release(&l->ring);
         pages++;
-        /* Batch while more pages wait; send as soon as the lane runs dry. */
-        if (rdmax_lane_encoder_pending(l->enc) == RDMAX_BATCH_MAX_PAGES ||
-            rdmax_ring_count(&l->ring) == 0) {
+        if (rdmax_lane_encoder_pending(l->enc) == RDMAX_BATCH_MAX_PAGES) {
             lane_send_batch(l);
         }
     }
-    if (rdmax_lane_encoder_pending(l->enc)) {
-        lane_send_batch(l);
-    }
+    lane_send_batch(l);
     for (int i = 0; i < 8; i++) {
         eof[i] = (uint8_t)(pages >> (56 - 8 * i));
     }
@@ -216,14 +232,34 @@ static void *ctrl_reader_main(void *arg)
     return arg;
 }
 
-/* A free slot in lane k's ring; flush the control bytes before waiting. */
+/*
+ * About to wait: everything read so far must be able to reach the
+ * receiver, which places a page only after the control bytes before it and
+ * every page before it. Flush the control bytes and make every lane that
+ * got pages since the last time send its partial batch.
+ */
+static void before_waiting(void)
+{
+    ctrl_flush();
+    for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
+        if (lanes[i].dirty) {
+            lanes[i].dirty = false;
+            rdmax_ring_kick(&lanes[i].ring);
+        }
+    }
+}
+
+/* A free slot in lane k's ring; the time waited for one tells lane k it is the bottleneck. */
 static struct page_slot *lane_slot(unsigned k)
 {
     struct page_slot *s = rdmax_ring_reserve(&lanes[k].ring, true);
 
     if (!s) {
-        ctrl_flush();
+        before_waiting();
+        double t0 = rdmax_now();
         s = rdmax_ring_reserve(&lanes[k].ring, false);
+        atomic_fetch_add_explicit(&lanes[k].stall_ns, (uint64_t)((rdmax_now() - t0) * 1e9),
+                                  memory_order_relaxed);
     }
     return s;
 }
@@ -233,9 +269,7 @@ static void lanes_start(void)
     for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
         struct send_lane *l = &lanes[i];
         l->idx = i;
-        l->out_cap = rdmax_lane_encoder_bound();
-        l->out = malloc(l->out_cap);
-        if (!l->out || rdmax_ring_init(&l->ring, sizeof(struct page_slot), LANE_RING_PAGES) < 0 ||
+        if (rdmax_ring_init(&l->ring, sizeof(struct page_slot), LANE_RING_PAGES) < 0 ||
             rdmax_lane_encoder_create(&rdmax_s.codec, &l->enc) < 0) {
             rdmax_fail("out of memory setting up lane %u", i);
         }
@@ -343,7 +377,7 @@ int rdmax_send_run(void)
             pre = 0;
         } else {
             if (poll(&pfd, 1, 0) == 0) {
-                ctrl_flush(); /* about to block on QEMU */
+                before_waiting(); /* about to block on QEMU */
             }
             n = read(STDIN_FILENO, in, IN_BUF);
         }
@@ -369,6 +403,7 @@ int rdmax_send_run(void)
                 pos += k;
                 if (slot_fill == RDMAX_PAGE_SIZE) {
                     rdmax_ring_commit(&lanes[slot_lane].ring);
+                    lanes[slot_lane].dirty = true;
                     atomic_fetch_add_explicit(&rdmax_s.c.pages, 1, memory_order_relaxed);
                     rdmax_stream_page_done(st);
                     slot = NULL;
