@@ -613,6 +613,16 @@ const struct rdmax_lane_stats *rdmax_lane_encoder_stats(const struct rdmax_lane_
     return &e->stats;
 }
 
+int rdmax_lane_encoder_populate(struct rdmax_lane_encoder *e)
+{
+    return rdmax_page_cache_populate_start(e->cache);
+}
+
+int rdmax_lane_decoder_populate(struct rdmax_lane_decoder *d)
+{
+    return rdmax_page_cache_populate_start(d->cache);
+}
+
 uint64_t rdmax_lane_encoder_cache_digest(const struct rdmax_lane_encoder *e)
 {
     return e->cache ? rdmax_page_cache_digest(e->cache) : 0;

@@ -59,6 +59,14 @@ int rdmax_page_cache_create(uint64_t budget_bytes, struct rdmax_page_cache **out
 void rdmax_page_cache_destroy(struct rdmax_page_cache *c);
 
 /*
+ * Fault the cache's memory in from a background thread at SCHED_IDLE, in
+ * the order slots are handed out, so the page path seldom takes a first-
+ * touch fault. Changes nothing the cache holds or decides (mirroring is
+ * unaffected); stopped by destroy. 0, or -errno when no thread could start.
+ */
+int rdmax_page_cache_populate_start(struct rdmax_page_cache *c);
+
+/*
  * The cached version of key (RDMAX_PAGE_SIZE bytes), or NULL. Does not
  * change what the cache holds or evicts (only the lookup counters).
  * Valid until the next rdmax_page_cache_store on this cache.
