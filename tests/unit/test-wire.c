@@ -11,16 +11,6 @@
 #include "crypt.h"
 #include "wire.h"
 
-Test(crc32c, matches_the_standard_check_value)
-{
-    cr_assert_eq(rdmax_crc32c(0, "123456789", 9), 0xe3069283u);
-    /* Incremental equals one-shot, at every split. */
-    for (size_t i = 0; i <= 9; i++) {
-        uint32_t c = rdmax_crc32c(0, "123456789", i);
-        cr_assert_eq(rdmax_crc32c(c, "123456789" + i, 9 - i), 0xe3069283u);
-    }
-}
-
 Test(wire, header_roundtrip)
 {
     struct rdmax_frame_hdr h = {.type = RDMAX_F_PAGES,
