@@ -19,7 +19,8 @@
  *   tag      := u8: bits 0-1 tier (0 UNCHANGED, 1 ZERO, 2 DELTA, 3 FULL)
  *                   bit 2 BLK: block follows, else block = previous page's
  *                   bit 3 OFS: offset follows, else index = previous + 1
- *                   bits 4-7 zero
+ *                   bit 4 NOCACHE: FULL only, key not cached, and it stays so
+ *                   bits 5-7 zero
  *   block    := varint (< 2^32)
  *   offset   := varint zigzag(index - (previous index + 1)), where
  *               index = byte offset / 4096 (< 2^52); before the first page
@@ -32,7 +33,8 @@
  *   UNCHANGED  key must be cached; store(key) (its contents stay)
  *   ZERO       if key is cached, store(key) and zero it; else no change
  *   DELTA      key must be cached; store(key), apply the delta in place
- *   FULL       store(key) (inserting, maybe evicting), copy the page in
+ *   FULL       store(key) (inserting, maybe evicting), copy the page in;
+ *              with NOCACHE: key must not be cached; no change
  * so the cache always holds the last version sent of the keys it holds.
  *
  * Tier choice (encoder only; the decoder does not need to know why): zero
@@ -51,7 +53,7 @@
  *  - the lane itself: the share of wall time the producer (the thread
  *    reading QEMU) spent blocked on this lane's full ring while the link
  *    did not push back. Above 5%, this lane is what QEMU waits for: step
- *    down (2 -> 1 -> raw), whether the lane is slow because compressing
+ *    down (2 -> 1 -> raw -> uncached), whether the lane is slow because compressing
  *    costs more than the link saves, or because the host's CPU is
  *    saturated and the lane gets too little of it. Either way fewer CPU
  *    cycles per page make the pipe faster.
@@ -61,6 +63,10 @@
  *  - none of these (waiting on QEMU): hold. Waiting for input says nothing
  *    about the link, and on a shared host the CPU a higher level takes is
  *    taken from QEMU and the other lanes.
+ * "uncached" (level -1) is raw without inserting pages the cache does not
+ * hold yet (NOCACHE): when even a raw lane holds QEMU up, the copy into the
+ * cache and the first touch of its memory on both sides are what is left
+ * to save. Pages already cached still go UNCHANGED or DELTA.
  * The clock is read twice per batch (vDSO, no system call); the encoder
  * never reads a thread CPU clock.
  * Pages that do not compress by 1/16 go raw, with a probe at level 1 now
@@ -87,7 +93,8 @@
 #define TAG_TIER 0x03u
 #define TAG_BLK 0x04u
 #define TAG_OFS 0x08u
-#define TAG_RESERVED 0xf0u
+#define TAG_NOCACHE 0x10u
+#define TAG_RESERVED 0xe0u
 
 #define PS RDMAX_PAGE_SIZE
 #define DELTA_MAX RDMAX_DELTA_BOUND(PS)
@@ -121,7 +128,7 @@ struct rdmax_lane_encoder {
     uint64_t prev_index;
     size_t delta_cap; /* a delta above this goes FULL */
     /* Adaptive level: see the top comment. */
-    int level;                        /* 0 = raw */
+    int level;                        /* 0 = raw, -1 = raw without new cache inserts */
     bool incompressible;              /* raw because pages did not compress */
     unsigned probe_in;                /* batches until the next probe */
     unsigned desc_skip;               /* batches to send the descriptor raw without trying */
@@ -297,6 +304,7 @@ int rdmax_lane_encoder_create(const struct rdmax_codec_config *cfg, struct rdmax
     e->delta_cap = PS - 1;
     e->probe_in = ADAPT_PROBE_EVERY;
     e->stats.zstd_level = e->level;
+    e->stats.level = e->level;
     enc_reset_batch(e);
     *out = e;
     return 0;
@@ -384,8 +392,14 @@ int rdmax_lane_encoder_add(struct rdmax_lane_encoder *e, struct rdmax_page_key k
             }
         }
         if (tier == RDMAX_TIER_FULL) {
-            uint8_t *slot = e->cache ? rdmax_page_cache_store(e->cache, key, NULL) : NULL;
+            uint8_t *slot = NULL;
 
+            if (e->cache && !old && e->level < 0) {
+                tag |= TAG_NOCACHE;
+                e->stats.uncached_pages++;
+            } else if (e->cache) {
+                slot = rdmax_page_cache_store(e->cache, key, NULL);
+            }
             page_copy(e->full + (size_t)e->nfull * PS, page);
             e->nfull++;
             if (slot) { /* NULL: a cache of capacity 0 */
@@ -453,13 +467,14 @@ static void enc_adapt(struct rdmax_lane_encoder *e, uint64_t now)
         /* Compressed pages did not shrink by 1/16: raw until a probe says so. */
         e->level = 0;
         e->incompressible = true;
-    } else if (lane_bound && e->level > 0) {
+    } else if (lane_bound && e->level > (e->cache ? -1 : 0)) {
         e->level--;
-    } else if (link_bound && !e->incompressible && e->level < ADAPT_MAX_LEVEL) {
+    } else if (link_bound && e->level < (e->incompressible ? 0 : ADAPT_MAX_LEVEL)) {
         e->level++;
     }
     if (e->level != before) {
         e->stats.level_changes++;
+        e->stats.level = e->level;
     }
     e->win_start_ns = now;
     e->win_link_ns = 0;
@@ -679,6 +694,7 @@ void rdmax_lane_decoder_destroy(struct rdmax_lane_decoder *d)
 struct dec_page {
     struct rdmax_page_key key;
     enum rdmax_page_tier tier;
+    bool nocache;                  /* FULL: not to be inserted */
     uint32_t delta_pos, delta_len; /* in the descriptor part */
 };
 
@@ -735,6 +751,10 @@ static int dec_parse(const uint8_t *desc, size_t len, unsigned count, struct dec
         pg->key.block = block;
         pg->key.offset = index * PS;
         pg->tier = (enum rdmax_page_tier)(tag & TAG_TIER);
+        pg->nocache = (tag & TAG_NOCACHE) != 0;
+        if (pg->nocache && pg->tier != RDMAX_TIER_FULL) {
+            return -EBADMSG;
+        }
         pg->delta_pos = pg->delta_len = 0;
         if (pg->tier == RDMAX_TIER_DELTA) {
             if (!varint_get(desc, len, &pos, &v) || v == 0 || v > DELTA_MAX || v > len - pos) {
@@ -833,6 +853,12 @@ int rdmax_lane_decoder_decode(struct rdmax_lane_decoder *d, const uint8_t *in, s
             break;
         default: /* RDMAX_TIER_FULL */
             page = full + (size_t)f++ * PS;
+            if (pg->nocache) {
+                if (d->cache && rdmax_page_cache_lookup(d->cache, pg->key)) {
+                    goto bad; /* the cache would keep a stale version */
+                }
+                break;
+            }
             slot = d->cache ? rdmax_page_cache_store(d->cache, pg->key, NULL) : NULL;
             if (slot) { /* NULL: a cache of capacity 0 */
                 memcpy(slot, page, PS);

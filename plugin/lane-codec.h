@@ -67,7 +67,9 @@ struct rdmax_lane_stats {
     uint64_t full_raw_batches;  /* ... went raw (incompressible, or raw chosen) */
     uint64_t encode_ns;         /* from each batch's first add() to its flush()'s end */
     uint64_t level_changes;     /* adaptive steps taken (up or down) */
+    uint64_t uncached_pages;    /* FULL pages sent without a cache insert (level -1) */
     int zstd_level;             /* level of the last batch's full part, 0 = raw */
+    int level;                  /* the adaptive level now: -1 uncached, 0 raw, 1.. zstd */
 };
 
 struct rdmax_lane_encoder;

@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 struct cache_entry {
@@ -49,7 +50,8 @@ struct rdmax_page_cache {
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
 #endif
-#define POPULATE_CHUNK (2u << 20) /* one huge page */
+#define POPULATE_CHUNK (2u << 20)  /* one huge page */
+#define POPULATE_AHEAD (32u << 20) /* ahead of the lane; not the whole cache up front */
 
 /* Index cells for n slots: a power of two, load factor <= 1/2. */
 static size_t cache_index_cells(size_t n)
@@ -200,8 +202,11 @@ err_struct:
  * at SCHED_IDLE: a fresh anonymous page costs a zeroing fault on first
  * touch (17-40% of a side's CPU on a replay when it happened in the page
  * path), and this way it happens while the CPU would otherwise idle (QEMU
- * setting up, the link pushing back). MADV_POPULATE_WRITE never changes
- * what a page holds, so it may run over slots the lane already uses.
+ * setting up, the link pushing back). It stays at most POPULATE_AHEAD
+ * ahead of the slots in use, so a guest of mostly zero pages (never
+ * cached) does not get its whole cache faulted in for nothing.
+ * MADV_POPULATE_WRITE never changes what a page holds, so it may run over
+ * slots the lane already uses.
  */
 static void *populate_main(void *arg)
 {
@@ -217,6 +222,12 @@ static void *populate_main(void *arg)
 
         if (pos < used) {
             pos = used & ~(size_t)(POPULATE_CHUNK - 1); /* the lane got there first */
+        }
+        if (pos >= used + POPULATE_AHEAD) {
+            struct timespec ts = {0, 2000000};
+
+            nanosleep(&ts, NULL);
+            continue;
         }
         len = c->data_len - pos < POPULATE_CHUNK ? c->data_len - pos : POPULATE_CHUNK;
         if (madvise(c->data + pos, len, MADV_POPULATE_WRITE) != 0) {

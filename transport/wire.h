@@ -21,8 +21,11 @@
 #include "transport.h"
 
 #define RDMAX_WIRE_MAGIC 0x52444d58u /* "RDMX" */
-/* v2: 32-byte nonce and proof in HELLO, feature bits, AUTH/AUTH_OK (PSK). */
-#define RDMAX_WIRE_VERSION 2u
+/*
+ * v2: 32-byte nonce and proof in HELLO, feature bits, AUTH/AUTH_OK (PSK).
+ * v3: lane batches may carry FULL pages with NOCACHE (not inserted).
+ */
+#define RDMAX_WIRE_VERSION 3u
 #define RDMAX_FRAME_HDR 12u
 #define RDMAX_FRAME_MAX (4u << 20)
 #define RDMAX_LANES_MAX 64u

@@ -200,7 +200,7 @@ def body(rdmax, tmp):
     check('no valid rdma-x handshake' in why, 'garbage: %r' % why)
     why = raw_client(r.port, hello_v1())
     log('  v1 client got: %r' % why)
-    check('wire protocol v1' in why and 'v2' in why, 'old version: %r' % why)
+    check('wire protocol v1' in why and 'v3' in why, 'old version: %r' % why)
     t0 = time.monotonic()
     why = raw_client(r.port, b'')
     log('  silent client dropped after %.1f s: %r' % (time.monotonic() - t0, why))

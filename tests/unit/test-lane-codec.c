@@ -362,6 +362,10 @@ Test(lane_codec, every_delta_impl_produces_the_same_batches)
 
 /* ---- adaptive level -------------------------------------------------------- */
 
+static size_t mk_batch(uint8_t *out, uint8_t version, uint8_t flags, unsigned count,
+                       const uint8_t *desc, size_t desc_len, size_t desc_raw, const uint8_t *full,
+                       size_t full_len);
+
 /*
  * The adaptive level runs on an injected clock: each batch "takes" a fixed
  * time and the pipe around it is simulated, so these tests decide the same
@@ -460,6 +464,54 @@ Test(lane_codec, adaptive_level_falls_when_the_receiver_cannot_keep_up)
     pair_free(p);
 }
 
+Test(lane_codec, uncached_level_skips_new_inserts_and_the_caches_still_mirror)
+{
+    struct pair *p = pair_new(4u << 20, 0);
+    struct test_rng r = {10};
+    static uint8_t page[PS];
+    unsigned i, b;
+
+    /* Key 0..15 cached while the lane is at level 1. */
+    for (i = 0; i < 16; i++) {
+        memset(page, (int)i + 1, PS);
+        pair_add(p, key_of(3, i), page);
+    }
+    pair_flush_check(p, 0);
+    feed_compressible(p, &r, 300, SIM_FAST_LINK);
+    cr_assert_eq(stats(p)->level, -1, "even raw holds QEMU up: stop inserting");
+    uint64_t before = stats(p)->uncached_pages;
+    for (b = 0; b < 4; b++) {
+        for (i = 0; i < 32; i++) {
+            memset(page, (int)(i + b) + 1, PS);
+            page[5] = (uint8_t)b;
+            /* Keys 0..15 were cached: deltas; 16..31 are new: NOCACHE. */
+            pair_add(p, key_of(3, i), page);
+        }
+        pair_flush_check(p, 0);
+    }
+    cr_assert_geq(stats(p)->uncached_pages - before, 4 * 16);
+    cr_assert_eq(rdmax_lane_encoder_cache_digest(p->enc), rdmax_lane_decoder_cache_digest(p->dec),
+                 "NOCACHE pages change neither cache");
+    pair_free(p);
+}
+
+Test(lane_codec, nocache_for_a_cached_key_breaks_the_decoder)
+{
+    static uint8_t buf[16 + 1 + PS], page[PS];
+    static const uint8_t desc[] = {0x13}; /* FULL | NOCACHE, key (0, 0) */
+    struct pair *p = pair_new(1u << 20, 1);
+    struct sink s = {.fail_at = -1};
+    size_t len;
+
+    memset(page, 5, PS);
+    pair_add(p, key_of(0, 0), page);
+    pair_flush_check(p, 0);
+    len = mk_batch(buf, 2, 0, 1, desc, 1, 1, page, PS);
+    cr_assert_eq(rdmax_lane_decoder_decode(p->dec, buf, len, sink_cb, &s), -EBADMSG,
+                 "the cache would keep a stale version");
+    pair_free(p);
+}
+
 Test(lane_codec, adaptive_level_holds_while_waiting_on_input)
 {
     struct pair *p = pair_new(1u << 20, 0);
@@ -537,7 +589,9 @@ Test(lane_codec, hand_made_malformed_batches_are_ebadmsg_and_change_nothing)
         {"raw desc with a different raw length", 2, 0, 1, {1}, 1, 1, 0, 0},
         {"desc shorter than count pages", 2, 0, 2, {1}, 1, 0, 0, 0},
         {"desc with trailing bytes", 2, 0, 1, {1, 0}, 2, 0, 0, 0},
-        {"tag reserved bits", 2, 0, 1, {0x11}, 1, 0, 0, 0},
+        {"tag reserved bits", 2, 0, 1, {0x21}, 1, 0, 0, 0},
+        {"NOCACHE on a ZERO page", 2, 0, 1, {0x11}, 1, 0, 0, 0},
+        {"NOCACHE on an UNCHANGED page", 2, 0, 1, {0x10}, 1, 0, 0, 0},
         {"explicit block equal to the implied one", 2, 0, 1, {0x05, 0}, 2, 0, 0, 0},
         {"explicit offset delta of 0", 2, 0, 1, {0x09, 0}, 2, 0, 0, 0},
         {"non-minimal varint", 2, 0, 1, {0x09, 0x82, 0x00}, 3, 0, 0, 0},
