@@ -168,6 +168,24 @@ void rdmax_ring_release(struct rdmax_ring *r)
     wake(r, &r->prod_sleep);
 }
 
+void *rdmax_ring_peek_at(struct rdmax_ring *r, size_t i)
+{
+    size_t head = atomic_load_explicit(&r->head, memory_order_relaxed);
+
+    if (atomic_load_explicit(&r->tail, memory_order_acquire) - head <= i) {
+        return NULL;
+    }
+    return r->mem + ((head + i) % r->cap) * r->slot_size;
+}
+
+void rdmax_ring_release_n(struct rdmax_ring *r, size_t n)
+{
+    if (n) {
+        atomic_store(&r->head, atomic_load_explicit(&r->head, memory_order_relaxed) + n);
+        wake(r, &r->prod_sleep);
+    }
+}
+
 void rdmax_ring_close(struct rdmax_ring *r)
 {
     pthread_mutex_lock(&r->mu);

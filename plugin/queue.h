@@ -64,6 +64,15 @@ void rdmax_ring_kick(struct rdmax_ring *r);
 /* Consumer: whether the producer kicked since the last call (clears it). */
 bool rdmax_ring_kicked(struct rdmax_ring *r);
 
+/*
+ * Consumer, without waiting: the i-th filled slot after the oldest (0 is
+ * the one peek returns), or NULL when fewer are filled. Lets a consumer
+ * hold several slots (say, to write them out with one writev) and release
+ * them together with rdmax_ring_release_n.
+ */
+void *rdmax_ring_peek_at(struct rdmax_ring *r, size_t i);
+void rdmax_ring_release_n(struct rdmax_ring *r, size_t n);
+
 /* No more items will come; wakes the consumer. */
 void rdmax_ring_close(struct rdmax_ring *r);
 bool rdmax_ring_closed_and_empty(struct rdmax_ring *r);

@@ -18,6 +18,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <limits.h>
+#include <sys/uio.h>
 #include <unistd.h>
 #include <zstd.h>
 
@@ -28,7 +30,6 @@
 #define CTRL_CHUNK (64u << 10)
 #define CTRL_RING_CHUNKS 64u /* 4 MiB of control bytes in flight */
 #define LANE_RING_PAGES 256u
-#define OUT_BUF (256u << 10)
 #define RP_BUF (64u << 10)
 
 struct page_slot {
@@ -55,8 +56,6 @@ static struct rdmax_ring ctrl_ring;
 static uint64_t eof_stream_bytes, eof_pages; /* from EOF; read after ctrl_ring closes */
 static _Atomic bool stream_done;             /* splice finished, FIN_ACK sent */
 
-static uint8_t *out_buf;
-static size_t out_len;
 static uint64_t out_total;
 
 static int lane_page(void *arg, struct rdmax_page_key key, const uint8_t *page)
@@ -245,12 +244,31 @@ static void *rp_main(void *arg)
     return arg;
 }
 
+/*
+ * Output to QEMU is gathered, not copied: an iovec per run of control bytes
+ * (in the control ring's chunks) and per page (in its lane ring's slot),
+ * written with one writev; the slots stay held until it returns.
+ */
+#define OUT_IOV 256
+#define OUT_BYTES (1u << 20) /* write at least this much at a time while data flows */
+
+struct out_gather {
+    struct iovec iov[OUT_IOV];
+    int n;
+    size_t bytes;
+    size_t ctrl_held;                  /* control chunks held, oldest first */
+    size_t lane_held[RDMAX_LANES_MAX]; /* pages held per lane ring */
+};
+
+static struct out_gather og;
+
 static void out_flush(void)
 {
-    const uint8_t *p = out_buf;
+    struct iovec *v = og.iov;
+    int n = og.n;
 
-    while (out_len) {
-        ssize_t w = write(STDOUT_FILENO, p, out_len);
+    while (n) {
+        ssize_t w = writev(STDOUT_FILENO, v, n); /* n <= OUT_IOV, below IOV_MAX */
         if (w < 0) {
             if (errno == EINTR) {
                 continue;
@@ -258,36 +276,57 @@ static void out_flush(void)
             rdmax_fail("destination QEMU closed the stream (it rejected the migration?): %s",
                        strerror(errno));
         }
-        p += w;
-        out_len -= (size_t)w;
         out_total += (uint64_t)w;
+        while (n && (size_t)w >= v->iov_len) {
+            w -= (ssize_t)v->iov_len;
+            v++;
+            n--;
+        }
+        if (n) {
+            v->iov_base = (uint8_t *)v->iov_base + w;
+            v->iov_len -= (size_t)w;
+        }
     }
+    og.n = 0;
+    og.bytes = 0;
     atomic_store_explicit(&rdmax_s.c.bytes_in, out_total, memory_order_relaxed);
+    rdmax_ring_release_n(&ctrl_ring, og.ctrl_held);
+    og.ctrl_held = 0;
+    for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
+        rdmax_ring_release_n(&lanes[i].ring, og.lane_held[i]);
+        og.lane_held[i] = 0;
+    }
 }
 
 static void out_put(const uint8_t *p, size_t n)
 {
-    while (n) {
-        size_t k = OUT_BUF - out_len;
-        if (k > n) {
-            k = n;
-        }
-        memcpy(out_buf + out_len, p, k);
-        out_len += k;
-        p += k;
-        n -= k;
-        if (out_len == OUT_BUF) {
+    if (n == 0) {
+        return;
+    }
+    if (og.n && (uint8_t *)og.iov[og.n - 1].iov_base + og.iov[og.n - 1].iov_len == p) {
+        og.iov[og.n - 1].iov_len += n;
+    } else {
+        if (og.n == OUT_IOV) {
             out_flush();
         }
+        og.iov[og.n].iov_base = (void *)p;
+        og.iov[og.n].iov_len = n;
+        og.n++;
     }
+    og.bytes += n;
 }
 
-/* Next item of a ring; write out what we hold before waiting. */
-static void *ring_next(struct rdmax_ring *r)
+/*
+ * The next item of a ring after the `held` ones whose bytes are gathered;
+ * writes out (and so releases) those before it waits. NULL at the end. The
+ * caller counts the item as held once its bytes are gathered too: a flush
+ * before that must not release it.
+ */
+static void *ring_next(struct rdmax_ring *r, size_t held)
 {
-    void *s = rdmax_ring_peek(r, true);
+    void *s = rdmax_ring_peek_at(r, held);
 
-    if (!s && !rdmax_ring_closed_and_empty(r)) {
+    if (!s) {
         out_flush();
         s = rdmax_ring_peek(r, false);
     }
@@ -299,7 +338,7 @@ static void splice(struct rdmax_stream *st)
     uint64_t pages = 0;
 
     for (;;) {
-        struct ctrl_chunk *c = ring_next(&ctrl_ring);
+        struct ctrl_chunk *c = ring_next(&ctrl_ring, og.ctrl_held);
         size_t pos = 0;
 
         if (!c) {
@@ -316,7 +355,7 @@ static void splice(struct rdmax_stream *st)
             pos += (size_t)n;
             if (page) {
                 unsigned k = rdmax_stream_lane_of(key, rdmax_s.nlanes);
-                struct page_slot *s = ring_next(&lanes[k].ring);
+                struct page_slot *s = ring_next(&lanes[k].ring, og.lane_held[k]);
                 if (!s) {
                     rdmax_fail("lane %u ended before page 0x%llx of block %u", k,
                                (unsigned long long)key.offset, key.block);
@@ -326,13 +365,16 @@ static void splice(struct rdmax_stream *st)
                                (unsigned long long)key.offset, (unsigned long long)s->key.offset);
                 }
                 out_put(s->data, RDMAX_PAGE_SIZE);
-                rdmax_ring_release(&lanes[k].ring);
+                og.lane_held[k]++;
                 rdmax_stream_page_done(st);
                 pages++;
                 atomic_store_explicit(&rdmax_s.c.pages, pages, memory_order_relaxed);
             }
         }
-        rdmax_ring_release(&ctrl_ring);
+        og.ctrl_held++;
+        if (og.bytes >= OUT_BYTES) {
+            out_flush();
+        }
     }
     if (rdmax_stream_finish(st) < 0) {
         rdmax_fail("%s", rdmax_stream_error(st));
@@ -359,8 +401,7 @@ int rdmax_recv_run(void)
     pthread_t reader, rp;
     int r;
 
-    out_buf = malloc(OUT_BUF);
-    if (!st || !out_buf ||
+    if (!st ||
         rdmax_ring_init(&ctrl_ring, sizeof(struct ctrl_chunk), CTRL_RING_CHUNKS) < 0) {
         rdmax_fail("out of memory");
     }
