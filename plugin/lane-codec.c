@@ -42,33 +42,32 @@
  * most `delta_cap` bytes, about what a FULL page costs at the current zstd
  * ratio; otherwise FULL.
  *
- * zstd level (cfg.zstd_level 0 = adaptive): the level follows whatever
- * limits the whole pipe, judged over windows of batches (20 ms on the
- * encoder's clock, at least 8 batches, or 64 batches), from what the caller
- * notes (rdmax_lane_encoder_note_pipe, from send.c):
- *  - link: the share of wall time the lane spent blocked handing batches to
- *    the transport. Above 20%, the link is the bottleneck: step up
- *    (raw -> 1 -> 2); CPU buys wire time. Not to 3: per 256 KiB batch it
- *    costs about twice level 1 for ~8% fewer bytes.
- *  - the lane itself: the share of wall time the producer (the thread
- *    reading QEMU) spent blocked on this lane's full ring while the link
- *    did not push back. Above 5%, this lane is what QEMU waits for: step
- *    down (2 -> 1 -> raw -> uncached), whether the lane is slow because compressing
- *    costs more than the link saves, or because the host's CPU is
- *    saturated and the lane gets too little of it. Either way fewer CPU
- *    cycles per page make the pipe faster.
- *  - a receiver that reports it cannot keep up decoding (peer_bound): its
- *    back-pressure looks like a slow link, but compressing harder would
- *    slow it further: step down.
- *  - none of these (waiting on QEMU): hold. Waiting for input says nothing
- *    about the link, and on a shared host the CPU a higher level takes is
- *    taken from QEMU and the other lanes.
- * "uncached" (level -1) is raw without inserting pages the cache does not
- * hold yet (NOCACHE): when even a raw lane holds QEMU up, the copy into the
- * cache and the first touch of its memory on both sides are what is left
- * to save. Pages already cached still go UNCHANGED or DELTA.
- * The clock is read twice per batch (vDSO, no system call); the encoder
- * never reads a thread CPU clock.
+ * Level (cfg.zstd_level 0 = adaptive): -1 uncached (raw, no new cache
+ * inserts: NOCACHE), 0 raw, 1-2 zstd. The level that moves the most
+ * stream wins, measured, not modelled: each window (20 ms on the encoder's
+ * clock and 8 batches, or 256 batches) gives the page bytes the lane took
+ * per wall ns at the level it ran. Every cause of slowness is in that one
+ * figure: a link slower than the compressor saves, a compressor slower
+ * than the link, a receiver that decodes too slowly, a host whose CPU is
+ * saturated. The lane moves to a neighbouring level whose last figure was
+ * 5% better, and after 2 windows at a level tries a neighbour not measured
+ * in the last 40 windows (~1 s; upward first while the link pushes back),
+ * so it follows content and load as they change. Rules on top, from what
+ * the caller notes (rdmax_lane_encoder_note_pipe):
+ *  - windows spent more than 30% waiting on QEMU are not measured and
+ *    change nothing: waiting for input says nothing about the level;
+ *  - the first window after a change is not measured: it still drains
+ *    what the previous level left in the buffers;
+ *  - uncached only from raw, after 3 windows there with the link idle
+ *    (blocked < 5%): uncached pages go FULL again when resent, so it is for
+ *    links that outrun even raw; back to raw at once when the link pushes
+ *    back (blocked > 20%);
+ *  - a receiver that reports it, not the link, is the limit (LANE_LOAD):
+ *    one level down per window, never up; its back-pressure would
+ *    otherwise look like a slow link.
+ * Not above 2: per 256 KiB batch level 3 costs about twice level 1 for ~8%
+ * fewer bytes. The clock is read twice per batch (vDSO, no system call),
+ * and around a lane's waits only when it is about to sleep.
  * Pages that do not compress by 1/16 go raw, with a probe at level 1 now
  * and then to notice when they do again. At any level, a batch whose full
  * part did not compress makes the next 1, 2, 4 or 8 batches skip the try.
@@ -106,8 +105,13 @@
 #define FULL_MAX ((size_t)RDMAX_BATCH_MAX_PAGES * PS)
 
 /* Adaptive control. */
-#define ADAPT_WINDOW_NS 20000000ull /* 20 ms, or ADAPT_WINDOW_BATCHES */
-#define ADAPT_WINDOW_BATCHES 64u
+#define ADAPT_WINDOW_NS 20000000ull /* 20 ms (and 8 batches), or ADAPT_WINDOW_BATCHES */
+#define ADAPT_WINDOW_BATCHES 256u
+#define ADAPT_LEVELS (ADAPT_MAX_LEVEL + 2) /* -1 uncached, 0 raw, 1.. zstd */
+#define ADAPT_MOVE 1.05         /* a neighbour must have moved 5% more to go there */
+#define ADAPT_REVISIT 40u       /* windows (~1 s) before a neighbour's figure is stale */
+#define ADAPT_DWELL 2u          /* windows at a level before trying a stale neighbour */
+#define ADAPT_UNCACHED_AFTER 3u /* windows at raw, the link idle, before trying uncached */
 #define ADAPT_MAX_LEVEL 2     /* level 3 costs ~2x level 1 per batch for ~8% fewer bytes */
 #define ADAPT_PROBE_EVERY 64u /* raw for incompressibility: probe batches */
 #define DESC_ZSTD_MIN 512u    /* smaller descriptor parts are not worth a frame */
@@ -135,9 +139,15 @@ struct rdmax_lane_encoder {
     unsigned desc_backoff;            /* next desc_skip after a try that did not pay */
     unsigned full_skip, full_backoff; /* the same for the full-page part */
     uint64_t batch_start_ns;          /* first add() of the pending batch */
-    uint64_t win_start_ns, win_link_ns, win_stall_ns;
-    bool win_peer_bound; /* the receiver said so in this window */
+    uint64_t win_start_ns, win_link_ns, win_wait_ns;
+    uint64_t win_in, win_out; /* page bytes in, batch bytes out, this window */
+    bool win_peer_bound;      /* the receiver said so in this window */
     unsigned win_batches;
+    /* What each level moved when it last ran (index level + 1), see enc_adapt. */
+    double rate[ADAPT_LEVELS];     /* page bytes per wall ns */
+    uint64_t rate_at[ADAPT_LEVELS]; /* window it was measured in */
+    uint64_t windows;              /* windows so far */
+    unsigned level_windows;        /* windows at this level since the last change */
     uint64_t (*now)(void *arg); /* the adaptive level's clock */
     void *now_arg;
     uint8_t *out; /* rdmax_lane_encoder_bound(): header, descriptor, compressed full part */
@@ -167,7 +177,7 @@ static uint64_t monotonic_ns(void *arg)
 void rdmax_lane_encoder_note_pipe(struct rdmax_lane_encoder *e, const struct rdmax_lane_pipe *p)
 {
     e->win_link_ns += p->link_ns;
-    e->win_stall_ns += p->stall_ns;
+    e->win_wait_ns += p->wait_ns;
     e->win_peer_bound |= p->peer_bound;
 }
 
@@ -454,31 +464,79 @@ static size_t enc_try_zstd(struct rdmax_lane_encoder *e, uint8_t *dst, const uin
 static void enc_adapt(struct rdmax_lane_encoder *e, uint64_t now)
 {
     uint64_t wall = now - e->win_start_ns;
-    bool link_bound, lane_bound;
-    int before = e->level;
+    int before = e->level, lo = e->cache ? -1 : 0, hi = e->incompressible ? 0 : ADAPT_MAX_LEVEL;
+    int cur = e->level + 1;
 
     if (e->cfg.zstd_level != 0 || (e->win_batches < ADAPT_WINDOW_BATCHES &&
                                    (wall < ADAPT_WINDOW_NS || e->win_batches < 8))) {
         return;
     }
-    link_bound = e->win_link_ns * 100 > wall * 20 && !e->win_peer_bound;
-    lane_bound = e->win_peer_bound || (!link_bound && e->win_stall_ns * 100 > wall * 5);
+    bool link_bound = e->win_link_ns * 100 > wall * 20 && !e->win_peer_bound;
+    bool link_idle = e->win_link_ns * 100 < wall * 5;
+    bool input_bound = e->win_wait_ns * 100 > wall * 30;
+
+    e->windows++;
+    e->level_windows++;
+    /*
+     * What the pipe moved at this level: page bytes per wall ns. The first
+     * window after a change still drains what the last level left in the
+     * buffers; a window spent waiting on QEMU says nothing about the level.
+     */
+    if (e->level_windows > 1 && !input_bound) {
+        double r = (double)e->win_in / (double)wall;
+        e->rate[cur] = e->rate_at[cur] + ADAPT_REVISIT > e->windows && e->rate[cur] > 0
+                           ? (e->rate[cur] + r) / 2
+                           : r;
+        e->rate_at[cur] = e->windows;
+    }
+
     if (e->win_full_in && e->win_full_out * 16 > e->win_full_in * 15) {
         /* Compressed pages did not shrink by 1/16: raw until a probe says so. */
         e->level = 0;
         e->incompressible = true;
-    } else if (lane_bound && e->level > (e->cache ? -1 : 0)) {
+    } else if (link_bound && e->level < 0) {
+        /* Uncached pages are FULL again when resent: never while the link is the limit. */
+        e->level = 0;
+    } else if (e->win_peer_bound && e->level > 0) {
+        /* The receiver, not the link, is the limit: spend less of its CPU. */
         e->level--;
-    } else if (link_bound && e->level < (e->incompressible ? 0 : ADAPT_MAX_LEVEL)) {
-        e->level++;
+    } else if (!input_bound && e->level_windows > 1 && e->rate[cur] > 0) {
+        int best = e->level, explore = 99;
+        double best_r = e->rate[cur] * ADAPT_MOVE;
+
+        for (int l = e->level - 1; l <= e->level + 1; l += 2) {
+            int i = l + 1;
+            if (l < lo || l > hi || (l > e->level && e->win_peer_bound)) {
+                continue;
+            }
+            if (l < 0 && (!link_idle || e->level_windows < ADAPT_UNCACHED_AFTER)) {
+                continue; /* uncached only while raw runs without the link pushing back */
+            }
+            if (e->rate_at[i] + ADAPT_REVISIT <= e->windows || e->rate[i] == 0) {
+                /* Not measured lately: try it, up first while the link pushes back. */
+                if (explore == 99 || (link_bound ? l > explore : l < explore)) {
+                    explore = l;
+                }
+            } else if (e->rate[i] > best_r) {
+                best = l;
+                best_r = e->rate[i];
+            }
+        }
+        if (best != e->level) {
+            e->level = best;
+        } else if (explore != 99 && e->level_windows >= ADAPT_DWELL) {
+            e->level = explore;
+        }
     }
     if (e->level != before) {
         e->stats.level_changes++;
         e->stats.level = e->level;
+        e->level_windows = 0;
     }
     e->win_start_ns = now;
     e->win_link_ns = 0;
-    e->win_stall_ns = 0;
+    e->win_wait_ns = 0;
+    e->win_in = e->win_out = 0;
     e->win_peer_bound = false;
     e->win_batches = 0;
     e->win_full_in = e->win_full_out = 0;
@@ -587,6 +645,8 @@ ssize_t rdmax_lane_encoder_flush_iov(struct rdmax_lane_encoder *e, struct iovec 
         e->delta_cap = per_page < 256 ? 256 : per_page >= PS ? PS - 1 : per_page;
     }
 
+    uint64_t batch_in = (uint64_t)e->n * PS;
+
     e->stats.pages += e->n;
     e->stats.batches++;
     e->stats.bytes_raw += (uint64_t)e->n * PS;
@@ -600,6 +660,8 @@ ssize_t rdmax_lane_encoder_flush_iov(struct rdmax_lane_encoder *e, struct iovec 
 
         e->stats.encode_ns += t1 - e->batch_start_ns;
         e->win_batches++;
+        e->win_in += batch_in;
+        e->win_out += pos;
         enc_adapt(e, t1);
     }
     return (ssize_t)pos;

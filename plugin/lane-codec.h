@@ -120,8 +120,8 @@ ssize_t rdmax_lane_encoder_flush_iov(struct rdmax_lane_encoder *e, struct iovec 
  */
 struct rdmax_lane_pipe {
     uint64_t link_ns;  /* the lane blocked handing batches to the transport */
-    uint64_t stall_ns; /* the producer blocked on this lane's full ring */
-    bool peer_bound;   /* the receiver says its decoding cannot keep up */
+    uint64_t wait_ns;  /* the lane waited for pages from the producer (QEMU) */
+    bool peer_bound;   /* the receiver says it, not the link, is the limit */
 };
 
 void rdmax_lane_encoder_note_pipe(struct rdmax_lane_encoder *e, const struct rdmax_lane_pipe *p);

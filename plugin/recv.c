@@ -49,7 +49,12 @@ struct recv_lane {
     uint64_t pages;     /* lane thread: pages decoded */
     uint64_t eof_pages; /* lane thread: count announced by LANE_EOF */
     pthread_t thread;
+    /* Lane thread: is decoding this lane's bottleneck? (LANE_LOAD) */
+    double win_start, win_wait, win_blocked;
+    bool bound;
 };
+
+#define LOAD_WINDOW_S 0.01 /* half the sender's window: its verdict sees ours */
 
 static struct recv_lane lanes[RDMAX_LANES_MAX];
 static struct rdmax_ring ctrl_ring;
@@ -61,13 +66,50 @@ static uint64_t out_total;
 static int lane_page(void *arg, struct rdmax_page_key key, const uint8_t *page)
 {
     struct recv_lane *l = arg;
-    struct page_slot *s = rdmax_ring_reserve(&l->ring, false);
+    struct page_slot *s = rdmax_ring_reserve(&l->ring, true);
 
+    if (!s) { /* the splice (QEMU) is slower than this lane */
+        double t0 = rdmax_now();
+        s = rdmax_ring_reserve(&l->ring, false);
+        l->win_blocked += rdmax_now() - t0;
+    }
     s->key = key;
     memcpy(s->data, page, RDMAX_PAGE_SIZE);
     rdmax_ring_commit(&l->ring);
     l->pages++;
     return 0;
+}
+
+/*
+ * Tell the sender when this side, not the link, holds the pipe up: the
+ * lane seldom waits for the next batch (it is decoding, or the splice and
+ * QEMU behind it are slow, or it is starved of CPU). Its back-pressure
+ * would otherwise read as a slow link there, and a slow link makes the
+ * sender compress harder, which costs this host more CPU and gains no
+ * throughput.
+ */
+static void lane_load(struct recv_lane *l, double t0, double t1)
+{
+    double now = rdmax_now(), wall;
+
+    if (l->win_start == 0) {
+        l->win_start = t1; /* the first batch's wait is the set-up, not the pipe */
+        return;
+    }
+    l->win_wait += t1 - t0;
+    wall = now - l->win_start;
+    if (wall < LOAD_WINDOW_S) {
+        return;
+    }
+    bool bound = l->win_wait < wall * 0.1;
+    if (bound != l->bound) {
+        uint8_t b = bound;
+        l->bound = bound;
+        /* Only a hint: a control connection that fails is reported by its reader. */
+        (void)rdmax_wire_send(&rdmax_s.ctrl, RDMAX_F_LANE_LOAD, 0, (uint16_t)(l->idx + 1), &b, 1);
+    }
+    l->win_start = now;
+    l->win_wait = l->win_blocked = 0;
 }
 
 static void *lane_main(void *arg)
@@ -87,15 +129,18 @@ static void *lane_main(void *arg)
         rdmax_fail("out of memory");
     }
     for (;;) {
+        double t0 = rdmax_now();
         int r = rdmax_wire_recv(w, &h, buf, cap, -1);
         if (r < 0) {
             rdmax_fail("lane %u from %s: %s", l->idx, w->conn->peer, rdmax_wire_strerror(r));
         }
         if (h.type == RDMAX_F_PAGES) {
+            double t1 = rdmax_now();
             r = rdmax_lane_decoder_decode(l->dec, buf, h.len, lane_page, l);
             if (r < 0) {
                 rdmax_fail("lane %u: corrupt page batch from the sender", l->idx);
             }
+            lane_load(l, t0, t1);
         } else if (h.type == RDMAX_F_LANE_EOF && h.len == 8) {
             for (int i = 0; i < 8; i++) {
                 l->eof_pages = l->eof_pages << 8 | buf[i];

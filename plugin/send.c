@@ -44,7 +44,8 @@ struct send_lane {
     struct rdmax_ring ring; /* main thread -> lane thread */
     struct rdmax_lane_encoder *enc;
     pthread_t thread;
-    _Atomic uint64_t stall_ns; /* main thread waited on this ring; the lane takes it */
+    _Atomic bool peer_bound;   /* control reader: the receiver's LANE_LOAD */
+    uint64_t wait_ns;          /* lane thread: waited for pages since the last batch */
     bool dirty;                /* main thread: pages committed since the last kick */
 };
 
@@ -119,7 +120,9 @@ static void lane_send_batch(struct send_lane *l)
     r = rdmax_wire_sendv(&rdmax_s.lane[l->idx], RDMAX_F_PAGES, 0, (uint16_t)(l->idx + 1), iov,
                          iovcnt);
     pipe.link_ns = (uint64_t)((rdmax_now() - t0) * 1e9);
-    pipe.stall_ns = atomic_exchange_explicit(&l->stall_ns, 0, memory_order_relaxed);
+    pipe.peer_bound = atomic_load_explicit(&l->peer_bound, memory_order_relaxed);
+    pipe.wait_ns = l->wait_ns;
+    l->wait_ns = 0;
     rdmax_lane_encoder_note_pipe(l->enc, &pipe);
     if (r < 0) {
         rdmax_fail("lane %u to %s: %s", l->idx, rdmax_s.lane[l->idx].conn->peer,
@@ -142,8 +145,13 @@ static void *lane_main(void *arg)
 
     for (;;) {
         unsigned pend = rdmax_lane_encoder_pending(l->enc);
-        struct page_slot *s =
-            rdmax_ring_peek_wait(&l->ring, pend ? RDMAX_BATCH_MAX_PAGES - pend : 1);
+        struct page_slot *s = rdmax_ring_peek_at(&l->ring, 0);
+
+        if (!s) { /* the clock only on the way to sleep */
+            double t0 = rdmax_now();
+            s = rdmax_ring_peek_wait(&l->ring, pend ? RDMAX_BATCH_MAX_PAGES - pend : 1);
+            l->wait_ns += (uint64_t)((rdmax_now() - t0) * 1e9);
+        }
         if (!s) {
             if (rdmax_ring_closed_and_empty(&l->ring)) {
                 break;
@@ -225,6 +233,13 @@ static void *ctrl_reader_main(void *arg)
             rdmax_fail("receiver: %s", (char *)buf);
         case RDMAX_F_KEEPALIVE:
             break;
+        case RDMAX_F_LANE_LOAD:
+            if (h.len != 1 || buf[0] > 1 || h.channel == 0 || h.channel > rdmax_s.nlanes) {
+                rdmax_fail("receiver sent a malformed LANE_LOAD frame");
+            }
+            atomic_store_explicit(&lanes[h.channel - 1].peer_bound, buf[0] == 1,
+                                  memory_order_relaxed);
+            break;
         default:
             rdmax_fail("receiver sent an unexpected %s frame", rdmax_frame_type_name(h.type));
         }
@@ -249,17 +264,14 @@ static void before_waiting(void)
     }
 }
 
-/* A free slot in lane k's ring; the time waited for one tells lane k it is the bottleneck. */
+/* A free slot in lane k's ring; everything moves on before we wait for one. */
 static struct page_slot *lane_slot(unsigned k)
 {
     struct page_slot *s = rdmax_ring_reserve(&lanes[k].ring, true);
 
     if (!s) {
         before_waiting();
-        double t0 = rdmax_now();
         s = rdmax_ring_reserve(&lanes[k].ring, false);
-        atomic_fetch_add_explicit(&lanes[k].stall_ns, (uint64_t)((rdmax_now() - t0) * 1e9),
-                                  memory_order_relaxed);
     }
     return s;
 }

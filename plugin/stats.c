@@ -92,6 +92,8 @@ static struct rdmax_lane_stats lanes_total(void)
         t.full_zstd_batches += ls->full_zstd_batches;
         t.full_raw_batches += ls->full_raw_batches;
         t.encode_ns += ls->encode_ns;
+        t.level_changes += ls->level_changes;
+        t.uncached_pages += ls->uncached_pages;
     }
     return t;
 }
@@ -153,6 +155,9 @@ void rdmax_stats_write(const char *result)
         json_tiers(f, &t);
         fprintf(f, ",\n  \"page_bytes\": %llu,\n  \"batch_bytes\": %llu,\n",
                 (unsigned long long)t.bytes_raw, (unsigned long long)t.bytes_wire);
+        fprintf(f, "  \"batches\": %llu,\n  \"level_changes\": %llu,\n  \"uncached_pages\": %llu,\n",
+                (unsigned long long)t.batches, (unsigned long long)t.level_changes,
+                (unsigned long long)t.uncached_pages);
     }
     fprintf(f, "  \"lane\": [");
     for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
@@ -162,10 +167,12 @@ void rdmax_stats_write(const char *result)
         if (ls) {
             fprintf(f,
                     ", \"pages\": %llu, \"batches\": %llu, \"page_bytes\": %llu, "
-                    "\"batch_bytes\": %llu, \"zstd_level\": %d, ",
+                    "\"batch_bytes\": %llu, \"zstd_level\": %d, \"level\": %d, "
+                    "\"level_changes\": %llu, \"uncached_pages\": %llu, ",
                     (unsigned long long)ls->pages, (unsigned long long)ls->batches,
                     (unsigned long long)ls->bytes_raw, (unsigned long long)ls->bytes_wire,
-                    ls->zstd_level);
+                    ls->zstd_level, ls->level, (unsigned long long)ls->level_changes,
+                    (unsigned long long)ls->uncached_pages);
             json_tiers(f, ls);
         }
         fprintf(f, "}");

@@ -23,7 +23,8 @@
 #define RDMAX_WIRE_MAGIC 0x52444d58u /* "RDMX" */
 /*
  * v2: 32-byte nonce and proof in HELLO, feature bits, AUTH/AUTH_OK (PSK).
- * v3: lane batches may carry FULL pages with NOCACHE (not inserted).
+ * v3: lane batches may carry FULL pages with NOCACHE (not inserted);
+ *     LANE_LOAD frames.
  */
 #define RDMAX_WIRE_VERSION 3u
 #define RDMAX_FRAME_HDR 12u
@@ -53,7 +54,8 @@ enum rdmax_frame_type {
     RDMAX_F_LANE_EOF = 11, /* sender lane: no more batches, with page count */
     RDMAX_F_AUTH = 12,     /* client -> server: its PSK proof (32 bytes) */
     RDMAX_F_AUTH_OK = 13,  /* server -> client: proof accepted */
-    RDMAX_F_TYPE_MAX = 13,
+    RDMAX_F_LANE_LOAD = 14, /* receiver, on control: lane k's decoding is (not) the bottleneck */
+    RDMAX_F_TYPE_MAX = 14,
 };
 
 #define RDMAX_FF_ZSTD 0x01 /* payload is (part of) a zstd stream */

@@ -379,16 +379,33 @@ static uint64_t fake_clock(void *arg)
     return fake_now_ns;
 }
 
-enum sim_pipe {
-    SIM_FAST_LINK,    /* the producer waits on the lane; the link takes all at once */
-    SIM_SLOW_LINK,    /* every batch blocks sending for most of its time */
-    SIM_SLOW_PEER,    /* blocked sending, but the receiver says it is decode-bound */
-    SIM_SLOW_INPUT,   /* QEMU is the slow one: neither the lane nor the link waits */
+/*
+ * A simulated pipe: the lane encodes at a rate that depends on its level
+ * (page bytes per ns), hands batches to a link of a given rate (batch
+ * bytes per ns; 0 = unlimited) and gets pages from QEMU at a given rate
+ * (0 = unlimited). Batch sizes are the encoder's real output.
+ */
+struct sim {
+    double enc_rate[4]; /* levels -1, 0, 1, 2 */
+    double link_rate;
+    double input_rate;
+    bool peer_bound;
 };
 
-static void feed_compressible(struct pair *p, struct test_rng *r, unsigned batches,
-                              enum sim_pipe sim)
+/* Encoding costs: compressing is slow, raw is fast, uncached a bit faster. */
+static const struct sim SIM_FAST_LINK = {{3.0, 2.0, 0.5, 0.3}, 0, 0, false};
+static const struct sim SIM_SLOW_LINK = {{3.0, 2.0, 0.5, 0.3}, 0.05, 0, false};
+/* Raw is link-bound; zstd 1 encodes slower but moves more stream through the link. */
+static const struct sim SIM_MIDDLE_LINK = {{3.0, 2.0, 0.9, 0.3}, 0.5, 0, false};
+static const struct sim SIM_SLOW_PEER = {{3.0, 2.0, 0.5, 0.3}, 0.05, 0, true};
+static const struct sim SIM_SLOW_INPUT = {{3.0, 2.0, 0.5, 0.3}, 0, 0.01, false};
+
+/* Returns the level the lane spent most of the second half of the batches at. */
+static int feed_compressible(struct pair *p, struct test_rng *r, unsigned batches,
+                             const struct sim *sim)
 {
+    unsigned at[4] = {0};
+    int most = 0;
     static uint8_t pool[64][PS];
     unsigned b, i;
     size_t j;
@@ -400,33 +417,39 @@ static void feed_compressible(struct pair *p, struct test_rng *r, unsigned batch
         }
     }
     rdmax_lane_encoder_set_clock(p->enc, fake_clock, NULL);
-    fake_now_ns = 1000000000ull;
+    if (fake_now_ns == 0) {
+        fake_now_ns = 1000000000ull;
+    }
     for (b = 0; b < batches; b++) {
-        struct rdmax_lane_pipe pipe = {0};
+        struct rdmax_lane_pipe pipe = {.peer_bound = sim->peer_bound};
+        int level = stats(p)->level;
+        double in = 16.0 * PS, busy = in / sim->enc_rate[level + 1];
+        size_t out;
 
         for (i = 0; i < 16; i++) {
-            pair_add(p, key_of(0, rng_next(r) >> 20), pool[rng_below(r, 64)]);
+            /* Fresh keys: every page goes FULL, so the level decides its size. */
+            pair_add(p, key_of(0, rng_next(r) >> 12), pool[rng_below(r, 64)]);
         }
-        fake_now_ns += 1000000; /* 1 ms per batch */
-        switch (sim) {
-        case SIM_FAST_LINK:
-            pipe.stall_ns = 600000;
-            pipe.link_ns = 10000;
-            break;
-        case SIM_SLOW_LINK:
-            pipe.link_ns = 800000;
-            pipe.stall_ns = 900000; /* waiting for a lane that waits on the link */
-            break;
-        case SIM_SLOW_PEER:
-            pipe.link_ns = 800000;
-            pipe.peer_bound = true;
-            break;
-        case SIM_SLOW_INPUT:
-            break;
+        fake_now_ns += (uint64_t)busy;
+        out = pair_flush_check(p, 0);
+        if (sim->link_rate > 0 && (double)out / sim->link_rate > busy) {
+            pipe.link_ns = (uint64_t)((double)out / sim->link_rate - busy);
         }
+        if (sim->input_rate > 0 && in / sim->input_rate > busy + (double)pipe.link_ns) {
+            pipe.wait_ns = (uint64_t)(in / sim->input_rate - busy - (double)pipe.link_ns);
+        }
+        fake_now_ns += pipe.link_ns + pipe.wait_ns;
         rdmax_lane_encoder_note_pipe(p->enc, &pipe);
-        pair_flush_check(p, 0);
+        if (b >= batches / 2) {
+            at[level + 1]++;
+        }
     }
+    for (int l = 0; l < 4; l++) {
+        if (at[l] > at[most]) {
+            most = l;
+        }
+    }
+    return most - 1;
 }
 
 Test(lane_codec, adaptive_level_goes_raw_when_the_link_outruns_the_compressor)
@@ -435,8 +458,8 @@ Test(lane_codec, adaptive_level_goes_raw_when_the_link_outruns_the_compressor)
     struct test_rng r = {6};
 
     cr_assert_eq(stats(p)->zstd_level, 1, "starts at level 1");
-    feed_compressible(p, &r, 200, SIM_FAST_LINK);
-    cr_assert_eq(stats(p)->zstd_level, 0, "the lane holds QEMU up: compression only costs");
+    cr_assert_leq(feed_compressible(p, &r, 2000, &SIM_FAST_LINK), 0,
+                  "an unlimited link: compression only costs");
     cr_assert_gt(stats(p)->full_raw_batches, 0);
     pair_free(p);
 }
@@ -446,8 +469,22 @@ Test(lane_codec, adaptive_level_rises_when_link_bound)
     struct pair *p = pair_new(1u << 20, 0);
     struct test_rng r = {7};
 
-    feed_compressible(p, &r, 150, SIM_SLOW_LINK);
-    cr_assert_eq(stats(p)->zstd_level, 2, "blocked on the link: spend CPU on compression");
+    cr_assert_eq(feed_compressible(p, &r, 2000, &SIM_SLOW_LINK), 2,
+                 "blocked on the link: spend CPU on compression");
+    pair_free(p);
+}
+
+Test(lane_codec, adaptive_level_compresses_when_that_moves_more_although_the_lane_is_the_bottleneck)
+{
+    struct pair *p = pair_new(1u << 20, 0);
+    struct test_rng r = {11};
+
+    /*
+     * Raw: 2 B/ns of encoding, but its ~4 KiB pages fill a 0.5 B/ns link;
+     * level 1 encodes at 0.9 B/ns and halves the bytes (1 B/ns through the
+     * link): level 1 moves more although the lane is then the bottleneck.
+     */
+    cr_assert_eq(feed_compressible(p, &r, 3000, &SIM_MIDDLE_LINK), 1);
     pair_free(p);
 }
 
@@ -456,10 +493,8 @@ Test(lane_codec, adaptive_level_falls_when_the_receiver_cannot_keep_up)
     struct pair *p = pair_new(1u << 20, 0);
     struct test_rng r = {8};
 
-    feed_compressible(p, &r, 150, SIM_SLOW_LINK);
-    cr_assert_eq(stats(p)->zstd_level, 2);
-    feed_compressible(p, &r, 200, SIM_SLOW_PEER);
-    cr_assert_eq(stats(p)->zstd_level, 0,
+    cr_assert_eq(feed_compressible(p, &r, 2000, &SIM_SLOW_LINK), 2);
+    cr_assert_leq(feed_compressible(p, &r, 2000, &SIM_SLOW_PEER), 0,
                  "back-pressure from a decode-bound receiver is no reason to compress harder");
     pair_free(p);
 }
@@ -477,8 +512,11 @@ Test(lane_codec, uncached_level_skips_new_inserts_and_the_caches_still_mirror)
         pair_add(p, key_of(3, i), page);
     }
     pair_flush_check(p, 0);
-    feed_compressible(p, &r, 300, SIM_FAST_LINK);
-    cr_assert_eq(stats(p)->level, -1, "even raw holds QEMU up: stop inserting");
+    cr_assert_eq(feed_compressible(p, &r, 8000, &SIM_FAST_LINK), -1,
+                 "even raw holds QEMU up: stop inserting");
+    while (stats(p)->level != -1) {
+        feed_compressible(p, &r, 1, &SIM_FAST_LINK);
+    }
     uint64_t before = stats(p)->uncached_pages;
     for (b = 0; b < 4; b++) {
         for (i = 0; i < 32; i++) {
@@ -517,7 +555,7 @@ Test(lane_codec, adaptive_level_holds_while_waiting_on_input)
     struct pair *p = pair_new(1u << 20, 0);
     struct test_rng r = {9};
 
-    feed_compressible(p, &r, 150, SIM_SLOW_INPUT);
+    feed_compressible(p, &r, 2000, &SIM_SLOW_INPUT);
     cr_assert_eq(stats(p)->zstd_level, 1, "waiting on input is no reason to change the level");
     cr_assert_eq(stats(p)->level_changes, 0);
     pair_free(p);
