@@ -63,7 +63,8 @@
  *    links that outrun even raw; back to raw at once when the link pushes
  *    back (blocked > 20%);
  *  - a receiver that reports it, not the link, is the limit (LANE_LOAD):
- *    one level down per window, never up; its back-pressure would
+ *    one level down per window, down to uncached (that spares the
+ *    receiver its cache copy too), never up; its back-pressure would
  *    otherwise look like a slow link.
  * Not above 2: per 256 KiB batch level 3 costs about twice level 1 for ~8%
  * fewer bytes. The clock is read twice per batch (vDSO, no system call),
@@ -497,8 +498,8 @@ static void enc_adapt(struct rdmax_lane_encoder *e, uint64_t now)
     } else if (link_bound && e->level < 0) {
         /* Uncached pages are FULL again when resent: never while the link is the limit. */
         e->level = 0;
-    } else if (e->win_peer_bound && e->level > 0) {
-        /* The receiver, not the link, is the limit: spend less of its CPU. */
+    } else if (e->win_peer_bound && e->level > lo) {
+        /* The receiver, not the link, is the limit: spend less of its CPU (uncached too). */
         e->level--;
     } else if (!input_bound && e->level_windows > 1 && e->rate[cur] > 0) {
         int best = e->level, explore = 99;
