@@ -22,21 +22,26 @@
 #include <unistd.h>
 #include <zstd.h>
 
+#include "intake.h"
 #include "page-cache.h"
 #include "queue.h"
 #include "session.h"
 #include "stream.h"
 
-#define IN_BUF (256u << 10)
+#define IN_BLOCK (256u << 10) /* QEMU's bytes are read and parsed in blocks this size */
+#define IN_BLOCKS 8u          /* ... this many: 2 MiB of raw stream held at most */
+#define IN_READ_MIN (64u << 10) /* a fresh block when less room is left for a read */
 #define CTRL_FLUSH (64u << 10)
 #define LANE_RING_PAGES 64u
 #define PEEK_MAX (1u << 20)
 /* Page cache sizing when the stream does not announce the RAM size. */
 #define DEFAULT_RAM_GUESS (1ull << 30)
 
+/* A page handed to a lane: where it lies in an intake block, which it holds. */
 struct page_slot {
     struct rdmax_page_key key;
-    uint8_t data[RDMAX_PAGE_SIZE];
+    const uint8_t *data;
+    struct rdmax_in_block *blk;
 };
 
 struct send_lane {
@@ -161,7 +166,8 @@ static void *lane_main(void *arg)
             }
             continue;
         }
-        rdmax_lane_encoder_add(l->enc, s->key, s->data);
+        rdmax_lane_encoder_add(l->enc, s->key, s->data); /* copies the page */
+        rdmax_in_block_drop(s->blk);
         rdmax_ring_release(&l->ring);
         pages++;
         if (rdmax_lane_encoder_pending(l->enc) == RDMAX_BATCH_MAX_PAGES) {
@@ -347,13 +353,26 @@ static size_t peek_ram_size(uint8_t *buf, size_t cap, uint64_t *ram)
     return len;
 }
 
+/* A free intake block; everything moves on before we wait for one. */
+static struct rdmax_in_block *intake_block(struct rdmax_intake *in)
+{
+    struct rdmax_in_block *b = rdmax_intake_get(in, true);
+
+    if (!b) {
+        before_waiting();
+        b = rdmax_intake_get(in, false);
+    }
+    return b;
+}
+
 int rdmax_send_run(void)
 {
     struct rdmax_stream *st = rdmax_stream_create(RDMAX_STREAM_FULL);
-    uint8_t *in = malloc(IN_BUF);
-    struct page_slot *slot = NULL; /* page being filled */
-    unsigned slot_lane = 0;
-    size_t slot_fill = 0;
+    struct rdmax_intake *intake = NULL;
+    struct rdmax_in_block *blk;
+    size_t len, pos = 0;        /* bytes in blk, parsed up to */
+    bool page = false;          /* a page's payload starts at pos */
+    struct rdmax_page_key key;  /* ... this page */
     pthread_t reader;
     uint64_t total = 0, ram;
 
@@ -361,12 +380,15 @@ int rdmax_send_run(void)
     ctrl_zcap = ZSTD_CStreamOutSize();
     ctrl_zbuf = malloc(ctrl_zcap);
     ctrl_z = ZSTD_createCStream();
-    if (!st || !in || !ctrl_buf || !ctrl_zbuf || !ctrl_z) {
+    if (!st || rdmax_intake_create(IN_BLOCK, IN_BLOCKS, &intake) < 0 || !ctrl_buf || !ctrl_zbuf ||
+        !ctrl_z) {
         rdmax_fail("out of memory");
     }
     ZSTD_CCtx_setParameter(ctrl_z, ZSTD_c_compressionLevel, 1);
 
-    size_t pre = peek_ram_size(in, PEEK_MAX < IN_BUF ? PEEK_MAX : IN_BUF, &ram);
+    blk = rdmax_intake_get(intake, false);
+    len = peek_ram_size(blk->data, PEEK_MAX < IN_BLOCK ? PEEK_MAX : IN_BLOCK, &ram);
+    total = len;
     if (rdmax_s.o.cache_bytes != UINT64_MAX) {
         rdmax_s.codec.cache_bytes = rdmax_s.o.cache_bytes;
     } else {
@@ -380,20 +402,53 @@ int rdmax_send_run(void)
     rdmax_keepalive_start();
     rdmax_progress_start();
 
+    /*
+     * Parse in place: control bytes are copied into the control stream,
+     * pages go to their lane as a reference into the block. A page whose
+     * payload would cross the block's end moves, with what has arrived of
+     * it, to the start of a fresh block: the one copy the intake makes.
+     */
     for (;;) {
         struct pollfd pfd = {.fd = STDIN_FILENO, .events = POLLIN};
         ssize_t n;
-        size_t pos = 0;
 
-        if (pre) {
-            n = (ssize_t)pre; /* what the peek read, still in buf */
-            pre = 0;
-        } else {
-            if (poll(&pfd, 1, 0) == 0) {
-                before_waiting(); /* about to block on QEMU */
-            }
-            n = read(STDIN_FILENO, in, IN_BUF);
+        if (page && len - pos >= RDMAX_PAGE_SIZE) {
+            unsigned k = rdmax_stream_lane_of(key, rdmax_s.nlanes);
+            struct page_slot *s = lane_slot(k);
+            s->key = key;
+            s->data = blk->data + pos;
+            s->blk = blk;
+            rdmax_in_block_hold(blk);
+            rdmax_ring_commit(&lanes[k].ring);
+            lanes[k].dirty = true;
+            atomic_fetch_add_explicit(&rdmax_s.c.pages, 1, memory_order_relaxed);
+            rdmax_stream_page_done(st);
+            pos += RDMAX_PAGE_SIZE;
+            page = false;
+            continue;
         }
+        if (!page && pos < len) {
+            ssize_t c = rdmax_stream_scan(st, blk->data + pos, len - pos, &page, &key);
+            if (c < 0) {
+                rdmax_fail("%s", rdmax_stream_error(st));
+            }
+            ctrl_append(blk->data + pos, (size_t)c);
+            pos += (size_t)c;
+            continue;
+        }
+        /* Everything here is parsed (or a page is short): read more, into a fresh block if need be. */
+        if ((page && IN_BLOCK - pos < RDMAX_PAGE_SIZE) || (!page && IN_BLOCK - len < IN_READ_MIN)) {
+            struct rdmax_in_block *next = intake_block(intake);
+            memcpy(next->data, blk->data + pos, len - pos);
+            len -= pos;
+            pos = 0;
+            rdmax_in_block_drop(blk);
+            blk = next;
+        }
+        if (poll(&pfd, 1, 0) == 0) {
+            before_waiting(); /* about to block on QEMU */
+        }
+        n = read(STDIN_FILENO, blk->data + len, IN_BLOCK - len);
         if (n < 0) {
             if (errno == EINTR) {
                 continue;
@@ -403,42 +458,11 @@ int rdmax_send_run(void)
         if (n == 0) {
             break;
         }
+        len += (size_t)n;
         total += (uint64_t)n;
         atomic_store_explicit(&rdmax_s.c.bytes_in, total, memory_order_relaxed);
-        while (pos < (size_t)n) {
-            if (slot) {
-                size_t k = RDMAX_PAGE_SIZE - slot_fill;
-                if (k > (size_t)n - pos) {
-                    k = (size_t)n - pos;
-                }
-                memcpy(slot->data + slot_fill, in + pos, k);
-                slot_fill += k;
-                pos += k;
-                if (slot_fill == RDMAX_PAGE_SIZE) {
-                    rdmax_ring_commit(&lanes[slot_lane].ring);
-                    lanes[slot_lane].dirty = true;
-                    atomic_fetch_add_explicit(&rdmax_s.c.pages, 1, memory_order_relaxed);
-                    rdmax_stream_page_done(st);
-                    slot = NULL;
-                }
-                continue;
-            }
-            bool page;
-            struct rdmax_page_key key;
-            ssize_t c = rdmax_stream_scan(st, in + pos, (size_t)n - pos, &page, &key);
-            if (c < 0) {
-                rdmax_fail("%s", rdmax_stream_error(st));
-            }
-            ctrl_append(in + pos, (size_t)c);
-            pos += (size_t)c;
-            if (page) {
-                slot_lane = rdmax_stream_lane_of(key, rdmax_s.nlanes);
-                slot = lane_slot(slot_lane);
-                slot->key = key;
-                slot_fill = 0;
-            }
-        }
     }
+    rdmax_in_block_drop(blk);
 
     /* QEMU closed the stream: it is complete, or the migration was abandoned. */
     if (rdmax_stream_finish(st) < 0) {
@@ -453,6 +477,7 @@ int rdmax_send_run(void)
     for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
         pthread_join(lanes[i].thread, NULL);
     }
+    rdmax_intake_destroy(intake); /* the lanes dropped every page */
     send_eof(total, atomic_load(&rdmax_s.c.pages));
 
     /* Exit 0 only once the receiver confirms every byte reached its QEMU. */
