@@ -691,14 +691,14 @@ const struct rdmax_lane_stats *rdmax_lane_encoder_stats(const struct rdmax_lane_
     return &e->stats;
 }
 
-int rdmax_lane_encoder_populate(struct rdmax_lane_encoder *e)
+int rdmax_lane_encoder_populate(struct rdmax_lane_encoder *e, size_t ahead)
 {
-    return rdmax_page_cache_populate_start(e->cache);
+    return rdmax_page_cache_populate_start(e->cache, ahead);
 }
 
-int rdmax_lane_decoder_populate(struct rdmax_lane_decoder *d)
+int rdmax_lane_decoder_populate(struct rdmax_lane_decoder *d, size_t ahead)
 {
-    return rdmax_page_cache_populate_start(d->cache);
+    return rdmax_page_cache_populate_start(d->cache, ahead);
 }
 
 uint64_t rdmax_lane_encoder_cache_digest(const struct rdmax_lane_encoder *e)

@@ -143,12 +143,13 @@ const struct rdmax_lane_stats *rdmax_lane_encoder_stats(const struct rdmax_lane_
 uint64_t rdmax_lane_encoder_cache_digest(const struct rdmax_lane_encoder *e);
 
 /*
- * Fault the page cache in from a background thread while the CPU would
- * idle (rdmax_page_cache_populate_start); for the pipelines, not needed
- * for correctness. 0 or -errno.
+ * Fault the page cache in, at most `ahead` bytes ahead of its use, from a
+ * background thread while the CPU would idle
+ * (rdmax_page_cache_populate_start); for the pipelines, not needed for
+ * correctness. 0 or -errno.
  */
-int rdmax_lane_encoder_populate(struct rdmax_lane_encoder *e);
-int rdmax_lane_decoder_populate(struct rdmax_lane_decoder *d);
+int rdmax_lane_encoder_populate(struct rdmax_lane_encoder *e, size_t ahead);
+int rdmax_lane_decoder_populate(struct rdmax_lane_decoder *d, size_t ahead);
 
 typedef int (*rdmax_page_cb)(void *arg, struct rdmax_page_key key, const uint8_t *page);
 

@@ -44,14 +44,14 @@ struct rdmax_page_cache {
     _Atomic size_t used_hint; /* count, for the populating thread */
     _Atomic bool populate_stop;
     bool populating;
+    size_t populate_ahead; /* bytes ahead of the slots in use */
     pthread_t populate_thread;
 };
 
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
 #endif
-#define POPULATE_CHUNK (2u << 20)  /* one huge page */
-#define POPULATE_AHEAD (32u << 20) /* ahead of the lane; not the whole cache up front */
+#define POPULATE_CHUNK (2u << 20) /* one huge page */
 
 /* Index cells for n slots: a power of two, load factor <= 1/2. */
 static size_t cache_index_cells(size_t n)
@@ -202,9 +202,11 @@ err_struct:
  * at SCHED_IDLE: a fresh anonymous page costs a zeroing fault on first
  * touch (17-40% of a side's CPU on a replay when it happened in the page
  * path), and this way it happens while the CPU would otherwise idle (QEMU
- * setting up, the link pushing back). It stays at most POPULATE_AHEAD
- * ahead of the slots in use, so a guest of mostly zero pages (never
- * cached) does not get its whole cache faulted in for nothing.
+ * setting up, the link pushing back). It stays ahead of the slots in use
+ * by at most what is in use and at most populate_ahead bytes, so neither a
+ * guest of mostly zero pages (never cached) nor a peer that announces a
+ * large cache and sends nothing gets more than twice what it used faulted
+ * in.
  * MADV_POPULATE_WRITE never changes what a page holds, so it may run over
  * slots the lane already uses.
  */
@@ -223,13 +225,20 @@ static void *populate_main(void *arg)
         if (pos < used) {
             pos = used & ~(size_t)(POPULATE_CHUNK - 1); /* the lane got there first */
         }
-        if (pos >= used + POPULATE_AHEAD) {
+        /* Ahead by what is in use, up to populate_ahead: a peer that sends nothing gets nothing. */
+        if (pos >= used + (used < c->populate_ahead ? used : c->populate_ahead)) {
             struct timespec ts = {0, 2000000};
 
             nanosleep(&ts, NULL);
             continue;
         }
-        len = c->data_len - pos < POPULATE_CHUNK ? c->data_len - pos : POPULATE_CHUNK;
+        len = c->data_len - pos;
+        if (len > POPULATE_CHUNK) {
+            len = POPULATE_CHUNK;
+        }
+        if (len > c->populate_ahead) {
+            len = c->populate_ahead;
+        }
         if (madvise(c->data + pos, len, MADV_POPULATE_WRITE) != 0) {
             break; /* a kernel before 5.14, or no memory now: the page path faults as before */
         }
@@ -238,13 +247,15 @@ static void *populate_main(void *arg)
     return NULL;
 }
 
-int rdmax_page_cache_populate_start(struct rdmax_page_cache *c)
+int rdmax_page_cache_populate_start(struct rdmax_page_cache *c, size_t ahead)
 {
     int r;
 
-    if (!c || !c->data || c->populating) {
+    ahead &= ~(size_t)(RDMAX_PAGE_SIZE - 1);
+    if (!c || !c->data || c->populating || ahead == 0) {
         return 0;
     }
+    c->populate_ahead = ahead;
     r = pthread_create(&c->populate_thread, NULL, populate_main, c);
     if (r != 0) {
         return -r;

@@ -60,11 +60,12 @@ void rdmax_page_cache_destroy(struct rdmax_page_cache *c);
 
 /*
  * Fault the cache's memory in from a background thread at SCHED_IDLE, in
- * the order slots are handed out, so the page path seldom takes a first-
- * touch fault. Changes nothing the cache holds or decides (mirroring is
- * unaffected); stopped by destroy. 0, or -errno when no thread could start.
+ * the order slots are handed out, at most `ahead` bytes ahead of the slots
+ * in use, so the page path seldom takes a first-touch fault. Changes
+ * nothing the cache holds or decides (mirroring is unaffected); stopped by
+ * destroy. 0, or -errno when no thread could start.
  */
-int rdmax_page_cache_populate_start(struct rdmax_page_cache *c);
+int rdmax_page_cache_populate_start(struct rdmax_page_cache *c, size_t ahead);
 
 /*
  * The cached version of key (RDMAX_PAGE_SIZE bytes), or NULL. Does not

@@ -458,7 +458,7 @@ int rdmax_recv_run(void)
             rdmax_lane_decoder_create(&rdmax_s.codec, &l->dec) < 0) {
             rdmax_fail("out of memory setting up lane %u", i);
         }
-        (void)rdmax_lane_decoder_populate(l->dec); /* only a head start */
+        (void)rdmax_lane_decoder_populate(l->dec, POPULATE_AHEAD_TOTAL / rdmax_s.nlanes); /* only a head start */
         pthread_create(&l->thread, NULL, lane_main, l);
     }
     pthread_create(&reader, NULL, ctrl_reader_main, NULL);

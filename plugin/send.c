@@ -291,7 +291,7 @@ static void lanes_start(void)
             rdmax_lane_encoder_create(&rdmax_s.codec, &l->enc) < 0) {
             rdmax_fail("out of memory setting up lane %u", i);
         }
-        (void)rdmax_lane_encoder_populate(l->enc); /* only a head start */
+        (void)rdmax_lane_encoder_populate(l->enc, POPULATE_AHEAD_TOTAL / rdmax_s.nlanes); /* only a head start */
         atomic_store(&rdmax_s.lane_stats[i], rdmax_lane_encoder_stats(l->enc));
         pthread_create(&l->thread, NULL, lane_main, l);
     }

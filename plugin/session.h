@@ -61,6 +61,14 @@ struct rdmax_session {
 
 extern struct rdmax_session rdmax_s;
 
+/*
+ * How far ahead of use the lanes' page caches are faulted in, all lanes
+ * together: enough to keep first-touch faults off the page path, small
+ * enough that a peer who announces a large cache and sends nothing does
+ * not make this side touch it.
+ */
+#define POPULATE_AHEAD_TOTAL ((size_t)64 << 20)
+
 double rdmax_now(void);
 
 /*
