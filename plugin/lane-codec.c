@@ -43,34 +43,12 @@
  * ratio; otherwise FULL.
  *
  * Level (cfg.zstd_level 0 = adaptive): -1 uncached (raw, no new cache
- * inserts: NOCACHE), 0 raw, 1-2 zstd. The level that moves the most
- * stream wins, measured, not modelled: each window (20 ms on the encoder's
- * clock and 8 batches, or 256 batches) gives the page bytes the lane took
- * per wall ns at the level it ran. Every cause of slowness is in that one
- * figure: a link slower than the compressor saves, a compressor slower
- * than the link, a receiver that decodes too slowly, a host whose CPU is
- * saturated. The lane moves to a neighbouring level whose last figure was
- * 5% better, and after 2 windows at a level tries a neighbour not measured
- * in the last 40 windows (~1 s; upward first while the link pushes back),
- * so it follows content and load as they change. Rules on top, from what
- * the caller notes (rdmax_lane_encoder_note_pipe):
- *  - windows spent more than 30% waiting on QEMU are not measured and
- *    change nothing: waiting for input says nothing about the level;
- *  - the first window after a change is not measured: it still drains
- *    what the previous level left in the buffers;
- *  - uncached only from raw, after 3 windows there with the link idle
- *    (blocked < 5%): uncached pages go FULL again when resent, so it is for
- *    links that outrun even raw; back to raw at once when the link pushes
- *    back (blocked > 20%);
- *  - a receiver that reports it, not the link, is the limit (LANE_LOAD):
- *    one level down per window, down to uncached (that spares the
- *    receiver its cache copy too), never up; its back-pressure would
- *    otherwise look like a slow link.
- * Not above 2: per 256 KiB batch level 3 costs about twice level 1 for ~8%
- * fewer bytes. The clock is read twice per batch (vDSO, no system call),
- * and around a lane's waits only when it is about to sleep.
- * Pages that do not compress by 1/16 go raw, with a probe at level 1 now
- * and then to notice when they do again. At any level, a batch whose full
+ * inserts: NOCACHE), 0 raw, 1-2 zstd, as the pipe's controller
+ * (plugin/level.c) sets it with rdmax_lane_encoder_set_level: lanes share
+ * the link, so one level for the whole pipe.
+ * Pages that do not compress by 1/16 (over 64 batches) go raw whatever
+ * the level, with a probe at level 1 now and then to notice when they do
+ * again. At any level, a batch whose full
  * part did not compress makes the next 1, 2, 4 or 8 batches skip the try.
  */
 #include "lane-codec.h"
@@ -106,14 +84,7 @@
 #define FULL_MAX ((size_t)RDMAX_BATCH_MAX_PAGES * PS)
 
 /* Adaptive control. */
-#define ADAPT_WINDOW_NS 20000000ull /* 20 ms (and 8 batches), or ADAPT_WINDOW_BATCHES */
-#define ADAPT_WINDOW_BATCHES 256u
-#define ADAPT_LEVELS (ADAPT_MAX_LEVEL + 2) /* -1 uncached, 0 raw, 1.. zstd */
-#define ADAPT_MOVE 1.05         /* a neighbour must have moved 5% more to go there */
-#define ADAPT_REVISIT 40u       /* windows (~1 s) before a neighbour's figure is stale */
-#define ADAPT_DWELL 2u          /* windows at a level before trying a stale neighbour */
-#define ADAPT_UNCACHED_AFTER 3u /* windows at raw, the link idle, before trying uncached */
-#define ADAPT_MAX_LEVEL 2     /* level 3 costs ~2x level 1 per batch for ~8% fewer bytes */
+#define ADAPT_WINDOW_BATCHES 64u /* compressibility is judged over this many batches */
 #define ADAPT_PROBE_EVERY 64u /* raw for incompressibility: probe batches */
 #define DESC_ZSTD_MIN 512u    /* smaller descriptor parts are not worth a frame */
 
@@ -140,17 +111,8 @@ struct rdmax_lane_encoder {
     unsigned desc_backoff;            /* next desc_skip after a try that did not pay */
     unsigned full_skip, full_backoff; /* the same for the full-page part */
     uint64_t batch_start_ns;          /* first add() of the pending batch */
-    uint64_t win_start_ns, win_link_ns, win_wait_ns;
-    uint64_t win_in, win_out; /* page bytes in, batch bytes out, this window */
-    bool win_peer_bound;      /* the receiver said so in this window */
+    int want;                         /* the level the pipe asked for (set_level) */
     unsigned win_batches;
-    /* What each level moved when it last ran (index level + 1), see enc_adapt. */
-    double rate[ADAPT_LEVELS];     /* page bytes per wall ns */
-    uint64_t rate_at[ADAPT_LEVELS]; /* window it was measured in */
-    uint64_t windows;              /* windows so far */
-    unsigned level_windows;        /* windows at this level since the last change */
-    uint64_t (*now)(void *arg); /* the adaptive level's clock */
-    void *now_arg;
     uint8_t *out; /* rdmax_lane_encoder_bound(): header, descriptor, compressed full part */
     uint64_t win_full_in, win_full_out; /* compressed batches in the window */
     struct rdmax_lane_stats stats;
@@ -166,27 +128,35 @@ struct rdmax_lane_decoder {
     bool broken;   /* an error desynchronized the cache: refuse everything */
 };
 
-static uint64_t monotonic_ns(void *arg)
+static uint64_t now_ns(void)
 {
     struct timespec ts;
 
-    (void)arg;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-void rdmax_lane_encoder_note_pipe(struct rdmax_lane_encoder *e, const struct rdmax_lane_pipe *p)
+static void enc_apply_level(struct rdmax_lane_encoder *e)
 {
-    e->win_link_ns += p->link_ns;
-    e->win_wait_ns += p->wait_ns;
-    e->win_peer_bound |= p->peer_bound;
+    int level = e->incompressible && e->want > 0 ? 0 : e->want;
+
+    if (level < 0 && !e->cache) {
+        level = 0;
+    }
+    if (level != e->level) {
+        e->level = level;
+        e->stats.level = level;
+        e->stats.level_changes++;
+    }
 }
 
-void rdmax_lane_encoder_set_clock(struct rdmax_lane_encoder *e, uint64_t (*now)(void *arg),
-                                  void *arg)
+void rdmax_lane_encoder_set_level(struct rdmax_lane_encoder *e, int level)
 {
-    e->now = now ? now : monotonic_ns;
-    e->now_arg = now ? arg : NULL;
+    if (e->cfg.zstd_level != 0 || level == e->want) {
+        return;
+    }
+    e->want = level;
+    enc_apply_level(e);
 }
 
 static size_t varint_put(uint8_t *p, uint64_t v)
@@ -297,7 +267,6 @@ int rdmax_lane_encoder_create(const struct rdmax_codec_config *cfg, struct rdmax
     e->desc = malloc(DESC_MAX);
     e->full = malloc(FULL_MAX);
     e->out = malloc(rdmax_lane_encoder_bound());
-    e->now = monotonic_ns;
     if (!e->cctx || !e->desc || !e->full || !e->out) {
         goto err;
     }
@@ -312,6 +281,7 @@ int rdmax_lane_encoder_create(const struct rdmax_codec_config *cfg, struct rdmax
     } else if (cfg->zstd_level == 0) {
         e->level = 1;
     }
+    e->want = e->level;
     e->delta_cap = PS - 1;
     e->probe_in = ADAPT_PROBE_EVERY;
     e->stats.zstd_level = e->level;
@@ -354,7 +324,7 @@ int rdmax_lane_encoder_add(struct rdmax_lane_encoder *e, struct rdmax_page_key k
         return -EINVAL;
     }
     if (e->n == 0) {
-        e->batch_start_ns = e->now(e->now_arg);
+        e->batch_start_ns = now_ns();
     }
 
     /* Descriptor header: tag (filled below), then the key if unexpected. */
@@ -461,84 +431,16 @@ static size_t enc_try_zstd(struct rdmax_lane_encoder *e, uint8_t *dst, const uin
     return z;
 }
 
-/* One window of the adaptive controller; see the top comment. */
-static void enc_adapt(struct rdmax_lane_encoder *e, uint64_t now)
+/* Every ADAPT_WINDOW_BATCHES: did the compressed parts pay? See the top comment. */
+static void enc_adapt(struct rdmax_lane_encoder *e)
 {
-    uint64_t wall = now - e->win_start_ns;
-    int before = e->level, lo = e->cache ? -1 : 0, hi = e->incompressible ? 0 : ADAPT_MAX_LEVEL;
-    int cur = e->level + 1;
-
-    if (e->cfg.zstd_level != 0 || (e->win_batches < ADAPT_WINDOW_BATCHES &&
-                                   (wall < ADAPT_WINDOW_NS || e->win_batches < 8))) {
+    if (e->cfg.zstd_level != 0 || ++e->win_batches < ADAPT_WINDOW_BATCHES) {
         return;
     }
-    bool link_bound = e->win_link_ns * 100 > wall * 20 && !e->win_peer_bound;
-    bool link_idle = e->win_link_ns * 100 < wall * 5;
-    bool input_bound = e->win_wait_ns * 100 > wall * 30;
-
-    e->windows++;
-    e->level_windows++;
-    /*
-     * What the pipe moved at this level: page bytes per wall ns. The first
-     * window after a change still drains what the last level left in the
-     * buffers; a window spent waiting on QEMU says nothing about the level.
-     */
-    if (e->level_windows > 1 && !input_bound) {
-        double r = (double)e->win_in / (double)wall;
-        e->rate[cur] = e->rate_at[cur] + ADAPT_REVISIT > e->windows && e->rate[cur] > 0
-                           ? (e->rate[cur] + r) / 2
-                           : r;
-        e->rate_at[cur] = e->windows;
-    }
-
     if (e->win_full_in && e->win_full_out * 16 > e->win_full_in * 15) {
-        /* Compressed pages did not shrink by 1/16: raw until a probe says so. */
-        e->level = 0;
         e->incompressible = true;
-    } else if (link_bound && e->level < 0) {
-        /* Uncached pages are FULL again when resent: never while the link is the limit. */
-        e->level = 0;
-    } else if (e->win_peer_bound && e->level > lo) {
-        /* The receiver, not the link, is the limit: spend less of its CPU (uncached too). */
-        e->level--;
-    } else if (!input_bound && e->level_windows > 1 && e->rate[cur] > 0) {
-        int best = e->level, explore = 99;
-        double best_r = e->rate[cur] * ADAPT_MOVE;
-
-        for (int l = e->level - 1; l <= e->level + 1; l += 2) {
-            int i = l + 1;
-            if (l < lo || l > hi || (l > e->level && e->win_peer_bound)) {
-                continue;
-            }
-            if (l < 0 && (!link_idle || e->level_windows < ADAPT_UNCACHED_AFTER)) {
-                continue; /* uncached only while raw runs without the link pushing back */
-            }
-            if (e->rate_at[i] + ADAPT_REVISIT <= e->windows || e->rate[i] == 0) {
-                /* Not measured lately: try it, up first while the link pushes back. */
-                if (explore == 99 || (link_bound ? l > explore : l < explore)) {
-                    explore = l;
-                }
-            } else if (e->rate[i] > best_r) {
-                best = l;
-                best_r = e->rate[i];
-            }
-        }
-        if (best != e->level) {
-            e->level = best;
-        } else if (explore != 99 && e->level_windows >= ADAPT_DWELL) {
-            e->level = explore;
-        }
+        enc_apply_level(e);
     }
-    if (e->level != before) {
-        e->stats.level_changes++;
-        e->stats.level = e->level;
-        e->level_windows = 0;
-    }
-    e->win_start_ns = now;
-    e->win_link_ns = 0;
-    e->win_wait_ns = 0;
-    e->win_in = e->win_out = 0;
-    e->win_peer_bound = false;
     e->win_batches = 0;
     e->win_full_in = e->win_full_out = 0;
 }
@@ -556,12 +458,9 @@ ssize_t rdmax_lane_encoder_flush_iov(struct rdmax_lane_encoder *e, struct iovec 
     if (e->n == 0) {
         return 0;
     }
-    if (e->win_start_ns == 0) {
-        e->win_start_ns = e->batch_start_ns;
-    }
 
     /* A raw lane probes now and then whether pages compress again. */
-    if (level == 0 && e->cfg.zstd_level == 0 && e->incompressible && full_raw &&
+    if (level == 0 && e->cfg.zstd_level == 0 && e->incompressible && e->want > 0 && full_raw &&
         --e->probe_in == 0) {
         e->probe_in = ADAPT_PROBE_EVERY;
         level = 1;
@@ -607,7 +506,7 @@ ssize_t rdmax_lane_encoder_flush_iov(struct rdmax_lane_encoder *e, struct iovec 
             e->win_full_out += z ? z : full_raw;
             if (probe && z) {
                 e->incompressible = false;
-                e->level = 1;
+                enc_apply_level(e);
             }
             e->full_backoff = z ? 0 : e->full_backoff ? MIN(e->full_backoff * 2, 8u) : 1;
             e->full_skip = e->full_backoff;
@@ -646,8 +545,6 @@ ssize_t rdmax_lane_encoder_flush_iov(struct rdmax_lane_encoder *e, struct iovec 
         e->delta_cap = per_page < 256 ? 256 : per_page >= PS ? PS - 1 : per_page;
     }
 
-    uint64_t batch_in = (uint64_t)e->n * PS;
-
     e->stats.pages += e->n;
     e->stats.batches++;
     e->stats.bytes_raw += (uint64_t)e->n * PS;
@@ -656,15 +553,8 @@ ssize_t rdmax_lane_encoder_flush_iov(struct rdmax_lane_encoder *e, struct iovec 
     e->stats.zstd_level = full_raw ? (flags & BF_FULL_ZSTD ? level : 0) : e->stats.zstd_level;
     enc_reset_batch(e);
 
-    {
-        uint64_t t1 = e->now(e->now_arg);
-
-        e->stats.encode_ns += t1 - e->batch_start_ns;
-        e->win_batches++;
-        e->win_in += batch_in;
-        e->win_out += pos;
-        enc_adapt(e, t1);
-    }
+    e->stats.encode_ns += now_ns() - e->batch_start_ns;
+    enc_adapt(e);
     return (ssize_t)pos;
 }
 

@@ -114,24 +114,12 @@ ssize_t rdmax_lane_encoder_flush_iov(struct rdmax_lane_encoder *e, struct iovec 
                                      int *iovcnt);
 
 /*
- * What the pipe around the lane did since the last note (wall ns on the
- * encoder's clock): the adaptive level follows the bottleneck of the whole
- * pipe, not the encoder's own speed.
+ * The level the pipe's controller chose (plugin/level.h): -1 uncached (FULL
+ * pages the cache does not hold go NOCACHE), 0 raw, 1.. zstd. Only with
+ * cfg.zstd_level 0 (adaptive); applies from the next page. Pages found not
+ * to compress keep a lane raw whatever the level (with probes).
  */
-struct rdmax_lane_pipe {
-    uint64_t link_ns;  /* the lane blocked handing batches to the transport */
-    uint64_t wait_ns;  /* the lane waited for pages from the producer (QEMU) */
-    bool peer_bound;   /* the receiver says it, not the link, is the limit */
-};
-
-void rdmax_lane_encoder_note_pipe(struct rdmax_lane_encoder *e, const struct rdmax_lane_pipe *p);
-
-/*
- * The clock of the adaptive level's windows (tests inject one); the default
- * is CLOCK_MONOTONIC. now() returns ns; it is called twice per batch.
- */
-void rdmax_lane_encoder_set_clock(struct rdmax_lane_encoder *e, uint64_t (*now)(void *arg),
-                                  void *arg);
+void rdmax_lane_encoder_set_level(struct rdmax_lane_encoder *e, int level);
 
 const struct rdmax_lane_stats *rdmax_lane_encoder_stats(const struct rdmax_lane_encoder *e);
 

@@ -23,6 +23,7 @@
 #include <zstd.h>
 
 #include "intake.h"
+#include "level.h"
 #include "page-cache.h"
 #include "queue.h"
 #include "session.h"
@@ -50,11 +51,16 @@ struct send_lane {
     struct rdmax_lane_encoder *enc;
     pthread_t thread;
     _Atomic bool peer_bound;   /* control reader: the receiver's LANE_LOAD */
-    uint64_t wait_ns;          /* lane thread: waited for pages since the last batch */
+
     bool dirty;                /* main thread: pages committed since the last kick */
 };
 
 static struct send_lane lanes[RDMAX_LANES_MAX];
+
+/* The pipe's codec level (level.h): chosen by the main thread, applied by the lanes. */
+#define LEVEL_WINDOW_NS 25000000ull
+static _Atomic int pipe_level;
+static _Atomic uint64_t link_ns_total; /* lanes: blocked sending, summed */
 
 /* Control stream state: main thread only. */
 static ZSTD_CStream *ctrl_z;
@@ -115,7 +121,6 @@ static void lane_send_batch(struct send_lane *l)
     struct iovec iov[2];
     int iovcnt;
     ssize_t n = rdmax_lane_encoder_flush_iov(l->enc, iov, &iovcnt);
-    struct rdmax_lane_pipe pipe = {0};
     int r;
 
     if (n <= 0) {
@@ -124,11 +129,8 @@ static void lane_send_batch(struct send_lane *l)
     double t0 = rdmax_now();
     r = rdmax_wire_sendv(&rdmax_s.lane[l->idx], RDMAX_F_PAGES, 0, (uint16_t)(l->idx + 1), iov,
                          iovcnt);
-    pipe.link_ns = (uint64_t)((rdmax_now() - t0) * 1e9);
-    pipe.peer_bound = atomic_load_explicit(&l->peer_bound, memory_order_relaxed);
-    pipe.wait_ns = l->wait_ns;
-    l->wait_ns = 0;
-    rdmax_lane_encoder_note_pipe(l->enc, &pipe);
+    atomic_fetch_add_explicit(&link_ns_total, (uint64_t)((rdmax_now() - t0) * 1e9),
+                              memory_order_relaxed);
     if (r < 0) {
         rdmax_fail("lane %u to %s: %s", l->idx, rdmax_s.lane[l->idx].conn->peer,
                    rdmax_wire_strerror(r));
@@ -152,10 +154,9 @@ static void *lane_main(void *arg)
         unsigned pend = rdmax_lane_encoder_pending(l->enc);
         struct page_slot *s = rdmax_ring_peek_at(&l->ring, 0);
 
-        if (!s) { /* the clock only on the way to sleep */
-            double t0 = rdmax_now();
+        rdmax_lane_encoder_set_level(l->enc, atomic_load_explicit(&pipe_level, memory_order_relaxed));
+        if (!s) {
             s = rdmax_ring_peek_wait(&l->ring, pend ? RDMAX_BATCH_MAX_PAGES - pend : 1);
-            l->wait_ns += (uint64_t)((rdmax_now() - t0) * 1e9);
         }
         if (!s) {
             if (rdmax_ring_closed_and_empty(&l->ring)) {
@@ -375,6 +376,9 @@ int rdmax_send_run(void)
     struct rdmax_page_key key;  /* ... this page */
     pthread_t reader;
     uint64_t total = 0, ram;
+    struct rdmax_level_ctl ctl;
+    struct rdmax_level_window win = {0};
+    uint64_t win_start = 0, win_total = 0, win_link = 0;
 
     ctrl_buf = malloc(CTRL_FLUSH);
     ctrl_zcap = ZSTD_CStreamOutSize();
@@ -396,6 +400,9 @@ int rdmax_send_run(void)
             rdmax_page_cache_budget(ram ? ram : DEFAULT_RAM_GUESS, rdmax_s.nlanes, 0);
     }
     rdmax_session_connect();
+    rdmax_level_ctl_init(&ctl, 1, rdmax_s.codec.cache_bytes ? RDMAX_LEVEL_MIN : 0,
+                         RDMAX_LEVEL_MAX);
+    atomic_store(&pipe_level, ctl.level);
     lanes_start();
     pthread_create(&reader, NULL, ctrl_reader_main, NULL);
     pthread_detach(reader);
@@ -445,10 +452,29 @@ int rdmax_send_run(void)
             rdmax_in_block_drop(blk);
             blk = next;
         }
+        uint64_t now = (uint64_t)(rdmax_now() * 1e9);
+        if (rdmax_s.codec.zstd_level == 0 && now - win_start >= LEVEL_WINDOW_NS) {
+            uint64_t link = atomic_load_explicit(&link_ns_total, memory_order_relaxed);
+            win.wall_ns = win_start ? now - win_start : 0;
+            win.bytes = total - win_total;
+            win.link_ns = (link - win_link) / rdmax_s.nlanes;
+            for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
+                win.peer_bound |= atomic_load_explicit(&lanes[i].peer_bound, memory_order_relaxed);
+            }
+            atomic_store_explicit(&pipe_level, rdmax_level_ctl_window(&ctl, &win),
+                                  memory_order_relaxed);
+            win = (struct rdmax_level_window){0};
+            win_start = now;
+            win_total = total;
+            win_link = link;
+        }
         if (poll(&pfd, 1, 0) == 0) {
             before_waiting(); /* about to block on QEMU */
+            n = read(STDIN_FILENO, blk->data + len, IN_BLOCK - len);
+            win.wait_ns += (uint64_t)(rdmax_now() * 1e9) - now;
+        } else {
+            n = read(STDIN_FILENO, blk->data + len, IN_BLOCK - len);
         }
-        n = read(STDIN_FILENO, blk->data + len, IN_BLOCK - len);
         if (n < 0) {
             if (errno == EINTR) {
                 continue;

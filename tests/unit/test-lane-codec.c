@@ -360,176 +360,77 @@ Test(lane_codec, every_delta_impl_produces_the_same_batches)
     rdmax_delta_select(RDMAX_DELTA_AUTO);
 }
 
-/* ---- adaptive level -------------------------------------------------------- */
+/* ---- levels set by the pipe ------------------------------------------------ */
 
 static size_t mk_batch(uint8_t *out, uint8_t version, uint8_t flags, unsigned count,
                        const uint8_t *desc, size_t desc_len, size_t desc_raw, const uint8_t *full,
                        size_t full_len);
 
-/*
- * The adaptive level runs on an injected clock: each batch "takes" a fixed
- * time and the pipe around it is simulated, so these tests decide the same
- * way on a quiet machine, a loaded one and under the sanitizers.
- */
-static uint64_t fake_now_ns;
-
-static uint64_t fake_clock(void *arg)
-{
-    (void)arg;
-    return fake_now_ns;
-}
-
-/*
- * A simulated pipe: the lane encodes at a rate that depends on its level
- * (page bytes per ns), hands batches to a link of a given rate (batch
- * bytes per ns; 0 = unlimited) and gets pages from QEMU at a given rate
- * (0 = unlimited). Batch sizes are the encoder's real output.
- */
-struct sim {
-    double enc_rate[4]; /* levels -1, 0, 1, 2 */
-    double link_rate;
-    double input_rate;
-    bool peer_bound;
-};
-
-/* Encoding costs: compressing is slow, raw is fast, uncached a bit faster. */
-static const struct sim SIM_FAST_LINK = {{3.0, 2.0, 0.5, 0.3}, 0, 0, false};
-static const struct sim SIM_SLOW_LINK = {{3.0, 2.0, 0.5, 0.3}, 0.05, 0, false};
-/* Raw is link-bound; zstd 1 encodes slower but moves more stream through the link. */
-static const struct sim SIM_MIDDLE_LINK = {{3.0, 2.0, 0.9, 0.3}, 0.5, 0, false};
-static const struct sim SIM_SLOW_PEER = {{3.0, 2.0, 0.5, 0.3}, 0.05, 0, true};
-static const struct sim SIM_SLOW_INPUT = {{3.0, 2.0, 0.5, 0.3}, 0, 0.01, false};
-
-/* Returns the level the lane spent most of the second half of the batches at. */
-static int feed_compressible(struct pair *p, struct test_rng *r, unsigned batches,
-                             const struct sim *sim)
-{
-    unsigned at[4] = {0};
-    int most = 0;
-    static uint8_t pool[64][PS];
-    unsigned b, i;
-    size_t j;
-
-    /* Text-like pages, compressing about 2x. */
-    for (i = 0; i < 64; i++) {
-        for (j = 0; j < PS; j++) {
-            pool[i][j] = (uint8_t)('a' + rng_below(r, 12));
-        }
-    }
-    rdmax_lane_encoder_set_clock(p->enc, fake_clock, NULL);
-    if (fake_now_ns == 0) {
-        fake_now_ns = 1000000000ull;
-    }
-    for (b = 0; b < batches; b++) {
-        struct rdmax_lane_pipe pipe = {.peer_bound = sim->peer_bound};
-        int level = stats(p)->level;
-        double in = 16.0 * PS, busy = in / sim->enc_rate[level + 1];
-        size_t out;
-
-        for (i = 0; i < 16; i++) {
-            /* Fresh keys: every page goes FULL, so the level decides its size. */
-            pair_add(p, key_of(0, rng_next(r) >> 12), pool[rng_below(r, 64)]);
-        }
-        fake_now_ns += (uint64_t)busy;
-        out = pair_flush_check(p, 0);
-        if (sim->link_rate > 0 && (double)out / sim->link_rate > busy) {
-            pipe.link_ns = (uint64_t)((double)out / sim->link_rate - busy);
-        }
-        if (sim->input_rate > 0 && in / sim->input_rate > busy + (double)pipe.link_ns) {
-            pipe.wait_ns = (uint64_t)(in / sim->input_rate - busy - (double)pipe.link_ns);
-        }
-        fake_now_ns += pipe.link_ns + pipe.wait_ns;
-        rdmax_lane_encoder_note_pipe(p->enc, &pipe);
-        if (b >= batches / 2) {
-            at[level + 1]++;
-        }
-    }
-    for (int l = 0; l < 4; l++) {
-        if (at[l] > at[most]) {
-            most = l;
-        }
-    }
-    return most - 1;
-}
-
-Test(lane_codec, adaptive_level_goes_raw_when_the_link_outruns_the_compressor)
+Test(lane_codec, set_level_moves_the_full_part_between_zstd_and_raw)
 {
     struct pair *p = pair_new(1u << 20, 0);
-    struct test_rng r = {6};
+    static uint8_t page[PS];
+    unsigned i;
 
-    cr_assert_eq(stats(p)->zstd_level, 1, "starts at level 1");
-    cr_assert_leq(feed_compressible(p, &r, 2000, &SIM_FAST_LINK), 0,
-                  "an unlimited link: compression only costs");
-    cr_assert_gt(stats(p)->full_raw_batches, 0);
+    for (int level = 2; level >= 0; level--) {
+        rdmax_lane_encoder_set_level(p->enc, level);
+        for (i = 0; i < 8; i++) {
+            memset(page, 'a' + (int)i, PS);
+            page[17] = (uint8_t)level;
+            pair_add(p, key_of(2, 100 * (unsigned)level + i), page);
+        }
+        pair_flush_check(p, 0);
+        cr_assert_eq(stats(p)->level, level);
+    }
+    cr_assert_eq(stats(p)->full_zstd_batches, 2, "levels 2 and 1 compress");
+    cr_assert_eq(stats(p)->full_raw_batches, 1, "level 0 does not");
     pair_free(p);
 }
 
-Test(lane_codec, adaptive_level_rises_when_link_bound)
+Test(lane_codec, a_fixed_level_ignores_set_level)
 {
-    struct pair *p = pair_new(1u << 20, 0);
-    struct test_rng r = {7};
+    struct pair *p = pair_new(1u << 20, 3);
 
-    cr_assert_eq(feed_compressible(p, &r, 2000, &SIM_SLOW_LINK), 2,
-                 "blocked on the link: spend CPU on compression");
-    pair_free(p);
-}
-
-Test(lane_codec, adaptive_level_compresses_when_that_moves_more_although_the_lane_is_the_bottleneck)
-{
-    struct pair *p = pair_new(1u << 20, 0);
-    struct test_rng r = {11};
-
-    /*
-     * Raw: 2 B/ns of encoding, but its ~4 KiB pages fill a 0.5 B/ns link;
-     * level 1 encodes at 0.9 B/ns and halves the bytes (1 B/ns through the
-     * link): level 1 moves more although the lane is then the bottleneck.
-     */
-    cr_assert_eq(feed_compressible(p, &r, 3000, &SIM_MIDDLE_LINK), 1);
-    pair_free(p);
-}
-
-Test(lane_codec, adaptive_level_falls_when_the_receiver_cannot_keep_up)
-{
-    struct pair *p = pair_new(1u << 20, 0);
-    struct test_rng r = {8};
-
-    cr_assert_eq(feed_compressible(p, &r, 2000, &SIM_SLOW_LINK), 2);
-    cr_assert_leq(feed_compressible(p, &r, 2000, &SIM_SLOW_PEER), 0,
-                 "back-pressure from a decode-bound receiver is no reason to compress harder");
+    rdmax_lane_encoder_set_level(p->enc, -1);
+    cr_assert_eq(stats(p)->level, 3);
     pair_free(p);
 }
 
 Test(lane_codec, uncached_level_skips_new_inserts_and_the_caches_still_mirror)
 {
     struct pair *p = pair_new(4u << 20, 0);
-    struct test_rng r = {10};
     static uint8_t page[PS];
     unsigned i, b;
 
-    /* Key 0..15 cached while the lane is at level 1. */
+    /* Keys 0..15 cached while the lane is at level 1. */
     for (i = 0; i < 16; i++) {
         memset(page, (int)i + 1, PS);
         pair_add(p, key_of(3, i), page);
     }
     pair_flush_check(p, 0);
-    cr_assert_eq(feed_compressible(p, &r, 8000, &SIM_FAST_LINK), -1,
-                 "even raw holds QEMU up: stop inserting");
-    while (stats(p)->level != -1) {
-        feed_compressible(p, &r, 1, &SIM_FAST_LINK);
-    }
-    uint64_t before = stats(p)->uncached_pages;
+    rdmax_lane_encoder_set_level(p->enc, -1);
     for (b = 0; b < 4; b++) {
         for (i = 0; i < 32; i++) {
-            memset(page, (int)(i + b) + 1, PS);
-            page[5] = (uint8_t)b;
-            /* Keys 0..15 were cached: deltas; 16..31 are new: NOCACHE. */
+            memset(page, (int)i + 1, PS);
+            page[5] = (uint8_t)(b + 100);
+            /* Keys 0..15 are cached: deltas; 16..31 are not: NOCACHE, every time. */
             pair_add(p, key_of(3, i), page);
         }
         pair_flush_check(p, 0);
     }
-    cr_assert_geq(stats(p)->uncached_pages - before, 4 * 16);
+    cr_assert_eq(stats(p)->uncached_pages, 4 * 16);
+    cr_assert_eq(stats(p)->tier_pages[RDMAX_TIER_DELTA], 4 * 16);
     cr_assert_eq(rdmax_lane_encoder_cache_digest(p->enc), rdmax_lane_decoder_cache_digest(p->dec),
                  "NOCACHE pages change neither cache");
+    /* Back to raw: the same new keys are inserted now, on both sides. */
+    rdmax_lane_encoder_set_level(p->enc, 0);
+    for (i = 16; i < 32; i++) {
+        memset(page, (int)i, PS);
+        pair_add(p, key_of(3, i), page);
+    }
+    pair_flush_check(p, 0);
+    cr_assert_eq(stats(p)->uncached_pages, 4 * 16);
+    cr_assert_eq(rdmax_lane_encoder_cache_digest(p->enc), rdmax_lane_decoder_cache_digest(p->dec));
     pair_free(p);
 }
 
@@ -547,17 +448,6 @@ Test(lane_codec, nocache_for_a_cached_key_breaks_the_decoder)
     len = mk_batch(buf, 2, 0, 1, desc, 1, 1, page, PS);
     cr_assert_eq(rdmax_lane_decoder_decode(p->dec, buf, len, sink_cb, &s), -EBADMSG,
                  "the cache would keep a stale version");
-    pair_free(p);
-}
-
-Test(lane_codec, adaptive_level_holds_while_waiting_on_input)
-{
-    struct pair *p = pair_new(1u << 20, 0);
-    struct test_rng r = {9};
-
-    feed_compressible(p, &r, 2000, &SIM_SLOW_INPUT);
-    cr_assert_eq(stats(p)->zstd_level, 1, "waiting on input is no reason to change the level");
-    cr_assert_eq(stats(p)->level_changes, 0);
     pair_free(p);
 }
 

@@ -1,0 +1,101 @@
+/*
+ * The pipe's codec level, a hill climb on measured throughput (level.h).
+ *
+ * Rules, per window:
+ *  - a window spent more than 10% waiting on QEMU is not measured and
+ *    changes nothing: QEMU, not the level, set its rate;
+ *  - the first window after a change is not measured: it still drains
+ *    what the previous level left in the buffers;
+ *  - a neighbouring level whose figure (measured in the last REVISIT
+ *    windows) is MOVE better wins; after DWELL windows at a level, a
+ *    neighbour not measured lately is tried (upward first while the link
+ *    pushes back, downward first while it does not), so the level follows
+ *    content and load as they change;
+ *  - uncached only from raw, after UNCACHED_AFTER windows in a row at raw
+ *    with the link idle (blocked < 2%), and back to raw at once when the
+ *    link pushes back (blocked > 20%): uncached pages go FULL again when
+ *    resent, so it is only for links that outrun even raw;
+ *  - a receiver that reports it, not the link, is the limit: one level
+ *    down per window (to uncached too: that spares the receiver its cache
+ *    copy), never up; its back-pressure would otherwise look like a slow
+ *    link.
+ */
+#include "level.h"
+
+#define MOVE 1.10         /* a neighbour must have moved 10% more to go there */
+#define REVISIT 40u       /* windows (~2 s) before a neighbour's figure is stale */
+#define DWELL 5u          /* windows at a level before trying a stale neighbour */
+#define UNCACHED_AFTER 5u /* windows in a row at raw, the link idle, before trying uncached */
+
+void rdmax_level_ctl_init(struct rdmax_level_ctl *c, int level, int lo, int hi)
+{
+    *c = (struct rdmax_level_ctl){.level = level, .lo = lo, .hi = hi};
+}
+
+static bool fresh(const struct rdmax_level_ctl *c, int level)
+{
+    int i = level - RDMAX_LEVEL_MIN;
+
+    return c->rate[i] > 0 && c->rate_at[i] + REVISIT > c->windows;
+}
+
+int rdmax_level_ctl_window(struct rdmax_level_ctl *c, const struct rdmax_level_window *w)
+{
+    int before = c->level, cur = c->level - RDMAX_LEVEL_MIN;
+    bool link_bound, link_idle, input_bound;
+
+    if (w->wall_ns == 0) {
+        return c->level;
+    }
+    link_bound = w->link_ns * 100 > w->wall_ns * 20 && !w->peer_bound;
+    link_idle = w->link_ns * 100 < w->wall_ns * 2;
+    input_bound = w->wait_ns * 100 > w->wall_ns * 10;
+    c->windows++;
+    c->level_windows++;
+    c->idle_windows = c->level == 0 && link_idle && !input_bound ? c->idle_windows + 1 : 0;
+
+    if (c->level_windows > 1 && !input_bound && w->wall_ns > w->wait_ns) {
+        double r = (double)w->bytes / (double)(w->wall_ns - w->wait_ns);
+        c->rate[cur] = fresh(c, c->level) ? (c->rate[cur] + r) / 2 : r;
+        c->rate_at[cur] = c->windows;
+    }
+
+    if (link_bound && c->level < 0) {
+        c->level = 0;
+    } else if (w->peer_bound) {
+        if (c->level > c->lo) {
+            c->level--;
+        }
+    } else if (!input_bound && c->level_windows > 1 && fresh(c, c->level)) {
+        int best = c->level, explore = c->level;
+        double best_r = c->rate[cur] * MOVE;
+
+        for (int l = c->level - 1; l <= c->level + 1; l += 2) {
+            if (l < c->lo || l > c->hi) {
+                continue;
+            }
+            if (l < 0 && c->idle_windows < UNCACHED_AFTER) {
+                continue;
+            }
+            if (!fresh(c, l)) {
+                if (explore == c->level || (link_bound ? l > explore : l < explore)) {
+                    explore = l;
+                }
+            } else if (c->rate[l - RDMAX_LEVEL_MIN] > best_r) {
+                best = l;
+                best_r = c->rate[l - RDMAX_LEVEL_MIN];
+            }
+        }
+        if (best != c->level) {
+            c->level = best;
+        } else if (explore != c->level && c->level_windows >= DWELL) {
+            c->level = explore;
+        }
+    }
+    if (c->level != before) {
+        c->changes++;
+        c->level_windows = 0;
+        c->idle_windows = 0;
+    }
+    return c->level;
+}
