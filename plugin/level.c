@@ -10,7 +10,9 @@
  *    windows) is MOVE better wins; after DWELL windows at a level, a
  *    neighbour not measured lately is tried (upward first while the link
  *    pushes back, downward first while it does not), so the level follows
- *    content and load as they change;
+ *    content and load as they change; a trial is kept only if it moved
+ *    MOVE more than the level it was tried from, else that level is back
+ *    after the trial's first measured window;
  *  - uncached only from raw, after UNCACHED_AFTER windows in a row at raw
  *    with the link idle (blocked < 2%), and back to raw at once when the
  *    link pushes back (blocked > 20%): uncached pages go FULL again when
@@ -22,14 +24,14 @@
  */
 #include "level.h"
 
-#define MOVE 1.10         /* a neighbour must have moved 10% more to go there */
-#define REVISIT 40u       /* windows (~2 s) before a neighbour's figure is stale */
-#define DWELL 5u          /* windows at a level before trying a stale neighbour */
-#define UNCACHED_AFTER 5u /* windows in a row at raw, the link idle, before trying uncached */
+#define MOVE 1.15          /* a neighbour must have moved 15% more to go there */
+#define REVISIT 30u        /* windows (~3 s) before a neighbour's figure is stale */
+#define DWELL 4u           /* windows at a level before trying a stale neighbour */
+#define UNCACHED_AFTER 10u /* windows in a row at raw, the link idle, before trying uncached */
 
 void rdmax_level_ctl_init(struct rdmax_level_ctl *c, int level, int lo, int hi)
 {
-    *c = (struct rdmax_level_ctl){.level = level, .lo = lo, .hi = hi};
+    *c = (struct rdmax_level_ctl){.level = level, .lo = lo, .hi = hi, .trial_from = level};
 }
 
 static bool fresh(const struct rdmax_level_ctl *c, int level)
@@ -42,7 +44,7 @@ static bool fresh(const struct rdmax_level_ctl *c, int level)
 int rdmax_level_ctl_window(struct rdmax_level_ctl *c, const struct rdmax_level_window *w)
 {
     int before = c->level, cur = c->level - RDMAX_LEVEL_MIN;
-    bool link_bound, link_idle, input_bound;
+    bool link_bound, link_idle, input_bound, trial = false;
 
     if (w->wall_ns == 0) {
         return c->level;
@@ -62,6 +64,12 @@ int rdmax_level_ctl_window(struct rdmax_level_ctl *c, const struct rdmax_level_w
 
     if (link_bound && c->level < 0) {
         c->level = 0;
+    } else if (c->trial_from != c->level && c->level_windows > 1 && !input_bound) {
+        /* A trial measured: keep it only if it did clearly better. */
+        if (c->rate[cur] <= c->rate[c->trial_from - RDMAX_LEVEL_MIN] * MOVE) {
+            c->level = c->trial_from;
+        }
+        c->trial_from = c->level;
     } else if (w->peer_bound) {
         if (c->level > c->lo) {
             c->level--;
@@ -90,9 +98,11 @@ int rdmax_level_ctl_window(struct rdmax_level_ctl *c, const struct rdmax_level_w
             c->level = best;
         } else if (explore != c->level && c->level_windows >= DWELL) {
             c->level = explore;
+            trial = true;
         }
     }
     if (c->level != before) {
+        c->trial_from = trial ? before : c->level;
         c->changes++;
         c->level_windows = 0;
         c->idle_windows = 0;

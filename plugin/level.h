@@ -41,6 +41,7 @@ struct rdmax_level_ctl {
     unsigned level_windows;            /* windows at this level since the last change */
     unsigned idle_windows;             /* windows in a row at raw with the link idle */
     uint64_t changes;                  /* level changes so far */
+    int trial_from;                    /* trying this level, from that one; level when none */
 };
 
 /* Start at `level`, within [lo, hi] (lo -1 only with a page cache). */

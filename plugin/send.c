@@ -58,7 +58,7 @@ struct send_lane {
 static struct send_lane lanes[RDMAX_LANES_MAX];
 
 /* The pipe's codec level (level.h): chosen by the main thread, applied by the lanes. */
-#define LEVEL_WINDOW_NS 25000000ull
+#define LEVEL_WINDOW_NS 100000000ull
 static _Atomic int pipe_level;
 static _Atomic uint64_t link_ns_total; /* lanes: blocked sending, summed */
 
