@@ -14,13 +14,14 @@
  *    MOVE more than the level it was tried from, else that level is back
  *    after the trial's first measured window;
  *  - uncached only from raw, after UNCACHED_AFTER windows in a row at raw
- *    with the link idle (blocked < 2%), and back to raw at once when the
- *    link pushes back (blocked > 20%): uncached pages go FULL again when
- *    resent, so it is only for links that outrun even raw;
+ *    with the link idle (blocked < 2%) and carrying more than 1.5x what
+ *    it carried whenever it did push back, and back to raw at once when
+ *    the link pushes back (blocked > 20%): uncached pages go FULL again
+ *    when resent, so it is only for links that outrun even raw, not for a
+ *    slow link that a starved CPU fails to fill;
  *  - a receiver that reports it, not the link, is the limit: one level
- *    down per window (to uncached too: that spares the receiver its cache
- *    copy), never up; its back-pressure would otherwise look like a slow
- *    link.
+ *    down per window to raw, never up; its back-pressure would otherwise
+ *    look like a slow link (and counts as an idle link for uncached).
  */
 #include "level.h"
 
@@ -50,11 +51,19 @@ int rdmax_level_ctl_window(struct rdmax_level_ctl *c, const struct rdmax_level_w
         return c->level;
     }
     link_bound = w->link_ns * 100 > w->wall_ns * 20 && !w->peer_bound;
-    link_idle = w->link_ns * 100 < w->wall_ns * 2;
+    /* Blocked by a receiver that says it is the limit is no sign of a busy link. */
+    link_idle = w->peer_bound || w->link_ns * 100 < w->wall_ns * 2;
     input_bound = w->wait_ns * 100 > w->wall_ns * 10;
     c->windows++;
     c->level_windows++;
-    c->idle_windows = c->level == 0 && link_idle && !input_bound ? c->idle_windows + 1 : 0;
+    if (link_bound) {
+        double b = (double)w->wire / (double)w->wall_ns;
+        c->link_rate = c->link_rate > 0 ? (c->link_rate + b) / 2 : b;
+    }
+    c->idle_windows = c->level == 0 && link_idle && !input_bound &&
+                              (double)w->wire / (double)w->wall_ns > 1.5 * c->link_rate
+                          ? c->idle_windows + 1
+                          : 0;
 
     if (c->level_windows > 1 && !input_bound && w->wall_ns > w->wait_ns) {
         double r = (double)w->bytes / (double)(w->wall_ns - w->wait_ns);
@@ -70,16 +79,14 @@ int rdmax_level_ctl_window(struct rdmax_level_ctl *c, const struct rdmax_level_w
             c->level = c->trial_from;
         }
         c->trial_from = c->level;
-    } else if (w->peer_bound) {
-        if (c->level > c->lo) {
-            c->level--;
-        }
+    } else if (w->peer_bound && c->level > 0) {
+        c->level--;
     } else if (!input_bound && c->level_windows > 1 && fresh(c, c->level)) {
         int best = c->level, explore = c->level;
         double best_r = c->rate[cur] * MOVE;
 
         for (int l = c->level - 1; l <= c->level + 1; l += 2) {
-            if (l < c->lo || l > c->hi) {
+            if (l < c->lo || l > c->hi || (l > c->level && w->peer_bound)) {
                 continue;
             }
             if (l < 0 && c->idle_windows < UNCACHED_AFTER) {

@@ -29,6 +29,7 @@ struct rdmax_level_window {
     uint64_t wait_ns;  /* spent waiting for QEMU to write */
     uint64_t link_ns;  /* lanes blocked handing batches to the transport, averaged per lane */
     uint64_t bytes;    /* stream bytes taken from QEMU */
+    uint64_t wire;     /* batch bytes the lanes handed to the transport */
     bool peer_bound;   /* a receiving lane said it, not the link, is the limit */
 };
 
@@ -42,6 +43,7 @@ struct rdmax_level_ctl {
     unsigned idle_windows;             /* windows in a row at raw with the link idle */
     uint64_t changes;                  /* level changes so far */
     int trial_from;                    /* trying this level, from that one; level when none */
+    double link_rate;                  /* wire bytes per ns when the link pushed back (EWMA) */
 };
 
 /* Start at `level`, within [lo, hi] (lo -1 only with a page cache). */

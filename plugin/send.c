@@ -61,6 +61,7 @@ static struct send_lane lanes[RDMAX_LANES_MAX];
 #define LEVEL_WINDOW_NS 100000000ull
 static _Atomic int pipe_level;
 static _Atomic uint64_t link_ns_total; /* lanes: blocked sending, summed */
+static _Atomic uint64_t wire_total;    /* lanes: batch bytes sent, summed */
 
 /* Control stream state: main thread only. */
 static ZSTD_CStream *ctrl_z;
@@ -131,6 +132,7 @@ static void lane_send_batch(struct send_lane *l)
                          iovcnt);
     atomic_fetch_add_explicit(&link_ns_total, (uint64_t)((rdmax_now() - t0) * 1e9),
                               memory_order_relaxed);
+    atomic_fetch_add_explicit(&wire_total, (uint64_t)n, memory_order_relaxed);
     if (r < 0) {
         rdmax_fail("lane %u to %s: %s", l->idx, rdmax_s.lane[l->idx].conn->peer,
                    rdmax_wire_strerror(r));
@@ -378,7 +380,7 @@ int rdmax_send_run(void)
     uint64_t total = 0, ram;
     struct rdmax_level_ctl ctl;
     struct rdmax_level_window win = {0};
-    uint64_t win_start = 0, win_total = 0, win_link = 0;
+    uint64_t win_start = 0, win_total = 0, win_link = 0, win_wire = 0;
 
     ctrl_buf = malloc(CTRL_FLUSH);
     ctrl_zcap = ZSTD_CStreamOutSize();
@@ -455,9 +457,11 @@ int rdmax_send_run(void)
         uint64_t now = (uint64_t)(rdmax_now() * 1e9);
         if (rdmax_s.codec.zstd_level == 0 && now - win_start >= LEVEL_WINDOW_NS) {
             uint64_t link = atomic_load_explicit(&link_ns_total, memory_order_relaxed);
+            uint64_t wire = atomic_load_explicit(&wire_total, memory_order_relaxed);
             win.wall_ns = win_start ? now - win_start : 0;
             win.bytes = total - win_total;
             win.link_ns = (link - win_link) / rdmax_s.nlanes;
+            win.wire = wire - win_wire;
             for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
                 win.peer_bound |= atomic_load_explicit(&lanes[i].peer_bound, memory_order_relaxed);
             }
@@ -467,6 +471,7 @@ int rdmax_send_run(void)
             win_start = now;
             win_total = total;
             win_link = link;
+            win_wire = wire;
         }
         if (poll(&pfd, 1, 0) == 0) {
             before_waiting(); /* about to block on QEMU */
