@@ -135,8 +135,9 @@ int rdmax_wire_sendv(struct rdmax_wire *w, uint8_t type, uint8_t flags, uint16_t
     } else {
         memcpy(v + 1, iov, sizeof(*iov) * iovcnt);
     }
+    /* Sealed frames: the GCM tag protects the payload, the CRC the header alone. */
     crc = rdmax_crc32c(0, hdr, 8);
-    for (int i = 1; i <= iovcnt; i++) {
+    for (int i = 1; !w->tx && i <= iovcnt; i++) {
         crc = rdmax_crc32c(crc, v[i].iov_base, v[i].iov_len);
     }
     rdmax_put_be32(hdr + 8, crc);
@@ -195,13 +196,15 @@ int rdmax_wire_recv(struct rdmax_wire *w, struct rdmax_frame_hdr *h, uint8_t *bu
         }
     }
     crc = rdmax_crc32c(0, hdr, 8);
-    crc = rdmax_crc32c(crc, buf, h->len);
+    if (!w->rx) {
+        crc = rdmax_crc32c(crc, buf, h->len);
+    }
     if (crc != h->crc) {
         return -EBADMSG;
     }
     w->bytes_received += sizeof(hdr) + h->len;
     if (w->rx) {
-        /* The CRC caught accidents; the tag catches forgeries and replays. */
+        /* The tag catches accidents, forgeries and replays alike: one check per byte, not two. */
         r = rdmax_crypt_open(w->rx, hdr, 8, buf, h->len);
         if (r < 0) {
             return -EKEYREJECTED;
