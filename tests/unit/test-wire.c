@@ -309,6 +309,44 @@ Test(wire, encrypted_frame_with_the_wrong_key_is_rejected)
     rdmax_wire_destroy(&wb);
 }
 
+/* A sealed frame sent on a, its bytes damaged at `at`, received on d. */
+static int sealed_with_a_flip(size_t at)
+{
+    struct sp_conn a, b, c, d;
+    struct rdmax_wire wa, wd;
+    struct rdmax_frame_hdr h;
+    uint8_t buf[256], raw[RDMAX_FRAME_HDR + 32 + RDMAX_TAG_LEN];
+    size_t n = RDMAX_FRAME_HDR + 32 + RDMAX_TAG_LEN;
+    int r;
+
+    pair(&a, &b);
+    pair(&c, &d);
+    rdmax_wire_init(&wa, &a.base);
+    rdmax_wire_init(&wd, &d.base);
+    crypt_pair(&wa, &wd, 0x42);
+    memset(buf, 'p', 32);
+    cr_assert_eq(rdmax_wire_send(&wa, RDMAX_F_RP, 0, 0, buf, 32), 0);
+    cr_assert_eq(recv(b.fd, raw, n, MSG_WAITALL), (ssize_t)n);
+    raw[at] ^= 0x10;
+    cr_assert_eq(write(c.fd, raw, n), (ssize_t)n);
+    shutdown(c.fd, SHUT_WR);
+    r = rdmax_wire_recv(&wd, &h, buf, sizeof(buf), 1000);
+    rdmax_wire_destroy(&wa);
+    rdmax_wire_destroy(&wd);
+    close(b.fd);
+    close(c.fd);
+    return r;
+}
+
+Test(wire, sealed_frames_check_the_header_by_crc_and_the_payload_by_the_tag)
+{
+    /* The header (its channel): caught by the CRC, which still covers it. */
+    cr_assert_eq(sealed_with_a_flip(3), -EBADMSG);
+    /* The payload (ciphertext) and the tag: the GCM tag, not a second checksum pass. */
+    cr_assert_eq(sealed_with_a_flip(RDMAX_FRAME_HDR + 3), -EKEYREJECTED);
+    cr_assert_eq(sealed_with_a_flip(RDMAX_FRAME_HDR + 32 + 2), -EKEYREJECTED);
+}
+
 Test(auth, proofs_differ_by_key_and_label_and_compare_in_constant_time)
 {
     const uint8_t k1[] = "0123456789abcdef", k2[] = "0123456789abcdeg";
