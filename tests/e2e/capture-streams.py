@@ -27,10 +27,10 @@ noted, TCG, -m 263176K (257 MiB + 8 KiB, see test-environment.md), -smp 1:
                                 pages that differ by a few bytes (the case
                                 the delta codec is for); for the codec's
                                 replay figures, not for the unit tests
-  pc-7.2-linux-page-real.bin    only when named: 128 MiB of real content,
+  pc-7.2-linux-page-real.bin    only when named: 150 MiB of real content,
                                 whole pages rewritten with real content at
-                                12 MB/s, max-bandwidth 40 MiB/s: about ten
-                                passes of realistic pages (scripts/replay-bench)
+                                24 MB/s, max-bandwidth 40 MiB/s: ~540 MB,
+                                11 syncs of realistic pages (replay-bench)
   MANIFEST.json                 per file: size, sha256, machine, caps,
                                 params, query-migrate's final figures
 
@@ -58,7 +58,7 @@ DIRTY_XBZRLE = {'mode': 'zero-sparse', 'mib': 16, 'rate': 30, 'report': 0.5}
 SPARSE_RANDOM = {'mode': 'sparse-random', 'mib': 64, 'rate': 20, 'report': 0.5}
 # Realistic content (host libraries, text, compressed files) with whole pages
 # rewritten from it: what the replay benchmark measures cost per page on.
-PAGE_REAL = {'mode': 'page-real', 'mib': 128, 'rate': 12, 'report': 0.5}
+PAGE_REAL = {'mode': 'page-real', 'mib': 150, 'rate': 24, 'report': 0.5}
 OPT_IN = {'pc-7.2-linux-sparse-random.bin', 'pc-7.2-linux-page-real.bin'}
 QEVM_MAGIC = 0x5145564d
 
