@@ -13,8 +13,9 @@
  *    content and load as they change; a trial is kept only if it moved
  *    MOVE more than the level it was tried from, else that level is back
  *    after the trial's first measured window;
- *  - uncached only from raw, after UNCACHED_AFTER windows in a row at raw
- *    with the link idle (blocked < 2%) and carrying more than 1.5x what
+ *  - uncached only from raw, after UNCACHED_AFTER windows at raw (net of
+ *    two for each window otherwise) with the link idle (blocked < 2%, or
+ *    a receiver that says it is the limit) and carrying more than 1.5x what
  *    it carried whenever it did push back, and back to raw at once when
  *    the link pushes back (blocked > 20%): uncached pages go FULL again
  *    when resent, so it is only for links that outrun even raw, not for a
@@ -60,10 +61,13 @@ int rdmax_level_ctl_window(struct rdmax_level_ctl *c, const struct rdmax_level_w
         double b = (double)w->wire / (double)w->wall_ns;
         c->link_rate = c->link_rate > 0 ? (c->link_rate + b) / 2 : b;
     }
-    c->idle_windows = c->level == 0 && link_idle && !input_bound &&
-                              (double)w->wire / (double)w->wall_ns > 1.5 * c->link_rate
-                          ? c->idle_windows + 1
-                          : 0;
+    /* Counts up per window at raw with the link idle, down twice as fast otherwise. */
+    if (c->level == 0 && link_idle && !input_bound &&
+        (double)w->wire / (double)w->wall_ns > 1.5 * c->link_rate) {
+        c->idle_windows++;
+    } else {
+        c->idle_windows = c->idle_windows > 2 ? c->idle_windows - 2 : 0;
+    }
 
     if (c->level_windows > 1 && !input_bound && w->wall_ns > w->wait_ns) {
         double r = (double)w->bytes / (double)(w->wall_ns - w->wait_ns);

@@ -40,7 +40,7 @@ struct rdmax_level_ctl {
     uint64_t rate_at[RDMAX_LEVEL_COUNT]; /* window it was measured in */
     uint64_t windows;                  /* windows so far */
     unsigned level_windows;            /* windows at this level since the last change */
-    unsigned idle_windows;             /* windows in a row at raw with the link idle */
+    unsigned idle_windows;             /* windows at raw with the link idle, net (level.c) */
     uint64_t changes;                  /* level changes so far */
     int trial_from;                    /* trying this level, from that one; level when none */
     double link_rate;                  /* wire bytes per ns when the link pushed back (EWMA) */

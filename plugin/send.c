@@ -51,6 +51,7 @@ struct send_lane {
     struct rdmax_lane_encoder *enc;
     pthread_t thread;
     _Atomic bool peer_bound;   /* control reader: the receiver's LANE_LOAD */
+    _Atomic bool peer_bound_seen; /* ... a LANE_LOAD saying bound came since the main thread looked */
 
     bool dirty;                /* main thread: pages committed since the last kick */
 };
@@ -248,6 +249,10 @@ static void *ctrl_reader_main(void *arg)
             }
             atomic_store_explicit(&lanes[h.channel - 1].peer_bound, buf[0] == 1,
                                   memory_order_relaxed);
+            if (buf[0] == 1) {
+                atomic_store_explicit(&lanes[h.channel - 1].peer_bound_seen, true,
+                                      memory_order_relaxed);
+            }
             break;
         default:
             rdmax_fail("receiver sent an unexpected %s frame", rdmax_frame_type_name(h.type));
@@ -463,7 +468,10 @@ int rdmax_send_run(void)
             win.link_ns = (link - win_link) / rdmax_s.nlanes;
             win.wire = wire - win_wire;
             for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
-                win.peer_bound |= atomic_load_explicit(&lanes[i].peer_bound, memory_order_relaxed);
+                /* Bound now, or said so during the window. */
+                win.peer_bound |= atomic_load_explicit(&lanes[i].peer_bound, memory_order_relaxed) |
+                                  atomic_exchange_explicit(&lanes[i].peer_bound_seen, false,
+                                                           memory_order_relaxed);
             }
             atomic_store_explicit(&pipe_level, rdmax_level_ctl_window(&ctl, &win),
                                   memory_order_relaxed);
