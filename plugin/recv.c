@@ -152,8 +152,8 @@ static void *lane_main(void *arg)
             rdmax_ring_close(&l->ring);
             break;
         } else if (h.type == RDMAX_F_ERROR) {
-            buf[h.len] = '\0';
-            rdmax_fail("sender: %s", (char *)buf);
+            char txt[RDMAX_PEER_TEXT_BUF];
+            rdmax_fail("sender: %s", rdmax_peer_text(txt, sizeof(txt), buf, h.len));
         } else {
             rdmax_fail("lane %u: unexpected %s frame", l->idx, rdmax_frame_type_name(h.type));
         }
@@ -241,9 +241,10 @@ static void *ctrl_reader_main(void *arg)
             eof = true;
             rdmax_ring_close(&ctrl_ring);
             break;
-        case RDMAX_F_ERROR:
-            buf[h.len] = '\0';
-            rdmax_fail("sender: %s", (char *)buf);
+        case RDMAX_F_ERROR: {
+            char txt[RDMAX_PEER_TEXT_BUF];
+            rdmax_fail("sender: %s", rdmax_peer_text(txt, sizeof(txt), buf, h.len));
+        }
         case RDMAX_F_KEEPALIVE:
             break;
         default:

@@ -238,9 +238,10 @@ static void *ctrl_reader_main(void *arg)
             pthread_mutex_unlock(&fin_mu);
             free(buf);
             return arg;
-        case RDMAX_F_ERROR:
-            buf[h.len] = '\0';
-            rdmax_fail("receiver: %s", (char *)buf);
+        case RDMAX_F_ERROR: {
+            char txt[RDMAX_PEER_TEXT_BUF];
+            rdmax_fail("receiver: %s", rdmax_peer_text(txt, sizeof(txt), buf, h.len));
+        }
         case RDMAX_F_KEEPALIVE:
             break;
         case RDMAX_F_LANE_LOAD:

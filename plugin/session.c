@@ -244,8 +244,8 @@ static int hello_read(struct rdmax_wire *w, struct rdmax_hello *h, uint8_t raw[R
         return r;
     }
     if (fh.type == RDMAX_F_ERROR) {
-        buf[fh.len] = '\0';
-        snprintf(err, err_len, "peer refused: %s", (char *)buf);
+        char txt[RDMAX_PEER_TEXT_BUF];
+        snprintf(err, err_len, "peer refused: %s", rdmax_peer_text(txt, sizeof(txt), buf, fh.len));
         return -ECONNREFUSED;
     }
     if (fh.type != RDMAX_F_HELLO_ACK) {
@@ -319,8 +319,8 @@ static void connect_one(struct rdmax_wire *w, const char *host, const char *port
         rdmax_fail("handshake with %s:%s: %s", host, port, rdmax_wire_strerror(r));
     }
     if (fh.type == RDMAX_F_ERROR) {
-        buf[fh.len] = '\0';
-        rdmax_fail("peer refused: %s", (char *)buf);
+        char txt[RDMAX_PEER_TEXT_BUF];
+        rdmax_fail("peer refused: %s", rdmax_peer_text(txt, sizeof(txt), buf, fh.len));
     }
     if (fh.type != RDMAX_F_AUTH_OK || fh.len != 0) {
         rdmax_fail("handshake with %s:%s: got %s frame instead of AUTH_OK", host, port,
@@ -448,8 +448,8 @@ static int server_hello(struct rdmax_wire *w, const uint8_t in[RDMAX_HELLO_LEN],
     r = rdmax_wire_recv(w, &fh, buf, sizeof(buf) - 1, HANDSHAKE_MS);
     if (r == 0 && fh.type == RDMAX_F_ERROR) {
         /* The sender checked our proof first and gave up: say why. */
-        buf[fh.len] = '\0';
-        snprintf(err, err_len, "sender gave up: %s", (char *)buf);
+        char txt[RDMAX_PEER_TEXT_BUF];
+        snprintf(err, err_len, "sender gave up: %s", rdmax_peer_text(txt, sizeof(txt), buf, fh.len));
         return -EACCES;
     }
     if (r < 0 || fh.type != RDMAX_F_AUTH || fh.len != RDMAX_MAC_LEN) {

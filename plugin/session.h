@@ -11,6 +11,7 @@
 
 #include "crypt.h"
 #include "lane-codec.h"
+#include "sanitize.h"
 #include "wire.h"
 
 struct rdmax_opts {

@@ -7,6 +7,9 @@ One `rdma-x recv --psk-file K` listens; then, one after another:
 - a client speaking garbage (an HTTP request), a client speaking the old
   wire protocol v1, a client that connects and says nothing: each gets an
   ERROR frame with the reason (or is dropped after the handshake timeout);
+- a client that gives up with a hostile ERROR reason (control characters,
+  a forged log line, too long), and a fake receiver refusing `rdma-x send`
+  with one: both logs show it printable and capped;
 and after all of them a correct sender still gets through: the stream
 comes out byte for byte and both sides exit 0. The refusals must be in
 recv's log, one line each. A second listener checks the same with
@@ -58,6 +61,93 @@ def hello_v1():
     p = struct.pack('>IHHHHIQIQi', 0x52444d58, 1, 0, 0, 2, 4096, 42, 0,
                     64 << 20, 0)
     return frame(1, p + b'\0' * (48 - len(p)))
+
+
+WIRE_VERSION = 3   # transport/wire.h RDMAX_WIRE_VERSION
+
+
+def hello_now(features, lanes=2, role=0, lane=0, session=42):
+    """A HELLO of this wire version (112 bytes): the fields of transport/wire.c."""
+    p = struct.pack('>IHHHHIQIQiI', 0x52444d58, WIRE_VERSION, role, lane, lanes, 4096,
+                    session, features, 64 << 20, 0, 0)
+    p += b'\0' * (48 - len(p)) + os.urandom(32) + b'\0' * 32
+    return frame(1, p)
+
+
+def read_frame(s):
+    """One frame from socket s: (type, payload)."""
+    def exact(n):
+        b = b''
+        while len(b) < n:
+            c = s.recv(n - len(b))
+            if not c:
+                raise Fail('connection closed inside a frame')
+            b += c
+        return b
+    hdr = exact(12)
+    return hdr[0], exact(struct.unpack('>I', hdr[4:8])[0])
+
+
+# What a hostile peer puts in an ERROR reason: a forged log line, a terminal
+# escape, NUL, high bytes, and more than is logged.
+HOSTILE = (b'evil\nrdma-x: error: forged line\r\x1b[2J\x00\xff\x07' +
+           b'A' * 400)   # handshake frames are at most 511 bytes
+
+
+def printable_line(text, what):
+    """text (one rdma-x stderr line, the newline cut off) holds no control
+    or non-ASCII character and is capped."""
+    check(all(0x20 <= ord(ch) <= 0x7e for ch in text),
+          '%s: unsanitised peer text: %r' % (what, text))
+    check(len(text) < 400, '%s: peer text not capped (%d chars)' %
+          (what, len(text)))
+    check('forged line' in text and '...' in text,
+          '%s: reason lost: %r' % (what, text))
+
+
+def hostile_error_text(rdmax, port, stream, key):
+    """A peer's ERROR text is sanitised before rdma-x logs it: a client that
+    gives up with a hostile reason after the receiver's HELLO_ACK, and a
+    fake receiver that refuses the sender with one."""
+    s = socket.create_connection(('127.0.0.1', port), timeout=10)
+    s.sendall(hello_now(features=1))
+    t, _ = read_frame(s)
+    check(t == 2, 'no HELLO_ACK for a HELLO with a PSK (frame %d)' % t)
+    s.sendall(frame(8, HOSTILE))
+    try:
+        while s.recv(4096):
+            pass
+    except OSError:
+        pass
+    s.close()
+
+    ls = socket.socket()
+    ls.bind(('127.0.0.1', 0))
+    ls.listen(4)
+    fake = ls.getsockname()[1]
+
+    def serve():
+        c, _ = ls.accept()
+        try:
+            read_frame(c)
+            c.sendall(frame(8, HOSTILE))
+            c.shutdown(socket.SHUT_WR)
+            while c.recv(4096):
+                pass
+        except (OSError, Fail):
+            pass
+        c.close()
+    import threading
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    rc, err = send(rdmax, fake, stream, ['--psk-file', key])
+    th.join(10)
+    ls.close()
+    lines = err.strip().split('\n')
+    log('  send refused by a fake receiver: exit %d: %r' % (rc, err[:120]))
+    check(rc == 1 and len(lines) == 1 and ERR_LINE.match(lines[0]),
+          'not one error line: %r' % err)
+    printable_line(lines[0], 'send')
 
 
 class Fail(Exception):
@@ -201,6 +291,7 @@ def body(rdmax, tmp):
     why = raw_client(r.port, hello_v1())
     log('  v1 client got: %r' % why)
     check('wire protocol v1' in why and 'v3' in why, 'old version: %r' % why)
+    hostile_error_text(rdmax, r.port, stream, key)
     t0 = time.monotonic()
     why = raw_client(r.port, b'')
     log('  silent client dropped after %.1f s: %r' % (time.monotonic() - t0, why))
@@ -217,7 +308,10 @@ def body(rdmax, tmp):
     log('  recv log: %d refusals' % len(lines))
     for l in lines:
         log('    ' + l)
-    check(len(lines) >= 7, 'refusals missing from the recv log')
+    check(len(lines) >= 8, 'refusals missing from the recv log')
+    gave_up = [l for l in lines if 'sender gave up: evil' in l]
+    check(len(gave_up) == 1, 'hostile ERROR text: %r' % gave_up)
+    printable_line(gave_up[0], 'recv')
 
     log('listener with --psk-file --encrypt')
     r = Recv(rdmax, tmp, 'enc', ['--psk-file', key, '--encrypt'])
