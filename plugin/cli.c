@@ -7,14 +7,18 @@
 #include <getopt.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <unistd.h>
 
 #include "transport.h"
+
+#include <openssl/crypto.h>
 
 void rdmax_cli_usage(FILE *f)
 {
     fprintf(f, "Usage: rdma-x send --to HOST:PORT [OPTIONS]\n"
                "       rdma-x recv --listen ADDR:PORT [OPTIONS]\n"
+               "       rdma-x keygen > KEYFILE     (a key for --psk-file: 64 hex digits)\n"
                "       rdma-x --help | --version\n"
                "\n"
                "A QEMU live-migration accelerator. QEMU starts both halves itself:\n"
@@ -25,6 +29,44 @@ void rdmax_cli_usage(FILE *f)
                "                migrate uri=\"exec:rdma-x send --to DEST:7070\"\n"
                "\n"
                "Run 'rdma-x send --help' or 'rdma-x recv --help' for the options.\n");
+}
+
+int rdmax_cli_keygen(int argc, char **argv)
+{
+    uint8_t key[RDMAX_PSK_LEN];
+    char hex[2 * sizeof(key) + 2];
+    static const char digits[] = "0123456789abcdef";
+
+    if (argc > 1) {
+        if (strcmp(argv[1], "--help") != 0 && strcmp(argv[1], "-h") != 0) {
+            fprintf(stderr, "rdma-x: error: keygen takes no arguments (rdma-x keygen > FILE)\n");
+            return 2;
+        }
+        printf("Usage: rdma-x keygen > KEYFILE\n"
+               "\n"
+               "Print a new pre-shared key for --psk-file: 32 random bytes from the\n"
+               "kernel (getrandom), as 64 hex digits and a newline. Keep the file\n"
+               "private (chmod 600 KEYFILE) and copy it to the other host securely.\n");
+        return 0;
+    }
+    if (getrandom(key, sizeof(key), 0) != (ssize_t)sizeof(key)) {
+        fprintf(stderr, "rdma-x: error: no randomness for the key: %s\n", strerror(errno));
+        return 1;
+    }
+    for (size_t i = 0; i < sizeof(key); i++) {
+        hex[2 * i] = digits[key[i] >> 4];
+        hex[2 * i + 1] = digits[key[i] & 15];
+    }
+    hex[2 * sizeof(key)] = '\n';
+    hex[2 * sizeof(key) + 1] = '\0';
+    OPENSSL_cleanse(key, sizeof(key));
+    if (fputs(hex, stdout) == EOF || fflush(stdout) != 0) {
+        OPENSSL_cleanse(hex, sizeof(hex));
+        fprintf(stderr, "rdma-x: error: writing the key: %s\n", strerror(errno));
+        return 1;
+    }
+    OPENSSL_cleanse(hex, sizeof(hex));
+    return 0;
 }
 
 static void usage_sub(FILE *f, bool sender)
@@ -48,7 +90,8 @@ static void usage_sub(FILE *f, bool sender)
                 "  --connect-timeout S   keep retrying the receiver for S seconds (default 10)\n"
                 "  --timeout S           give up when the peer is silent S seconds (default 5)\n"
                 "  --psk-file FILE       authenticate both ends with the key in FILE (the\n"
-                "                        receiver needs the same one); at least 16 bytes\n"
+                "                        receiver needs the same one): 32 random bytes or\n"
+                "                        64 hex digits, made by 'rdma-x keygen > FILE'\n"
                 "  --encrypt             encrypt the link (AES-256-GCM; needs --psk-file)\n"
                 "  --rdma-pinned-max B   rdma: bound on registered (pinned) memory, K/M/G\n"
                 "                        (default: fits RLIMIT_MEMLOCK; see docs/rdma.md)\n"

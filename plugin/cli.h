@@ -10,5 +10,7 @@
  */
 int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o);
 void rdmax_cli_usage(FILE *f);
+/* rdma-x keygen: print a new --psk-file key. Returns the exit status. */
+int rdmax_cli_keygen(int argc, char **argv);
 
 #endif

@@ -44,8 +44,12 @@ int main(int argc, char **argv)
                rdmax_transport_list());
         return 0;
     }
+    if (strcmp(argv[1], "keygen") == 0) {
+        return rdmax_cli_keygen(argc - 1, argv + 1);
+    }
     if (strcmp(argv[1], "send") != 0 && strcmp(argv[1], "recv") != 0) {
-        fprintf(stderr, "rdma-x: error: unknown command '%s' (expected send or recv)\n", argv[1]);
+        fprintf(stderr, "rdma-x: error: unknown command '%s' (expected send, recv or keygen)\n",
+                argv[1]);
         return 2;
     }
     r = rdmax_cli_parse(argc - 1, argv + 1, &rdmax_s.o);

@@ -24,11 +24,59 @@ struct rdmax_crypt {
     uint64_t seq; /* frames done in this direction: the GCM nonce */
 };
 
+static bool is_hex(uint8_t c)
+{
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
+}
+
+/*
+ * Why key[0..n) does not look like the output of a random generator, or
+ * NULL. Only catches the obvious (a passphrase, a repeated pattern); it
+ * cannot prove randomness, but 32 random bytes or 64 random hex digits
+ * pass it except with a vanishing probability (< 2^-43).
+ */
+static const char *psk_weak(const uint8_t *key, size_t n, size_t file_len)
+{
+    bool seen[256] = {false};
+    unsigned distinct = 0, printable = 0;
+    bool hex = n == RDMAX_PSK_HEX_LEN;
+
+    if (file_len != RDMAX_PSK_LEN && n != RDMAX_PSK_HEX_LEN) {
+        return "not 32 bytes, nor 64 hex digits";
+    }
+    for (size_t i = 0; i < n; i++) {
+        uint8_t c = key[i];
+        if (hex && !is_hex(c)) {
+            return "64 characters, but not all hex digits";
+        }
+        if (c >= 'A' && c <= 'F') {
+            c = (uint8_t)(c - 'A' + 'a');
+        }
+        distinct += !seen[c];
+        seen[c] = true;
+        printable += c >= 0x20 && c <= 0x7e;
+    }
+    if (!hex && printable == n) {
+        return "32 printable characters: a passphrase, not random bytes";
+    }
+    /*
+     * 64 random hex digits show fewer than 8 of the 16 values with a
+     * probability < 2^-62, 32 random bytes fewer than 12 distinct ones
+     * (20 collisions where ~2 are expected) with one < 2^-44.
+     */
+    if (distinct < (hex ? 8u : 12u) || memcmp(key, key + n / 2, n / 2) == 0) {
+        return "a repeated pattern, not random";
+    }
+    return NULL;
+}
+
 int rdmax_psk_load(const char *path, uint8_t *psk, size_t cap, size_t *len, char *err,
                    size_t err_len)
 {
     struct stat st;
-    size_t n = 0;
+    uint8_t buf[RDMAX_PSK_HEX_LEN + 2];
+    size_t n = 0, file_len;
+    const char *weak;
     int fd, r = 0;
 
     fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -48,8 +96,9 @@ int rdmax_psk_load(const char *path, uint8_t *psk, size_t cap, size_t *len, char
         close(fd);
         return -EPERM;
     }
-    while (n < cap) {
-        ssize_t k = read(fd, psk + n, cap - n);
+    /* One byte more than the longest key file: anything longer is no key. */
+    while (n < sizeof(buf)) {
+        ssize_t k = read(fd, buf + n, sizeof(buf) - n);
         if (k < 0 && errno == EINTR) {
             continue;
         }
@@ -57,6 +106,7 @@ int rdmax_psk_load(const char *path, uint8_t *psk, size_t cap, size_t *len, char
             r = -errno;
             snprintf(err, err_len, "reading the key file %s: %s", path, strerror(errno));
             close(fd);
+            OPENSSL_cleanse(buf, sizeof(buf));
             return r;
         }
         if (k == 0) {
@@ -64,25 +114,27 @@ int rdmax_psk_load(const char *path, uint8_t *psk, size_t cap, size_t *len, char
         }
         n += (size_t)k;
     }
-    if (n == cap) {
-        uint8_t extra;
-        if (read(fd, &extra, 1) == 1) {
-            close(fd);
-            snprintf(err, err_len, "key file %s is longer than %zu bytes", path, cap);
-            return -EMSGSIZE;
-        }
-    }
     close(fd);
-    if (n && psk[n - 1] == '\n') {
+    file_len = n;
+    /* The key is the file less one trailing newline, as it always was (same proofs). */
+    if (n && buf[n - 1] == '\n') {
         n--;
     }
-    if (n < RDMAX_PSK_MIN) {
-        OPENSSL_cleanse(psk, cap);
+    weak = file_len > RDMAX_PSK_HEX_LEN + 1 ? "longer than a key" : psk_weak(buf, n, file_len);
+    if (!weak && n > cap) {
+        weak = "too long for this build";
+    }
+    if (weak) {
+        OPENSSL_cleanse(buf, sizeof(buf));
         snprintf(err, err_len,
-                 "key in %s is %zu bytes; at least %u are needed (e.g. openssl rand -hex 32)", path,
-                 n, RDMAX_PSK_MIN);
+                 "key in %s is not a high-entropy key (%s): a key is 32 random bytes or 64 hex "
+                 "digits; make one with 'rdma-x keygen > %s' or 'head -c 32 /dev/urandom > %s', "
+                 "then chmod 600 it",
+                 path, weak, path, path);
         return -EINVAL;
     }
+    memcpy(psk, buf, n);
+    OPENSSL_cleanse(buf, sizeof(buf));
     *len = n;
     return 0;
 }

@@ -23,18 +23,22 @@
 #include <stdint.h>
 #include <sys/uio.h>
 
-#define RDMAX_PSK_MIN 16u   /* bytes; shorter keys are refused */
-#define RDMAX_PSK_MAX 4096u /* bytes */
+#define RDMAX_PSK_LEN 32u     /* a binary key file: 32 random bytes */
+#define RDMAX_PSK_HEX_LEN 64u /* a text key file: 64 hex digits (+ newline) */
+#define RDMAX_PSK_MAX 4096u   /* bytes, the size of a key buffer */
 #define RDMAX_NONCE_LEN 32u
 #define RDMAX_MAC_LEN 32u
 #define RDMAX_KEY_LEN 32u
 #define RDMAX_TAG_LEN 16u
 
 /*
- * Read a key file: its bytes, less one trailing newline (so `echo` and
- * `openssl rand -hex 32 >FILE` both work). Refuses files readable by
- * others, keys shorter than RDMAX_PSK_MIN or longer than RDMAX_PSK_MAX.
- * Returns 0 or -errno with the reason in err.
+ * Read a key file. It must hold a high-entropy key: exactly 32 bytes
+ * (binary, e.g. head -c 32 /dev/urandom), or 64 hex digits with an optional
+ * newline (rdma-x keygen, openssl rand -hex 32); passphrases, short keys and
+ * repeated patterns are refused with a reason saying how to make a key.
+ * The key is the file's bytes less one trailing newline (as in earlier
+ * versions, so the same file gives the same proofs). Refuses files
+ * readable by others. Returns 0 or -errno with the reason in err.
  */
 int rdmax_psk_load(const char *path, uint8_t *psk, size_t cap, size_t *len, char *err,
                    size_t err_len);

@@ -13,7 +13,9 @@ One `rdma-x recv --psk-file K` listens; then, one after another:
 and after all of them a correct sender still gets through: the stream
 comes out byte for byte and both sides exit 0. The refusals must be in
 recv's log, one line each. A second listener checks the same with
---encrypt on both sides, and that a key file readable by others is refused.
+--encrypt on both sides, and that a key file readable by others and a
+passphrase instead of a key are refused, while `rdma-x keygen` output and
+32 binary random bytes work.
 The stream is a real QEMU migration stream (../shared/testdata, or the 7.2
 captures of scripts/test); skips (77) when there is none.
 Usage: test-fault-handshake.py [RDMAX]
@@ -271,12 +273,22 @@ def body(rdmax, tmp):
     if not stream:
         print('SKIP: no QEMU stream to send')
         return 77
-    key, key2, loose = (os.path.join(tmp, k) for k in ('key', 'key2', 'loose'))
-    for k in (key, key2, loose):
+    key, key2, loose, weak, binary = (os.path.join(tmp, k) for k in (
+        'key', 'key2', 'loose', 'weak', 'binary'))
+    for k in (key, loose):
         with open(k, 'w') as f:
             f.write(os.urandom(32).hex() + '\n')
+    with open(key2, 'wb') as f:     # rdma-x keygen makes keys
+        subprocess.run([rdmax, 'keygen'], stdout=f, check=True)
+    with open(weak, 'w') as f:      # a passphrase, not a key
+        f.write('correct horse battery staple\n')
+    with open(binary, 'wb') as f:   # head -c 32 /dev/urandom
+        f.write(os.urandom(32))
+    for k in (key, key2, loose, weak, binary):
         os.chmod(k, 0o600)
     os.chmod(loose, 0o644)
+    with open(key2) as f:
+        check(re.fullmatch(r'[0-9a-f]{64}\n', f.read()), 'rdma-x keygen output')
 
     log('listener with --psk-file')
     r = Recv(rdmax, tmp, 'psk', ['--psk-file', key])
@@ -326,6 +338,13 @@ def body(rdmax, tmp):
     refused(rdmax, 9, stream, ['--psk-file', loose], r'readable by others')
     refused(rdmax, 9, stream, ['--psk-file', os.path.join(tmp, 'none')],
             r'cannot read the key file')
+    refused(rdmax, 9, stream, ['--psk-file', weak],
+            r'not a high-entropy key.*rdma-x keygen >.*head -c 32 /dev/urandom')
+    r = Recv(rdmax, tmp, 'binary', ['--psk-file', binary])
+    rc, err = send(rdmax, r.port, stream, ['--psk-file', binary])
+    check(rc == 0, 'binary key: exit %d: %s' % (rc, err))
+    check(r.p.wait(timeout=30) == 0, 'recv exit %s' % r.p.returncode)
+    log('  a weak key refused, a 32-byte binary key works')
     r = subprocess.run([rdmax, 'send', '--to', '127.0.0.1:9', '--encrypt'],
                        stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
     check(r.returncode == 2 and b'--encrypt needs --psk-file' in r.stderr,

@@ -1,8 +1,11 @@
 /* Wire protocol: frame headers, checksums, the handshake and encryption, on real sockets. */
 #define _GNU_SOURCE
 #include <criterion/criterion.h>
+#include <ctype.h>
 #include <errno.h>
+#include <stdio.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -365,24 +368,83 @@ Test(auth, proofs_differ_by_key_and_label_and_compare_in_constant_time)
     cr_assert(!rdmax_auth_equal(a, d));
 }
 
+/* Write data to a fresh private key file; returns its path (static buffer). */
+static const char *key_file(const void *data, size_t len)
+{
+    static char path[64];
+    int fd;
+
+    strcpy(path, "/tmp/rdmax-psk-XXXXXX");
+    fd = mkstemp(path);
+    cr_assert_geq(fd, 0);
+    cr_assert_eq(write(fd, data, len), (ssize_t)len);
+    close(fd);
+    return path;
+}
+
+static int load(const char *path, size_t *n, char *err, size_t err_len)
+{
+    static uint8_t k[RDMAX_PSK_MAX];
+    int r = rdmax_psk_load(path, k, sizeof(k), n, err, err_len);
+
+    unlink(path);
+    return r;
+}
+
 Test(auth, key_files_are_checked)
 {
-    char path[] = "/tmp/rdmax-psk-XXXXXX";
-    uint8_t k[RDMAX_PSK_MAX];
+    char err[400];
     size_t n;
-    char err[300];
-    int fd = mkstemp(path);
+    const char *p;
+    uint8_t bin[32];
+    char hex[66];
 
-    cr_assert_geq(fd, 0);
-    cr_assert_eq(write(fd, "short\n", 6), 6);
-    cr_assert_eq(rdmax_psk_load(path, k, sizeof(k), &n, err, sizeof(err)), -EINVAL);
-    cr_assert_not_null(strstr(err, "at least"), "%s", err);
-    cr_assert_eq(write(fd, "0123456789abcdef\n", 17), 17);
-    cr_assert_eq(rdmax_psk_load(path, k, sizeof(k), &n, err, sizeof(err)), 0, "%s", err);
-    cr_assert_eq(n, 22); /* the last newline is not part of the key */
-    fchmod(fd, 0644);
-    cr_assert_eq(rdmax_psk_load(path, k, sizeof(k), &n, err, sizeof(err)), -EPERM);
-    cr_assert_eq(rdmax_psk_load("/nonexistent/key", k, sizeof(k), &n, err, sizeof(err)), -ENOENT);
-    close(fd);
-    unlink(path);
+    /* rdma-x keygen / openssl rand -hex 32: 64 hex digits, newline optional. */
+    cr_assert_eq(getrandom(bin, sizeof(bin), 0), 32);
+    for (int i = 0; i < 32; i++) {
+        sprintf(hex + 2 * i, "%02x", bin[i]);
+    }
+    hex[64] = '\n';
+    cr_assert_eq(load(key_file(hex, 65), &n, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(n, 64); /* the newline is not part of the key */
+    cr_assert_eq(load(key_file(hex, 64), &n, err, sizeof(err)), 0, "%s", err);
+    for (int i = 0; i < 64; i++) {
+        hex[i] = (char)toupper((unsigned char)hex[i]);
+    }
+    cr_assert_eq(load(key_file(hex, 64), &n, err, sizeof(err)), 0, "%s", err);
+    /* head -c 32 /dev/urandom */
+    bin[31] = 0x5a; /* (a last 0x0a would be dropped, as it always was) */
+    cr_assert_eq(load(key_file(bin, 32), &n, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(n, 32);
+
+    /* Short, long, passphrases, patterns: refused, saying how to make a key. */
+    const char *weak[] = {
+        "short\n",
+        "0123456789abcdef\n",                                                /* 16: was enough */
+        "correct horse battery staple abc",                                 /* 32 printable */
+        "0000000000000000000000000000000000000000000000000000000000000000", /* 64 hex */
+        "0123456701234567012345670123456701234567012345670123456701234567",
+        "a9d32994dc192ca17363250cdb304053e816563f29c14a091b2c62bac52c4603\r\n",
+        "a9d32994dc192ca17363250cdb304053e816563f29c14a091b2c62bac52c460g",
+        "a9d32994dc192ca17363250cdb304053e816563f29c14a091b2c62bac52c4603\n\n",
+        "a9d32994dc192ca17363250cdb304053e816563f29c14a091b2c62bac52c4603a9d3",
+        "",
+    };
+    for (size_t i = 0; i < sizeof(weak) / sizeof(weak[0]); i++) {
+        cr_assert_eq(load(key_file(weak[i], strlen(weak[i])), &n, err, sizeof(err)), -EINVAL,
+                     "accepted weak key %zu", i);
+        cr_assert_not_null(strstr(err, "not a high-entropy key"), "%s", err);
+        cr_assert_not_null(strstr(err, "rdma-x keygen >"), "%s", err);
+        cr_assert_not_null(strstr(err, "head -c 32 /dev/urandom >"), "%s", err);
+    }
+    memset(bin, 7, sizeof(bin)); /* 32 binary bytes, all the same */
+    cr_assert_eq(load(key_file(bin, 32), &n, err, sizeof(err)), -EINVAL);
+    static uint8_t big[8192];
+    cr_assert_eq(load(key_file(big, sizeof(big)), &n, err, sizeof(err)), -EINVAL);
+
+    /* Readable by others, missing. */
+    p = key_file(hex, 64);
+    chmod(p, 0644);
+    cr_assert_eq(load(p, &n, err, sizeof(err)), -EPERM);
+    cr_assert_eq(load("/nonexistent/key", &n, err, sizeof(err)), -ENOENT);
 }
