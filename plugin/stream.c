@@ -18,6 +18,15 @@
  * Only RAM sections are parsed in depth; device state (FULL sections) is not
  * self-delimiting, so the first FULL section (outside a PACKAGED blob)
  * switches to the opaque tail, as does anything not understood.
+ *
+ * The opaque tail still has to end the way a QEMU stream ends, or a stream
+ * cut inside the device state (migrate_cancel, a crash) would count as
+ * complete: the last section's footer and QEMU's EOF marker,
+ * "7e be32 sid 00", either as the last six bytes (postcopy,
+ * suppress-vmdesc) or right before a VMDESC "06 be32 len {json}" that ends
+ * exactly at the end of the stream. The tail is not parsed for that: the
+ * last bytes are kept, and each '{' preceded by "7e sid 00 06 len" records
+ * where such a VMDESC would end (tail_check).
  */
 #include "stream.h"
 #include "be.h"
@@ -30,6 +39,10 @@
 
 #define QEVM_MAGIC 0x5145564du
 #define QEVM_VERSION 3u
+
+/* Opaque tail: bytes kept before each '{' ("7e sid 00 06 len") and VMDESC candidates. */
+#define TAIL_KEEP 11u
+#define TAIL_CANDIDATES 8u
 
 enum {
     SEC_EOF = 0x00,
@@ -126,6 +139,14 @@ struct rdmax_stream {
     bool page_pending;
     struct rdmax_page_key page_key;
 
+    /* Opaque tail: how it ends (see the top of this file). */
+    bool footers;                       /* the parsed part had section footers */
+    bool ended;                         /* the end was parsed before the tail began */
+    uint8_t tail[TAIL_KEEP];            /* the last opaque bytes, oldest first */
+    size_t tail_len;                    /* valid bytes at the end of tail[] */
+    uint64_t vmdesc_end[TAIL_CANDIDATES]; /* stream offsets where a VMDESC would end */
+    unsigned vmdesc_next;
+
     uint32_t nblocks;
     char *blocks[RDMAX_STREAM_MAX_BLOCKS];
 
@@ -193,6 +214,78 @@ static void go_opaque(struct rdmax_stream *s)
 {
     s->stats.opaque = true;
     go(s, ST_OPAQUE, 0);
+}
+
+/* Byte k places before p[i] in the opaque tail (p[i - k], or kept from before p). */
+static int tail_byte(const struct rdmax_stream *s, const uint8_t *p, size_t i, size_t k)
+{
+    if (k <= i) {
+        return p[i - k];
+    }
+    k -= i;
+    return k <= s->tail_len ? s->tail[TAIL_KEEP - k] : -1;
+}
+
+/*
+ * Opaque bytes p[0..n), the first at stream offset base: note where a
+ * VMDESC that starts in them would end, and keep the last bytes.
+ */
+static void tail_check(struct rdmax_stream *s, const uint8_t *p, size_t n, uint64_t base)
+{
+    const uint8_t *q = p;
+
+    while ((q = memchr(q, '{', n - (size_t)(q - p)))) {
+        size_t i = (size_t)(q - p);
+        int b[TAIL_KEEP + 1];
+        uint32_t len = 0;
+        bool hit;
+
+        for (size_t k = 1; k <= TAIL_KEEP; k++) {
+            b[k] = tail_byte(s, p, i, k);
+        }
+        for (size_t k = 4; k >= 1; k--) {
+            len = len << 8 | (uint32_t)(b[k] & 0xff);
+        }
+        hit = b[5] == SEC_VMDESC && b[6] == SEC_EOF && len > 0 && b[1] >= 0 && b[2] >= 0 &&
+              b[3] >= 0 && b[4] >= 0 && (!s->footers || b[11] == SEC_FOOTER);
+        if (hit) {
+            s->vmdesc_end[s->vmdesc_next++ % TAIL_CANDIDATES] = base + i + len;
+        }
+        q++;
+        if (q == p + n) {
+            break;
+        }
+    }
+    if (n >= TAIL_KEEP) {
+        memcpy(s->tail, p + n - TAIL_KEEP, TAIL_KEEP);
+        s->tail_len = TAIL_KEEP;
+    } else {
+        memmove(s->tail, s->tail + n, TAIL_KEEP - n);
+        memcpy(s->tail + TAIL_KEEP - n, p, n);
+        s->tail_len = s->tail_len + n > TAIL_KEEP ? TAIL_KEEP : s->tail_len + n;
+    }
+}
+
+/* The opaque tail ended where a QEMU stream ends: footer + EOF [+ VMDESC]. */
+static bool tail_complete(const struct rdmax_stream *s)
+{
+    const uint8_t *t = s->tail + TAIL_KEEP;
+
+    if (s->ended) {
+        return true;
+    }
+    if (s->tail_len >= 6 && t[-1] == SEC_EOF && (!s->footers || t[-6] == SEC_FOOTER)) {
+        return true;
+    }
+    if (!s->footers && s->tail_len >= 1 && t[-1] == SEC_EOF) {
+        return true;
+    }
+    for (unsigned i = 0; i < TAIL_CANDIDATES && i < s->vmdesc_next; i++) {
+        if (s->vmdesc_end[i] == s->stats.bytes) {
+            return true;
+        }
+    }
+    return false;
 }
 
 /* After an item, the next item. */
@@ -345,6 +438,7 @@ static int on_command(struct rdmax_stream *s)
 static int on_item(struct rdmax_stream *s, uint8_t type)
 {
     if (s->saw_eof && type != SEC_VMDESC) {
+        s->ended = true; /* QEMU's EOF was parsed: the rest is not ours to judge */
         go_opaque(s);
         return 0;
     }
@@ -579,6 +673,7 @@ static int on_peek(struct rdmax_stream *s, uint8_t b)
         return 0;
     case ST_FOOTER_PEEK:
         if (b == SEC_FOOTER) {
+            s->footers = true;
             go(s, ST_FOOTER, 5);
         } else {
             go_item(s);
@@ -607,9 +702,11 @@ ssize_t rdmax_stream_scan(struct rdmax_stream *s, const uint8_t *in, size_t len,
     while (pos < len) {
         switch (s->st) {
         case ST_OPAQUE:
+            tail_check(s, in + pos, len - pos, s->stats.bytes);
             s->stats.bytes += len - pos;
             return (ssize_t)len;
         case ST_DONE:
+            s->ended = true; /* QEMU's end, parsed: what follows is not ours to judge */
             go_opaque(s);
             continue;
         case ST_SKIP: {
@@ -671,7 +768,7 @@ void rdmax_stream_page_done(struct rdmax_stream *s)
 
 bool rdmax_stream_complete(const struct rdmax_stream *s)
 {
-    return !s->page_pending && (s->st == ST_DONE || s->st == ST_OPAQUE ||
+    return !s->page_pending && (s->st == ST_DONE || (s->st == ST_OPAQUE && tail_complete(s)) ||
                                 (s->saw_eof && s->st == ST_ITEM && s->acc_len == 0));
 }
 
@@ -685,6 +782,10 @@ int rdmax_stream_finish(struct rdmax_stream *s)
     }
     if (s->st == ST_HEADER && s->acc_len == 0) {
         return stream_fail(s, "empty stream");
+    }
+    if (s->st == ST_OPAQUE) {
+        return stream_fail(s, "stream truncated (%s, before QEMU's end-of-stream marker)",
+                           s->iterating ? "inside the device state" : "inside a part carried unparsed");
     }
     return stream_fail(s, "stream truncated (%s)",
                        s->page_pending  ? "inside a page"

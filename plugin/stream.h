@@ -62,7 +62,8 @@ void rdmax_stream_page_done(struct rdmax_stream *s);
 
 /*
  * At the end of the input: 0 when the stream ended where a QEMU stream may
- * end, -EBADMSG (truncated) otherwise.
+ * end (QEMU's EOF marker seen, also at the end of an opaque tail), -EBADMSG
+ * (truncated) otherwise.
  */
 int rdmax_stream_finish(struct rdmax_stream *s);
 

@@ -342,11 +342,94 @@ Test(stream, unknown_iterable_section_goes_opaque)
     putcstr(&b, "pc.ram");
     page_fill(page, 9);
     put(&b, page, sizeof(page));
+    /* The section's footer and QEMU's EOF end it (postcopy-style, no VMDESC). */
+    put8(&b, 0x7e);
+    put32(&b, 7);
+    put8(&b, 0x00);
     cr_assert_eq(rdmax_stream_scan(s, b.p, b.len, &pg, &key), (ssize_t)b.len);
     cr_assert(!pg);
     cr_assert(rdmax_stream_stats(s)->opaque);
-    cr_assert_eq(rdmax_stream_finish(s), 0);
+    cr_assert_eq(rdmax_stream_finish(s), 0, "%s", rdmax_stream_error(s));
     rdmax_stream_destroy(s);
+    free(b.p);
+}
+
+/* FULL-mode parse of in[0..len) (page payloads skipped); the finish result. */
+static int parse_prefix(const uint8_t *in, size_t len, const size_t *chunks, size_t nchunks,
+                        char *err, size_t err_len)
+{
+    struct rdmax_stream *s = rdmax_stream_create(RDMAX_STREAM_FULL);
+    size_t pos = 0, ci = 0, skip = 0;
+    int r = 0;
+
+    while (pos < len && r == 0) {
+        size_t end = pos + chunks[ci++ % nchunks];
+        end = end > len ? len : end;
+        while (pos < end) {
+            if (skip) {
+                size_t k = end - pos < skip ? end - pos : skip;
+                pos += k;
+                skip -= k;
+                if (!skip) {
+                    rdmax_stream_page_done(s);
+                }
+                continue;
+            }
+            bool page;
+            struct rdmax_page_key key;
+            ssize_t n = rdmax_stream_scan(s, in + pos, end - pos, &page, &key);
+            if (n < 0) {
+                r = (int)n;
+                break;
+            }
+            pos += (size_t)n;
+            skip = page ? RDMAX_PAGE_SIZE : 0;
+        }
+    }
+    if (r == 0) {
+        r = skip ? -EBADMSG : rdmax_stream_finish(s);
+    }
+    snprintf(err, err_len, "%s", rdmax_stream_error(s) ? rdmax_stream_error(s) : "");
+    rdmax_stream_destroy(s);
+    return r;
+}
+
+/* Offset of QEMU's EOF marker before the VMDESC that ends a precopy stream. */
+static size_t find_eof_before_vmdesc(const uint8_t *p, size_t len)
+{
+    for (size_t i = len - 6; i > 6; i--) {
+        if (p[i] == 0x06 && p[i - 1] == 0x00 && p[i + 5] == '{' &&
+            i + 5 + ((size_t)p[i + 1] << 24 | (size_t)p[i + 2] << 16 | (size_t)p[i + 3] << 8 |
+                     p[i + 4]) ==
+                len) {
+            return i - 1;
+        }
+    }
+    return 0;
+}
+
+Test(stream, stream_cut_in_the_device_tail_is_truncated)
+{
+    struct buf b = synthetic_stream();
+    size_t eof = find_eof_before_vmdesc(b.p, b.len);
+    size_t tail = eof - 8 - 5; /* the timer section's payload starts the opaque tail */
+    size_t whole[] = {SIZE_MAX / 4}, one[] = {1};
+    char err[200];
+
+    cr_assert_gt(eof, 0);
+    /* Every cut from the device state's first byte to the last VMDESC byte. */
+    for (size_t cut = tail; cut < b.len; cut++) {
+        int r = parse_prefix(b.p, cut, whole, 1, err, sizeof(err));
+        if (cut == eof + 1) {
+            /* footer + EOF, VMDESC not begun: how a suppress-vmdesc stream ends */
+            cr_assert_eq(r, 0, "cut after EOF: %s", err);
+            continue;
+        }
+        cr_assert_eq(r, -EBADMSG, "cut at %zu of %zu counted as complete", cut, b.len);
+        cr_assert_not_null(strstr(err, "inside the device state"), "%s", err);
+        cr_assert_eq(parse_prefix(b.p, cut, one, 1, err, sizeof(err)), -EBADMSG);
+    }
+    cr_assert_eq(parse_prefix(b.p, b.len, one, 1, err, sizeof(err)), 0, "%s", err);
     free(b.p);
 }
 
@@ -456,6 +539,40 @@ static uint8_t *load_stream(const char *path, size_t *len)
     return data;
 }
 
+/*
+ * A real stream cut inside its device tail (migrate_cancel, a crashed
+ * source) must not count as complete: before the EOF marker, inside the
+ * VMDESC, one byte short. A postcopy stream (no VMDESC; its device state
+ * is in the PACKAGED blob) must not end anywhere in its last section.
+ */
+static void assert_tail_cuts_fail(const char *name, const uint8_t *data, size_t len)
+{
+    static const size_t odd[] = {32768, 1, 4095, 7, 65536, 4097, 13, 100000};
+    size_t eof = find_eof_before_vmdesc(data, len);
+    char err[200];
+
+    if (!eof) {
+        cr_assert(len > 6 && data[len - 1] == 0x00 && data[len - 6] == 0x7e,
+                  "%s: ends neither with a VMDESC nor with footer + EOF", name);
+        for (size_t cut = len - 6; cut < len; cut++) {
+            cr_assert_eq(parse_prefix(data, cut, odd, 8, err, sizeof(err)), -EBADMSG,
+                         "%s cut at %zu of %zu counted as complete", name, cut, len);
+        }
+        cr_assert_eq(parse_prefix(data, len, odd, 8, err, sizeof(err)), 0, "%s: %s", name, err);
+        return;
+    }
+    cr_assert_gt(eof, 10000, "%s: EOF + VMDESC too early", name);
+    const size_t cuts[] = {eof - 5000, eof - 6, eof - 1, eof, eof + 2, eof + 4, eof + 6,
+                           eof + 1000, len - 1};
+    for (size_t i = 0; i < sizeof(cuts) / sizeof(cuts[0]); i++) {
+        int r = parse_prefix(data, cuts[i], odd, sizeof(odd) / sizeof(odd[0]), err, sizeof(err));
+        cr_assert_eq(r, -EBADMSG, "%s cut at %zu of %zu counted as complete", name, cuts[i], len);
+        cr_assert_not_null(strstr(err, "inside the device state"), "%s: %s", name, err);
+    }
+    cr_assert_eq(parse_prefix(data, len, odd, sizeof(odd) / sizeof(odd[0]), err, sizeof(err)), 0,
+                 "%s: %s", name, err);
+}
+
 /* Round-trips every stream file in dir; returns how many it checked. */
 static int roundtrip_dir(const char *dir, const char *suffix)
 {
@@ -482,7 +599,9 @@ static int roundtrip_dir(const char *dir, const char *suffix)
         assert_roundtrip(data, len, whole, 1, &pages);
         cr_assert_gt(pages, 0, "%s: no page found", path);
         assert_roundtrip(data, len, odd, sizeof(odd) / sizeof(odd[0]), NULL);
-        cr_log_info("%s: %zu bytes, %zu pages, identical", e->d_name, len, pages);
+        assert_tail_cuts_fail(e->d_name, data, len);
+        cr_log_info("%s: %zu bytes, %zu pages, identical; cuts in its tail fail", e->d_name, len,
+                    pages);
         free(data);
         checked++;
     }
