@@ -69,6 +69,16 @@ int main(int argc, char **argv)
     rdmax_s.t0 = rdmax_now();
     rdmax_s.tp = pick_transport();
     rdmax_s.topts.connect_timeout_ms = rdmax_s.o.connect_timeout_ms;
+    /*
+     * TCP_USER_TIMEOUT: a send blocked on a dead path fails after this
+     * instead of ~15 min of retransmissions. Defence in depth: rdma-x's own
+     * keep-alives on every connection report silence at --timeout, naming
+     * the connection. Not shorter: Linux also aborts a connection whose
+     * window stays closed this long (measured: 2.5 s closed with 2 s), so
+     * it is also how long a peer's QEMU may stop reading (30 s at least).
+     */
+    rdmax_s.topts.user_timeout_ms =
+        2 * rdmax_s.o.timeout_ms > 30000 ? 2 * rdmax_s.o.timeout_ms : 30000;
     rdmax_s.topts.pinned_max = rdmax_s.o.pinned_max;
     rdmax_s.topts.busy_poll = rdmax_s.o.busy_poll;
     if (rdmax_s.o.sender) {

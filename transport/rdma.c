@@ -1519,11 +1519,13 @@ static int rdma_op_accept(struct rdmax_listener *base, int timeout_ms, struct rd
         if (r == 0) {
             break;
         }
+        /*
+         * That one connection failed (not rdma-x, rejected, no memory to
+         * pin for it, never established): it is turned away and the
+         * listener keeps listening, so one bad client cannot end the
+         * receiver. Until the deadline, as for any accept.
+         */
         g_warning("rdma: accept on %s: %s", l->where, why);
-        if (r != -EPROTO) {
-            return r;
-        }
-        /* Someone who is not rdma-x: turned away, keep listening. */
     }
     g_debug("accepted %s: %u send slots, %u credits of %zu bytes", c->base.peer, c->n_send,
             c->credits, c->send_max);

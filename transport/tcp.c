@@ -32,6 +32,7 @@ struct tcp_conn {
 struct tcp_listener {
     struct rdmax_listener base;
     int fd;
+    struct rdmax_transport_opts opts; /* for the accepted connections */
 };
 
 static struct tcp_conn *tcp_conn_of(struct rdmax_conn *c)
@@ -47,6 +48,15 @@ static void tcp_tune(int fd, const struct rdmax_transport_opts *o)
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &buf, sizeof(buf));
     setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+    /*
+     * A blackholed path (no ACK, no RST) must not hold a blocked send for
+     * the kernel's ~15 minutes of retransmissions: the kernel gives up
+     * after this long and the send fails with ETIMEDOUT.
+     */
+    if (o && o->user_timeout_ms > 0) {
+        unsigned ut = (unsigned)o->user_timeout_ms;
+        setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &ut, sizeof(ut));
+    }
 }
 
 static void tcp_name_peer(struct tcp_conn *c)
@@ -113,6 +123,9 @@ static int tcp_listen(const char *host, const char *port, const struct rdmax_tra
     }
     l->base.ops = &rdmax_tcp_ops;
     l->fd = fd;
+    if (o) {
+        l->opts = *o;
+    }
     *out = &l->base;
     return 0;
 }
@@ -133,9 +146,10 @@ static int tcp_accept(struct rdmax_listener *base, int timeout_ms, struct rdmax_
     }
     fd = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC);
     if (fd < 0) {
-        return -errno;
+        /* The client gave up already: nothing to accept, not an error. */
+        return errno == EAGAIN || errno == ECONNABORTED || errno == EINTR ? -ETIMEDOUT : -errno;
     }
-    tcp_tune(fd, NULL);
+    tcp_tune(fd, &l->opts);
     c = tcp_conn_new(fd);
     if (!c) {
         return -ENOMEM;
@@ -162,6 +176,47 @@ static int64_t now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+/*
+ * connect() without blocking past deadline: a host that drops SYNs would
+ * otherwise hold a blocking connect for ~2 minutes. 0 or the errno.
+ */
+static int tcp_connect_until(int fd, const struct addrinfo *ai, int64_t deadline)
+{
+    int fl = fcntl(fd, F_GETFL), err = 0;
+    socklen_t el = sizeof(err);
+
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
+        return errno;
+    }
+    if (connect(fd, ai->ai_addr, ai->ai_addrlen) < 0) {
+        if (errno != EINPROGRESS) {
+            return errno;
+        }
+        for (;;) {
+            struct pollfd pfd = {.fd = fd, .events = POLLOUT};
+            int64_t left = deadline - now_ms();
+            int r = poll(&pfd, 1, left > 0 ? (int)left : 0);
+            if (r < 0 && errno == EINTR) {
+                continue;
+            }
+            if (r < 0) {
+                return errno;
+            }
+            if (r == 0) {
+                return ETIMEDOUT;
+            }
+            break;
+        }
+        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &el) < 0) {
+            return errno;
+        }
+        if (err) {
+            return err;
+        }
+    }
+    return fcntl(fd, F_SETFL, fl) < 0 ? errno : 0;
+}
+
 static int tcp_connect(const char *host, const char *port, const struct rdmax_transport_opts *o,
                        struct rdmax_conn **out)
 {
@@ -182,7 +237,8 @@ static int tcp_connect(const char *host, const char *port, const struct rdmax_tr
                 continue;
             }
             tcp_tune(fd, o);
-            if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) {
+            err = tcp_connect_until(fd, ai, deadline);
+            if (err == 0) {
                 struct tcp_conn *c = tcp_conn_new(fd);
                 freeaddrinfo(res);
                 if (!c) {
@@ -191,7 +247,6 @@ static int tcp_connect(const char *host, const char *port, const struct rdmax_tr
                 *out = &c->base;
                 return 0;
             }
-            err = errno;
             close(fd);
         }
         freeaddrinfo(res);
@@ -239,11 +294,14 @@ static int tcp_send(struct rdmax_conn *base, const struct iovec *iov, int iovcnt
 static int tcp_recv(struct rdmax_conn *base, void *buf, size_t len, int timeout_ms)
 {
     struct tcp_conn *c = tcp_conn_of(base);
+    int64_t deadline = timeout_ms < 0 ? 0 : now_ms() + timeout_ms;
     uint8_t *p = buf;
 
     while (len > 0) {
         struct pollfd pfd = {.fd = c->fd, .events = POLLIN};
-        int r = poll(&pfd, 1, timeout_ms);
+        int64_t left = timeout_ms < 0 ? -1 : deadline - now_ms();
+        /* One deadline for the whole call, not one per chunk. */
+        int r = poll(&pfd, 1, left < 0 ? (timeout_ms < 0 ? -1 : 0) : (int)left);
         if (r < 0) {
             if (errno == EINTR) {
                 continue;

@@ -34,6 +34,7 @@ struct rdmax_listener {
 /* Options given to listen/connect; set by the CLI, read-only afterwards. */
 struct rdmax_transport_opts {
     int connect_timeout_ms; /* give up connecting after this long */
+    int user_timeout_ms;    /* tcp: TCP_USER_TIMEOUT (unacknowledged data), 0 = kernel default */
     size_t sndbuf;          /* socket buffer hint, 0 = transport default */
     size_t pinned_max;      /* rdma: bound on registered memory per process */
     int busy_poll;          /* rdma: poll the CQ instead of sleeping on events */
@@ -52,14 +53,20 @@ struct rdmax_transport_ops {
     /*
      * Wait up to timeout_ms (-1: forever) for one incoming connection.
      * Returns -ETIMEDOUT when none came. The connection belongs to the
-     * caller until close().
+     * caller until close(). Any other error concerns that one incoming
+     * connection (turned away): the listener stays usable.
      */
     int (*accept)(struct rdmax_listener *l, int timeout_ms, struct rdmax_conn **out);
 
     /* Stop listening and free the listener. Accepts NULL. */
     void (*listener_close)(struct rdmax_listener *l);
 
-    /* Connect to host:port, retrying until o->connect_timeout_ms passed. */
+    /*
+     * Connect to host:port, retrying refused connections until
+     * o->connect_timeout_ms passed; never blocks longer than that (a host
+     * that drops SYNs gives -ETIMEDOUT). May be called from several
+     * threads at once (the sender connects its lanes in parallel).
+     */
     int (*connect)(const char *host, const char *port, const struct rdmax_transport_opts *o,
                    struct rdmax_conn **out);
 
@@ -71,8 +78,8 @@ struct rdmax_transport_ops {
     int (*send)(struct rdmax_conn *c, const struct iovec *iov, int iovcnt);
 
     /*
-     * Receive exactly len bytes into buf, waiting at most timeout_ms
-     * (-1: forever) for the first byte and for each further chunk.
+     * Receive exactly len bytes into buf within timeout_ms (-1: forever)
+     * in all: a peer dripping one byte at a time cannot stretch it.
      * Returns 0, -ECONNRESET when the peer closed (also cleanly) before
      * len bytes came, -ETIMEDOUT, or another -errno.
      */
