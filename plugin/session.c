@@ -186,12 +186,21 @@ static int auth_proof(const char *label, const uint8_t client[RDMAX_HELLO_LEN],
 }
 
 /*
- * How long the listener waits for each handshake message of a new
- * connection. A real sender answers at once (one round trip); the listener
- * serves one connection at a time, so a silent or slow client may hold it
- * only this long, well under the sender's own --timeout for the answer.
+ * How long a new connection has for its whole handshake on the listener
+ * (HELLO, then AUTH with a PSK), one absolute deadline from its accept. A
+ * real sender answers at once (two round trips); handshakes are served
+ * concurrently, so a silent or dripping client holds only its own slot,
+ * and only this long.
  */
 #define HANDSHAKE_MS 2000
+
+/* Milliseconds left until deadline (seconds, rdmax_now), at least 0. */
+static int ms_left(double deadline)
+{
+    double ms = (deadline - rdmax_now()) * 1000.0;
+
+    return ms > 0 ? (int)ms + 1 : 0;
+}
 
 #define AUTH_LABEL_SERVER "rdma-x v2 server proof"
 #define AUTH_LABEL_CLIENT "rdma-x v2 client proof"
@@ -268,32 +277,37 @@ static void connect_one(struct rdmax_wire *w, const char *host, const char *port
     uint8_t mine[RDMAX_HELLO_LEN], theirs[RDMAX_HELLO_LEN], mac[RDMAX_MAC_LEN];
     struct rdmax_frame_hdr fh;
     uint8_t buf[512];
-    char err[600];
+    char err[600], who[300];
     const char *why;
     int r;
 
+    /* Messages name the connection: "dst:7070", or "dst:7070 (lane 3)". */
+    if (role == RDMAX_ROLE_LANE) {
+        snprintf(who, sizeof(who), "%s:%s (lane %u)", host, port, lane);
+    } else {
+        snprintf(who, sizeof(who), "%s:%s", host, port);
+    }
     c = pre;
     r = c ? 0 : rdmax_s.tp->connect(host, port, &rdmax_s.topts, &c);
     if (r < 0) {
-        rdmax_fail("cannot connect to %s:%s over %s: %s", host, port, rdmax_s.tp->name,
-                   strerror(-r));
+        rdmax_fail("cannot connect to %s over %s: %s", who, rdmax_s.tp->name, strerror(-r));
     }
     rdmax_wire_init(w, c);
     hello_fill(&h, role, lane);
     rdmax_hello_encode(mine, &h);
     r = rdmax_wire_send(w, RDMAX_F_HELLO, 0, lane, mine, sizeof(mine));
     if (r < 0) {
-        rdmax_fail("handshake with %s:%s: %s", host, port, rdmax_wire_strerror(r));
+        rdmax_fail("handshake with %s: %s", who, rdmax_wire_strerror(r));
     }
     if (hello_read(w, &peer, theirs, err, sizeof(err)) < 0) {
         rdmax_fail("%s", err);
     }
     if (peer.session != rdmax_s.session_id) {
-        rdmax_fail("handshake with %s:%s: peer answered for another migration", host, port);
+        rdmax_fail("handshake with %s: peer answered for another migration", who);
     }
     why = feature_mismatch(peer.features);
     if (why) {
-        rdmax_fail("handshake with %s:%s: %s", host, port, why);
+        rdmax_fail("handshake with %s: %s", who, why);
     }
     if (!(rdmax_s.features & RDMAX_FEAT_PSK)) {
         return;
@@ -312,22 +326,22 @@ static void connect_one(struct rdmax_wire *w, const char *host, const char *port
     }
     r = rdmax_wire_send(w, RDMAX_F_AUTH, 0, lane, mac, sizeof(mac));
     if (r < 0) {
-        rdmax_fail("handshake with %s:%s: %s", host, port, rdmax_wire_strerror(r));
+        rdmax_fail("handshake with %s: %s", who, rdmax_wire_strerror(r));
     }
     r = rdmax_wire_recv(w, &fh, buf, sizeof(buf) - 1, rdmax_s.o.timeout_ms);
     if (r < 0) {
-        rdmax_fail("handshake with %s:%s: %s", host, port, rdmax_wire_strerror(r));
+        rdmax_fail("handshake with %s: %s", who, rdmax_wire_strerror(r));
     }
     if (fh.type == RDMAX_F_ERROR) {
         char txt[RDMAX_PEER_TEXT_BUF];
         rdmax_fail("peer refused: %s", rdmax_peer_text(txt, sizeof(txt), buf, fh.len));
     }
     if (fh.type != RDMAX_F_AUTH_OK || fh.len != 0) {
-        rdmax_fail("handshake with %s:%s: got %s frame instead of AUTH_OK", host, port,
+        rdmax_fail("handshake with %s: got %s frame instead of AUTH_OK", who,
                    rdmax_frame_type_name(fh.type));
     }
     if ((rdmax_s.features & RDMAX_FEAT_ENCRYPT) && crypt_setup(w, h.nonce, peer.nonce, true) < 0) {
-        rdmax_fail("setting up encryption with %s:%s failed", host, port);
+        rdmax_fail("setting up encryption with %s failed", who);
     }
 }
 
@@ -369,6 +383,19 @@ static struct rdmax_conn *auto_connect(const char *host, const char *port)
     return c;
 }
 
+struct lane_connect {
+    const char *host, *port;
+    uint16_t lane;
+};
+
+static void *lane_connect_main(void *arg)
+{
+    const struct lane_connect *lc = arg;
+
+    connect_one(&rdmax_s.lane[lc->lane], lc->host, lc->port, RDMAX_ROLE_LANE, lc->lane, NULL);
+    return NULL;
+}
+
 void rdmax_session_connect(void)
 {
     char host[256], port[32], err[200];
@@ -383,8 +410,28 @@ void rdmax_session_connect(void)
         rdmax_s.session_id = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
     }
     connect_one(&rdmax_s.ctrl, host, port, RDMAX_ROLE_CONTROL, 0, auto_connect(host, port));
-    for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
-        connect_one(&rdmax_s.lane[i], host, port, RDMAX_ROLE_LANE, (uint16_t)i, NULL);
+    /*
+     * The lanes connect in parallel, one thread each: set-up costs a few
+     * round trips in all, not per lane (64 lanes x 3 round trips with a PSK
+     * at 50 ms was ~10 s), and each lane's waits are its own --timeout.
+     */
+    {
+        pthread_t t[RDMAX_LANES_MAX];
+        struct lane_connect lc[RDMAX_LANES_MAX];
+        pthread_attr_t a;
+
+        pthread_attr_init(&a);
+        pthread_attr_setstacksize(&a, 256u << 10);
+        for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
+            lc[i] = (struct lane_connect){host, port, (uint16_t)i};
+            if (pthread_create(&t[i], &a, lane_connect_main, &lc[i]) != 0) {
+                rdmax_fail("cannot start a thread to connect lane %u", i);
+            }
+        }
+        pthread_attr_destroy(&a);
+        for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
+            pthread_join(t[i], NULL);
+        }
     }
 }
 
@@ -413,8 +460,8 @@ static void refuse(struct rdmax_conn *c, const char *reason)
  * (the caller refuses the connection). Nothing is committed here.
  */
 static int server_hello(struct rdmax_wire *w, const uint8_t in[RDMAX_HELLO_LEN],
-                        const struct rdmax_hello *h, uint8_t nonce[RDMAX_NONCE_LEN], char *err,
-                        size_t err_len)
+                        const struct rdmax_hello *h, uint8_t nonce[RDMAX_NONCE_LEN], double deadline,
+                        char *err, size_t err_len)
 {
     struct rdmax_hello me;
     uint8_t out[RDMAX_HELLO_LEN], mac[RDMAX_MAC_LEN], buf[512];
@@ -445,7 +492,7 @@ static int server_hello(struct rdmax_wire *w, const uint8_t in[RDMAX_HELLO_LEN],
     if (!(rdmax_s.features & RDMAX_FEAT_PSK)) {
         return 0;
     }
-    r = rdmax_wire_recv(w, &fh, buf, sizeof(buf) - 1, HANDSHAKE_MS);
+    r = rdmax_wire_recv(w, &fh, buf, sizeof(buf) - 1, ms_left(deadline));
     if (r == 0 && fh.type == RDMAX_F_ERROR) {
         /* The sender checked our proof first and gave up: say why. */
         char txt[RDMAX_PEER_TEXT_BUF];
@@ -587,18 +634,310 @@ static void auto_settle(struct rdmax_listener **l)
     fprintf(stderr, "rdma-x: note: transport auto: %s\n", rdmax_s.tp->name);
 }
 
+/*
+ * The receiver's accept loop. Every accepted connection gets a handshake
+ * thread and one absolute deadline (HANDSHAKE_MS); the main thread only
+ * accepts, enforces the deadlines and reaps. At most PENDING_UNAUTH
+ * handshakes run at once, plus one per lane still due once the control
+ * connection is in (the sender connects its lanes in parallel); when full,
+ * the oldest unauthenticated one is dropped for the newcomer. So a silent,
+ * dripping or garbage client holds one slot for at most HANDSHAKE_MS and
+ * never the listener, and a flood costs bounded threads, fds and memory.
+ * Commits (control connection, lanes) happen under acc.mu, only after the
+ * proofs check.
+ */
+#define PENDING_UNAUTH 16
+#define PENDING_MAX (PENDING_UNAUTH + RDMAX_LANES_MAX)
+#define HANDSHAKE_GRACE_S 0.5 /* after its deadline, the main thread cuts a handshake off */
+#define HANDSHAKE_STACK (256u << 10)
+
+struct pending {
+    struct rdmax_conn *c; /* until the thread commits or refuses it (acc.mu) */
+    pthread_t thread;
+    double started, deadline; /* rdmax_now() */
+    bool used;                /* main thread only */
+    bool evicted, expired;    /* why the main thread cut it off (acc.mu) */
+    bool closing;             /* cut off because the migration is complete (acc.mu) */
+    bool hello_ok;            /* sent a valid HELLO, now in the proofs (acc.mu) */
+    _Atomic bool done;
+};
+
+static struct {
+    pthread_mutex_t mu;
+    bool have_ctrl;
+    unsigned have_lanes;
+    const struct rdmax_transport_ops *ctrl_tp; /* the lanes must come over it too */
+    uint64_t cache_cap;
+    double lane_deadline; /* --timeout after the control connection or the last lane */
+} acc = {.mu = PTHREAD_MUTEX_INITIALIZER};
+
+static struct pending pend[PENDING_MAX];
+
+/*
+ * May a connection with this HELLO become part of the migration? Checked
+ * before the proofs (to refuse early) and again at the commit. acc.mu held.
+ */
+static int admit(const struct rdmax_conn *c, const struct rdmax_hello *h, bool *lane_mismatch,
+                 char *err, size_t err_len)
+{
+    *lane_mismatch = false;
+    if (h->role == RDMAX_ROLE_CONTROL) {
+        if (acc.have_ctrl) {
+            snprintf(err, err_len, "a migration is already in progress");
+            return -EBUSY;
+        }
+        if (h->cache_bytes > (64ull << 30) || h->cache_bytes * h->lanes > acc.cache_cap) {
+            snprintf(err, err_len,
+                     "page cache of %llu MiB x %u lanes is above this receiver's cap of "
+                     "%llu MiB (recv --cache-max, or send --cache-size)",
+                     (unsigned long long)(h->cache_bytes >> 20), h->lanes,
+                     (unsigned long long)(acc.cache_cap >> 20));
+            return -EINVAL;
+        }
+        if (rdmax_s.o.lanes && h->lanes != rdmax_s.o.lanes) {
+            *lane_mismatch = true;
+            snprintf(err, err_len, "lane count mismatch: sender %u, receiver %u", h->lanes,
+                     rdmax_s.o.lanes);
+        }
+        return 0;
+    }
+    if (!acc.have_ctrl || h->session != rdmax_s.session_id) {
+        snprintf(err, err_len, "lane connection for no migration in progress");
+        return -EINVAL;
+    }
+    if (h->lanes != rdmax_s.nlanes) {
+        snprintf(err, err_len, "lane connection for %u lanes, migration has %u", h->lanes,
+                 rdmax_s.nlanes);
+        return -EINVAL;
+    }
+    if (c->ops != acc.ctrl_tp) {
+        snprintf(err, err_len, "lane connection over %s, the migration came over %s",
+                 c->ops->name, acc.ctrl_tp->name);
+        return -EINVAL;
+    }
+    if (rdmax_s.lane[h->lane].conn) {
+        snprintf(err, err_len, "lane connected twice");
+        return -EINVAL;
+    }
+    return 0;
+}
+
+/* A sender with the wrong --lanes: tell it, and stop. */
+static __attribute__((noreturn)) void lane_mismatch_fail(struct pending *p, struct rdmax_wire *w,
+                                                         struct rdmax_conn *c, const char *err)
+{
+    pthread_mutex_lock(&acc.mu);
+    p->c = NULL;
+    pthread_mutex_unlock(&acc.mu);
+    w->conn = NULL;
+    rdmax_wire_destroy(w);
+    refuse(c, err);
+    rdmax_fail("%s", err);
+}
+
+static void *handshake_main(void *arg)
+{
+    struct pending *p = arg;
+    struct rdmax_conn *c = p->c;
+    struct rdmax_wire w;
+    struct rdmax_hello h;
+    uint8_t in[RDMAX_HELLO_LEN + 16], nonce[RDMAX_NONCE_LEN];
+    struct rdmax_frame_hdr fh;
+    char err[700], why_auth[600];
+    const char *why;
+    bool lane_mismatch = false, evicted, expired, closing;
+    int r;
+
+    rdmax_wire_init(&w, c);
+    r = rdmax_wire_recv(&w, &fh, in, sizeof(in), ms_left(p->deadline));
+    if (r < 0 || fh.type != RDMAX_F_HELLO) {
+        snprintf(err, sizeof(err), "no valid rdma-x handshake (%s)",
+                 r < 0 ? rdmax_wire_strerror(r) : rdmax_frame_type_name(fh.type));
+        goto refuse;
+    }
+    r = rdmax_hello_decode(in, fh.len, &h, err, sizeof(err));
+    if (r < 0) {
+        if (r == -EPROTONOSUPPORT) {
+            fprintf(stderr, "rdma-x: note: upgrade both hosts to the same rdma-x version\n");
+        }
+        goto refuse;
+    }
+    why = feature_mismatch(h.features);
+    if (why) {
+        snprintf(err, sizeof(err), "%s", why);
+        goto refuse;
+    }
+    pthread_mutex_lock(&acc.mu);
+    r = admit(c, &h, &lane_mismatch, err, sizeof(err));
+    p->hello_ok = r == 0;
+    pthread_mutex_unlock(&acc.mu);
+    if (r < 0) {
+        goto refuse;
+    }
+    if (lane_mismatch && !(rdmax_s.features & RDMAX_FEAT_PSK)) {
+        lane_mismatch_fail(p, &w, c, err);
+    }
+    r = server_hello(&w, in, &h, nonce, p->deadline, why_auth, sizeof(why_auth));
+    if (r < 0) {
+        snprintf(err, sizeof(err), "%s", why_auth);
+        goto refuse;
+    }
+    if (lane_mismatch) {
+        /* Authenticated, so a real sender with the wrong --lanes: stop. */
+        lane_mismatch_fail(p, &w, c, err);
+    }
+    pthread_mutex_lock(&acc.mu);
+    r = admit(c, &h, &lane_mismatch, err, sizeof(err));
+    if (r == 0) {
+        struct rdmax_wire *into;
+        p->c = NULL; /* the migration's now: never cut off */
+        if (h.role == RDMAX_ROLE_CONTROL) {
+            rdmax_s.session_id = h.session;
+            rdmax_s.nlanes = h.lanes;
+            rdmax_s.codec.cache_bytes = h.cache_bytes;
+            rdmax_s.codec.zstd_level = h.zstd_level;
+            rdmax_s.ctrl = w;
+            into = &rdmax_s.ctrl;
+            acc.have_ctrl = true;
+            acc.ctrl_tp = c->ops;
+        } else {
+            rdmax_s.lane[h.lane] = w;
+            into = &rdmax_s.lane[h.lane];
+            acc.have_lanes++;
+        }
+        /* The lanes' deadline runs from what arrived last, not from the start. */
+        acc.lane_deadline = rdmax_now() + rdmax_s.o.timeout_ms / 1000.0;
+        pthread_mutex_unlock(&acc.mu);
+        server_accept_ok(into, h.nonce, nonce, h.role == RDMAX_ROLE_LANE ? h.lane : 0);
+        atomic_store(&p->done, true);
+        return NULL;
+    }
+    pthread_mutex_unlock(&acc.mu);
+refuse:
+    pthread_mutex_lock(&acc.mu);
+    p->c = NULL; /* from here the main thread leaves c alone */
+    evicted = p->evicted;
+    closing = p->closing;
+    expired = p->expired || (r == -ETIMEDOUT && ms_left(p->deadline) == 0);
+    pthread_mutex_unlock(&acc.mu);
+    if (closing) {
+        snprintf(err, sizeof(err), "a migration is already in progress");
+    } else if (evicted) {
+        snprintf(err, sizeof(err),
+                 "dropped for a newer connection (%u handshakes at once, the oldest goes first)",
+                 PENDING_UNAUTH);
+    } else if (expired) {
+        snprintf(err, sizeof(err), "no complete rdma-x handshake within %d s",
+                 HANDSHAKE_MS / 1000);
+    }
+    /* refuse() owns the connection from here; the wire holds no crypto yet. */
+    w.conn = NULL;
+    rdmax_wire_destroy(&w);
+    refuse(c, err);
+    atomic_store(&p->done, true);
+    return NULL;
+}
+
+/* Cut every handshake off that ran past its deadline. acc.mu held. */
+static void expire_locked(double now)
+{
+    for (unsigned i = 0; i < PENDING_MAX; i++) {
+        struct pending *p = &pend[i];
+        if (p->used && p->c && !p->expired && now > p->deadline + HANDSHAKE_GRACE_S) {
+            p->expired = true;
+            p->c->ops->shutdown(p->c);
+        }
+    }
+}
+
+/* Join the handshake threads that ended; returns how many still run. Main thread. */
+static unsigned reap(void)
+{
+    unsigned n = 0;
+
+    for (unsigned i = 0; i < PENDING_MAX; i++) {
+        if (pend[i].used && atomic_load(&pend[i].done)) {
+            pthread_join(pend[i].thread, NULL);
+            pend[i].used = false;
+        }
+        n += pend[i].used;
+    }
+    return n;
+}
+
+/*
+ * A free slot for a new connection, at most limit in use: when full, the
+ * oldest handshake not yet authenticated is cut off (and joined) for it,
+ * preferring one that has not even sent a valid HELLO (a real sender sends
+ * its HELLO at once, silent and dripping clients never complete one).
+ * NULL when every slot holds an authenticated connection.
+ */
+static struct pending *take_slot(unsigned limit)
+{
+    struct pending *oldest = NULL;
+
+    if (reap() < limit) {
+        for (unsigned i = 0; i < PENDING_MAX; i++) {
+            if (!pend[i].used) {
+                return &pend[i];
+            }
+        }
+    }
+    pthread_mutex_lock(&acc.mu);
+    for (unsigned i = 0; i < PENDING_MAX; i++) {
+        struct pending *p = &pend[i];
+        if (p->used && p->c && !p->evicted &&
+            (!oldest || p->hello_ok < oldest->hello_ok ||
+             (p->hello_ok == oldest->hello_ok && p->started < oldest->started))) {
+            oldest = p;
+        }
+    }
+    if (oldest) {
+        oldest->evicted = true;
+        oldest->c->ops->shutdown(oldest->c);
+    }
+    pthread_mutex_unlock(&acc.mu);
+    if (!oldest) {
+        return NULL;
+    }
+    pthread_join(oldest->thread, NULL);
+    oldest->used = false;
+    return oldest;
+}
+
+static void handshake_start(struct rdmax_conn *c, unsigned limit)
+{
+    struct pending *p = take_slot(limit);
+    pthread_attr_t a;
+
+    if (!p) {
+        refuse(c, "too many connections at once");
+        return;
+    }
+    memset(p, 0, sizeof(*p));
+    p->c = c;
+    p->used = true;
+    p->started = rdmax_now();
+    p->deadline = p->started + HANDSHAKE_MS / 1000.0;
+    pthread_attr_init(&a);
+    pthread_attr_setstacksize(&a, HANDSHAKE_STACK);
+    if (pthread_create(&p->thread, &a, handshake_main, p) != 0) {
+        p->used = false;
+        refuse(c, "receiver out of threads");
+    }
+    pthread_attr_destroy(&a);
+}
+
 void rdmax_session_accept(void)
 {
     char host[256], port[32], err[700];
     struct rdmax_listener *l;
-    bool have_ctrl = false;
-    unsigned have_lanes = 0;
-    double deadline = 0;
-    uint64_t cache_cap;
+    bool settled = false;
+    unsigned accept_errors = 0;
     int r;
 
     rdmax_session_init();
-    cache_cap = rdmax_s.o.cache_max ? rdmax_s.o.cache_max : rdmax_page_cache_default_cap();
+    acc.cache_cap = rdmax_s.o.cache_max ? rdmax_s.o.cache_max : rdmax_page_cache_default_cap();
     if (rdmax_addr_split(rdmax_s.o.addr, host, sizeof(host), port, sizeof(port), err, sizeof(err)) <
         0) {
         rdmax_fail("%s", err);
@@ -609,127 +948,66 @@ void rdmax_session_accept(void)
                    strerror(-r));
     }
     auto_listen(host, port);
-    while (!have_ctrl || have_lanes < rdmax_s.nlanes) {
+    for (;;) {
         struct rdmax_conn *c;
-        struct rdmax_wire w;
-        struct rdmax_hello h;
-        uint8_t in[RDMAX_HELLO_LEN + 16], nonce[RDMAX_NONCE_LEN];
-        struct rdmax_frame_hdr fh;
-        const char *why;
-        bool lane_mismatch = false;
-        int wait = -1;
+        bool have_ctrl;
+        unsigned have_lanes, nlanes;
+        double lane_deadline, now = rdmax_now();
 
-        if (have_ctrl) {
-            wait = (int)((deadline - rdmax_now()) * 1000);
-            if (wait <= 0) {
-                rdmax_fail("only %u of %u lane connections arrived", have_lanes, rdmax_s.nlanes);
-            }
+        pthread_mutex_lock(&acc.mu);
+        expire_locked(now);
+        have_ctrl = acc.have_ctrl;
+        have_lanes = acc.have_lanes;
+        nlanes = rdmax_s.nlanes;
+        lane_deadline = acc.lane_deadline;
+        pthread_mutex_unlock(&acc.mu);
+        reap();
+        if (have_ctrl && !settled) {
+            /* The control connection is in: the migration uses its transport. */
+            last_from_alt = alt_l && acc.ctrl_tp == alt_tp;
+            auto_settle(&l);
+            settled = true;
         }
-        r = accept_any(&l, wait, &c);
+        if (have_ctrl && have_lanes == nlanes) {
+            break;
+        }
+        if (have_ctrl && now > lane_deadline) {
+            rdmax_fail("only %u of %u lane connections arrived (none for %d s)", have_lanes,
+                       nlanes, rdmax_s.o.timeout_ms / 1000);
+        }
+        /* Short waits: the deadlines above are checked between them. */
+        r = accept_any(&l, 100, &c);
         if (r == -ETIMEDOUT) {
             continue;
         }
         if (r < 0) {
-            rdmax_fail("accept on %s: %s", rdmax_s.o.addr, strerror(-r));
-        }
-        rdmax_wire_init(&w, c);
-        /* A silent or garbage client must not wedge the listener. */
-        r = rdmax_wire_recv(&w, &fh, in, sizeof(in), HANDSHAKE_MS);
-        if (r < 0 || fh.type != RDMAX_F_HELLO) {
-            snprintf(err, sizeof(err), "no valid rdma-x handshake (%s)",
-                     r < 0 ? rdmax_wire_strerror(r) : rdmax_frame_type_name(fh.type));
-            goto refuse;
-        }
-        r = rdmax_hello_decode(in, fh.len, &h, err, sizeof(err));
-        if (r < 0) {
-            if (r == -EPROTONOSUPPORT) {
-                fprintf(stderr, "rdma-x: note: upgrade both hosts to the same rdma-x version\n");
+            /* That one connection failed (or fds ran out for a moment): keep listening. */
+            fprintf(stderr, "rdma-x: note: accept on %s: %s\n", rdmax_s.o.addr, strerror(-r));
+            if (++accept_errors > 100) {
+                rdmax_fail("accept on %s keeps failing: %s", rdmax_s.o.addr, strerror(-r));
             }
-            goto refuse;
+            usleep(20 * 1000);
+            continue;
         }
-        why = feature_mismatch(h.features);
-        if (why) {
-            snprintf(err, sizeof(err), "%s", why);
-            goto refuse;
-        }
-        if (h.role == RDMAX_ROLE_CONTROL) {
-            if (have_ctrl) {
-                snprintf(err, sizeof(err), "a migration is already in progress");
-                goto refuse;
-            }
-            if (h.cache_bytes > (64ull << 30) || h.cache_bytes * h.lanes > cache_cap) {
-                snprintf(err, sizeof(err),
-                         "page cache of %llu MiB x %u lanes is above this receiver's cap of "
-                         "%llu MiB (recv --cache-max, or send --cache-size)",
-                         (unsigned long long)(h.cache_bytes >> 20), h.lanes,
-                         (unsigned long long)(cache_cap >> 20));
-                goto refuse;
-            }
-            lane_mismatch = rdmax_s.o.lanes && h.lanes != rdmax_s.o.lanes;
-            if (lane_mismatch) {
-                snprintf(err, sizeof(err), "lane count mismatch: sender %u, receiver %u", h.lanes,
-                         rdmax_s.o.lanes);
-                if (!(rdmax_s.features & RDMAX_FEAT_PSK)) {
-                    w.conn = NULL;
-                    rdmax_wire_destroy(&w);
-                    refuse(c, err);
-                    rdmax_fail("%s", err);
-                }
-            }
-        } else {
-            if (!have_ctrl || h.session != rdmax_s.session_id) {
-                snprintf(err, sizeof(err), "lane connection for no migration in progress");
-                goto refuse;
-            }
-            if (h.lanes != rdmax_s.nlanes) {
-                snprintf(err, sizeof(err), "lane connection for %u lanes, migration has %u",
-                         h.lanes, rdmax_s.nlanes);
-                goto refuse;
-            }
-            if (rdmax_s.lane[h.lane].conn) {
-                snprintf(err, sizeof(err), "lane connected twice");
-                goto refuse;
-            }
-        }
-        {
-            char why_auth[600];
-            r = server_hello(&w, in, &h, nonce, why_auth, sizeof(why_auth));
-            if (r < 0) {
-                snprintf(err, sizeof(err), "%s", why_auth);
-                goto refuse;
-            }
-        }
-        if (lane_mismatch) {
-            /* Authenticated, so a real sender with the wrong --lanes: stop. */
-            w.conn = NULL;
-            rdmax_wire_destroy(&w);
-            refuse(c, err);
-            rdmax_fail("%s", err);
-        }
-        if (h.role == RDMAX_ROLE_CONTROL) {
-            rdmax_s.session_id = h.session;
-            rdmax_s.nlanes = h.lanes;
-            rdmax_s.codec.cache_bytes = h.cache_bytes;
-            rdmax_s.codec.zstd_level = h.zstd_level;
-            rdmax_s.ctrl = w;
-            have_ctrl = true;
-            auto_settle(&l);
-            deadline = rdmax_now() + rdmax_s.o.timeout_ms / 1000.0;
-            server_accept_ok(&rdmax_s.ctrl, h.nonce, nonce, 0);
-        } else {
-            rdmax_s.lane[h.lane] = w;
-            have_lanes++;
-            server_accept_ok(&rdmax_s.lane[h.lane], h.nonce, nonce, h.lane);
-        }
-        continue;
-    refuse:
-        /* refuse() owns the connection from here; the wire holds no crypto yet. */
-        w.conn = NULL;
-        rdmax_wire_destroy(&w);
-        refuse(c, err);
+        accept_errors = 0;
+        handshake_start(c, have_ctrl ? PENDING_UNAUTH + (nlanes - have_lanes) : PENDING_UNAUTH);
     }
     /* One migration per process: nobody else may connect now. */
     rdmax_s.tp->listener_close(l);
+    pthread_mutex_lock(&acc.mu);
+    for (unsigned i = 0; i < PENDING_MAX; i++) {
+        if (pend[i].used && pend[i].c) {
+            pend[i].closing = true;
+            pend[i].c->ops->shutdown(pend[i].c);
+        }
+    }
+    pthread_mutex_unlock(&acc.mu);
+    for (unsigned i = 0; i < PENDING_MAX; i++) {
+        if (pend[i].used) {
+            pthread_join(pend[i].thread, NULL);
+            pend[i].used = false;
+        }
+    }
 }
 
 static void *keepalive_main(void *arg)
