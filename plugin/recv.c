@@ -130,7 +130,11 @@ static void *lane_main(void *arg)
     }
     for (;;) {
         double t0 = rdmax_now();
-        int r = rdmax_wire_recv(w, &h, buf, cap, -1);
+        int r;
+        /* The sender's keep-alives reach every lane: silence is a dead lane. */
+        do {
+            r = rdmax_wire_recv(w, &h, buf, cap, rdmax_s.o.timeout_ms);
+        } while (r == 0 && h.type == RDMAX_F_KEEPALIVE);
         if (r < 0) {
             rdmax_fail("lane %u from %s: %s", l->idx, w->conn->peer, rdmax_wire_strerror(r));
         }

@@ -1010,17 +1010,42 @@ void rdmax_session_accept(void)
     }
 }
 
-static void *keepalive_main(void *arg)
+/* Several keep-alives per --timeout, so one late one is no failure. */
+static int keepalive_ms(void)
 {
-    /* Several keep-alives per --timeout, so one late one is no failure. */
     int ms = rdmax_s.o.timeout_ms / 4;
 
-    if (ms > 1000) {
-        ms = 1000;
+    return ms > 1000 ? 1000 : ms < 100 ? 100 : ms;
+}
+
+/*
+ * Sender: keep-alives on lane arg too, so the receiver can fail a lane
+ * that stays silent for --timeout (a blackholed TCP flow, an ECMP member)
+ * instead of waiting forever. One thread per lane: a lane blocked in a
+ * send (back-pressure, a dead path) delays only its own keep-alives, and
+ * data flowing there is liveness enough. Errors are left to the lane's
+ * own thread and to the receiver (a lane ends, with a reset, once the
+ * receiver has its LANE_EOF and leaves).
+ */
+static void *lane_keepalive_main(void *arg)
+{
+    unsigned i = (unsigned)(uintptr_t)arg;
+    int ms = keepalive_ms();
+
+    while (!atomic_load(&rdmax_s.finishing)) {
+        usleep((useconds_t)ms * 1000);
+        if (rdmax_wire_send(&rdmax_s.lane[i], RDMAX_F_KEEPALIVE, 0, (uint16_t)(i + 1), NULL, 0) <
+            0) {
+            break;
+        }
     }
-    if (ms < 100) {
-        ms = 100;
-    }
+    return NULL;
+}
+
+static void *keepalive_main(void *arg)
+{
+    int ms = keepalive_ms();
+
     for (;;) {
         usleep((useconds_t)ms * 1000);
         int r = rdmax_wire_send(&rdmax_s.ctrl, RDMAX_F_KEEPALIVE, 0, 0, NULL, 0);
@@ -1037,8 +1062,19 @@ static void *keepalive_main(void *arg)
 
 void rdmax_keepalive_start(void)
 {
+    pthread_attr_t a;
     pthread_t t;
 
     pthread_create(&t, NULL, keepalive_main, NULL);
     pthread_detach(t);
+    if (!rdmax_s.o.sender) {
+        return; /* the receiver sends nothing on lanes: the sender does not read them */
+    }
+    pthread_attr_init(&a);
+    pthread_attr_setstacksize(&a, 64u << 10);
+    pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+    for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
+        pthread_create(&t, &a, lane_keepalive_main, (void *)(uintptr_t)i);
+    }
+    pthread_attr_destroy(&a);
 }

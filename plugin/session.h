@@ -97,7 +97,10 @@ void rdmax_session_init(void);
 void rdmax_log_init(void);
 void rdmax_log_quiet(bool quiet);
 
-/* Keep-alives on the control connection (every second, or --timeout / 4). */
+/*
+ * Keep-alives (every second, or --timeout / 4) on the control connection,
+ * both ways, and from the sender on every lane.
+ */
 void rdmax_keepalive_start(void);
 
 /* Stats (stats.c). */

@@ -1,18 +1,24 @@
 #!/usr/bin/env python3
 """A TCP relay for fault tests: sits between `rdma-x send` and `rdma-x recv`
-and can corrupt one byte of what the sender sends.
+and can corrupt one byte of what the sender sends, or blackhole a connection.
 
-  relay.py --listen PORT --to HOST:PORT [--flip CONN:OFFSET] [--log FILE]
+  relay.py --listen PORT --to HOST:PORT [--flip CONN:OFFSET]
+           [--blackhole CONN:SECONDS] [--log FILE]
 
 Every accepted connection is relayed to --to, both ways, byte for byte.
 Connections are numbered in the order they are accepted (0 is the control
 connection, 1..N the lanes of `rdma-x send`). With --flip CONN:OFFSET the
 byte at OFFSET of connection CONN's sender-to-receiver stream is XORed with
 0x01 (one flipped bit), once; the log then says `flipped conn=C offset=O
-byte=0xAA->0xAB`, so a test can check the flip really happened.
+byte=0xAA->0xAB`, so a test can check the flip really happened. With
+--blackhole CONN:SECONDS, SECONDS after connection CONN was accepted the
+relay stops forwarding it in both directions and stops reading it, but
+keeps both sockets open (no FIN, no RST): a silent path, like a dead
+ECMP member or middlebox; the log then says `blackholed conn=C`.
 Runs until killed. Python 3 standard library only.
 """
 import argparse
+import select
 import socket
 import sys
 import threading
@@ -23,6 +29,7 @@ def main():
     ap.add_argument('--listen', type=int, required=True)
     ap.add_argument('--to', required=True)
     ap.add_argument('--flip', default=None)
+    ap.add_argument('--blackhole', default=None)
     ap.add_argument('--log', default=None)
     a = ap.parse_args()
     host, port = a.to.rsplit(':', 1)
@@ -30,6 +37,11 @@ def main():
     if a.flip:
         c, o = a.flip.split(':')
         flip_conn, flip_off = int(c), int(o)
+    hole_conn, hole_after = (None, None)
+    if a.blackhole:
+        c, t = a.blackhole.split(':')
+        hole_conn, hole_after = int(c), float(t)
+    holes = {}   # conn -> threading.Event, set once it is blackholed
     logf = open(a.log, 'a', buffering=1) if a.log else sys.stderr
     lock = threading.Lock()
 
@@ -39,8 +51,17 @@ def main():
 
     def pump(src, dst, conn, corrupt):
         off = 0
+        hole = holes.get(conn)
         try:
             while True:
+                # poll, so a blackhole takes effect between reads
+                while hole is not None and \
+                        not select.select([src], [], [], 0.05)[0]:
+                    if hole.is_set():
+                        break
+                if hole is not None and hole.is_set():
+                    while True:     # silent forever, both sockets open
+                        threading.Event().wait(3600)
                 data = src.recv(65536)
                 if not data:
                     break
@@ -82,6 +103,13 @@ def main():
         for s in (cs, ss):
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         log('conn %d from %s:%d' % (conn, peer[0], peer[1]))
+        if conn == hole_conn:
+            ev = holes[conn] = threading.Event()
+
+            def blackhole(ev=ev, conn=conn):
+                ev.set()
+                log('blackholed conn=%d' % conn)
+            threading.Timer(hole_after, blackhole).start()
         threading.Thread(target=pump, args=(cs, ss, conn, conn == flip_conn),
                          daemon=True).start()
         threading.Thread(target=pump, args=(ss, cs, conn, False),
