@@ -3,7 +3,7 @@
 and can corrupt one byte of what the sender sends, or blackhole a connection.
 
   relay.py --listen PORT --to HOST:PORT [--flip CONN:OFFSET]
-           [--blackhole CONN:SECONDS] [--log FILE]
+           [--blackhole CONN:SECONDS] [--delay MS] [--log FILE]
 
 Every accepted connection is relayed to --to, both ways, byte for byte.
 Connections are numbered in the order they are accepted (0 is the control
@@ -14,14 +14,18 @@ byte=0xAA->0xAB`, so a test can check the flip really happened. With
 --blackhole CONN:SECONDS, SECONDS after connection CONN was accepted the
 relay stops forwarding it in both directions and stops reading it, but
 keeps both sockets open (no FIN, no RST): a silent path, like a dead
-ECMP member or middlebox; the log then says `blackholed conn=C`.
+ECMP member or middlebox; the log then says `blackholed conn=C`. With
+--delay MS every byte is held MS milliseconds in each direction (a link
+with an RTT of 2 x MS; this kernel has no netem).
 Runs until killed. Python 3 standard library only.
 """
 import argparse
+import queue
 import select
 import socket
 import sys
 import threading
+import time
 
 
 def main():
@@ -30,6 +34,7 @@ def main():
     ap.add_argument('--to', required=True)
     ap.add_argument('--flip', default=None)
     ap.add_argument('--blackhole', default=None)
+    ap.add_argument('--delay', type=float, default=0)
     ap.add_argument('--log', default=None)
     a = ap.parse_args()
     host, port = a.to.rsplit(':', 1)
@@ -49,9 +54,30 @@ def main():
         with lock:
             logf.write(msg + '\n')
 
+    def delayed(dst, q):
+        """Forward what q holds to dst once its time came."""
+        broken = False
+        while True:
+            due, data = q.get()
+            if data is None:
+                return
+            left = due - time.monotonic()
+            if left > 0 and not broken:
+                time.sleep(left)
+            try:
+                if not broken:
+                    dst.sendall(data)
+            except OSError:
+                broken = True   # keep draining, so the pump never blocks
+
     def pump(src, dst, conn, corrupt):
         off = 0
         hole = holes.get(conn)
+        q = fwd = None
+        if a.delay > 0:
+            q = queue.Queue(maxsize=256)    # bounded: back-pressure stays
+            fwd = threading.Thread(target=delayed, args=(dst, q), daemon=True)
+            fwd.start()
         try:
             while True:
                 # poll, so a blackhole takes effect between reads
@@ -74,9 +100,15 @@ def main():
                     log('flipped conn=%d offset=%d byte=0x%02x->0x%02x' %
                         (conn, flip_off, old, b[i]))
                 off += len(data)
-                dst.sendall(data)
+                if q is not None:
+                    q.put((time.monotonic() + a.delay / 1000.0, data))
+                else:
+                    dst.sendall(data)
         except OSError:
             pass
+        if q is not None:
+            q.put((0, None))
+            fwd.join()
         # pass the close on: half-close first, then both
         for s, how in ((dst, socket.SHUT_WR), (src, socket.SHUT_RD)):
             try:
