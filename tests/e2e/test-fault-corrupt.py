@@ -10,8 +10,11 @@ connection, mid-migration:
 Each must end as a failed migration with a checksum reason on the
 receiver (and the receiver's reason relayed to the sender), the source
 guest running on, and the destination QEMU never running the guest. The
-relay's log must show the flip happened. After each, a migration without
-the relay (with the same options) must complete and verify.
+relay's log must show the flip happened. And a lane that goes silent
+(relay --blackhole: no FIN, no RST, nothing forwarded) in the bulk phase:
+both rdma-x exit with a reason naming a silent lane, the source QEMU marks
+the migration failed and its guest runs on. After each, a migration
+without the relay (with the same options) must complete and verify.
 Usage: test-fault-corrupt.py [RDMAX]   (or env RDMAX; default build/rdma-x)
 """
 import os
@@ -28,25 +31,30 @@ RELAY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'relay.py')
 CHECKSUM = r'checksum mismatch'
 # With --encrypt the CRC covers the header only; the GCM tag the payload.
 SEALED = r'checksum mismatch|failed authentication'
+SILENT_LANE = r'lane \d+ .*silent for too long'
 
 
-def corrupt(rig, src, tag, conn, offset, extra='', reason=CHECKSUM):
+def corrupt(rig, src, tag, conn, offset, extra='', reason=CHECKSUM, hole=None):
+    """Relay the attempt, flipping one bit (or, with hole=SECONDS,
+    blackholing connection conn that long after it was accepted)."""
     port, rport = free_port(), free_port()
     logf = rig.path(tag + '-relay.log')
+    fault = ['--blackhole', '%d:%s' % (conn, hole)] if hole else \
+        ['--flip', '%d:%d' % (conn, offset)]
     relay = subprocess.Popen([sys.executable, RELAY, '--listen', str(rport),
-                              '--to', '127.0.0.1:%d' % port,
-                              '--flip', '%d:%d' % (conn, offset),
-                              '--log', logf])
+                              '--to', '127.0.0.1:%d' % port, '--log', logf] + fault)
     try:
         wait_for(lambda: os.path.exists(logf), 10, 'relay to start')
-        a = Attempt(rig, src, tag, bw=BW, port=port, connect_port=rport,
-                    send_extra=extra, recv_extra=extra)
-        a.expect_failed(reasons={'recv': reason, 'send': reason})
+        a = Attempt(rig, src, tag, bw=BW // 2 if hole else BW, port=port,
+                    connect_port=rport, send_extra=extra, recv_extra=extra)
+        want = SILENT_LANE if hole else reason
+        a.expect_failed(reasons={'recv': want, 'send': want})
         with open(logf) as f:
             text = f.read()
-        check('flipped conn=%d offset=%d' % (conn, offset) in text,
-              '%s: the relay never flipped the byte: %s' % (tag, text))
-        log('%s: %s' % (tag, [l for l in text.splitlines() if 'flipped' in l]))
+        done = 'blackholed conn=%d' % conn if hole else \
+            'flipped conn=%d offset=%d' % (conn, offset)
+        check(done in text, '%s: the relay never did it: %s' % (tag, text))
+        log('%s: %s' % (tag, [l for l in text.splitlines() if done in l]))
     finally:
         relay.kill()
         relay.wait()
@@ -68,6 +76,9 @@ def body(rig):
     corrupt(rig, src, 'flip-encrypted', 1, 300000, extra=secure, reason=SEALED)
     src = migrate_ok(rig, src, 'retry-encrypted', send_extra=secure,
                      recv_extra=secure)
+    # connection 2 is a lane (0 is the control connection)
+    corrupt(rig, src, 'blackhole-lane', 2, None, hole=3.0)
+    src = migrate_ok(rig, src, 'retry-blackhole')
 
 
 if __name__ == '__main__':
