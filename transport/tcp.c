@@ -23,6 +23,16 @@
 #include <unistd.h>
 
 #define TCP_DEFAULT_SNDBUF (512u << 10) /* the kernel doubles it */
+/*
+ * What rdma-x holds between QEMU and the wire must be a few ms of link,
+ * not MiB (docs/wire-protocol.md, "Flow control"): bytes sitting in a
+ * socket are bytes QEMU counted as sent. Unsent bytes per socket stay
+ * below NOTSENT_LOWAT (the send buffer keeps room for what is in flight),
+ * and the receive buffer is bounded instead of autotuned to 6 MiB: a
+ * receiver that falls behind then pushes back at once.
+ */
+#define TCP_NOTSENT_LOWAT_BYTES (256u << 10)
+#define TCP_DEFAULT_RCVBUF (1u << 20) /* the kernel doubles it */
 
 struct tcp_conn {
     struct rdmax_conn base; /* first: container_of by cast */
@@ -45,8 +55,12 @@ static void tcp_tune(int fd, const struct rdmax_transport_opts *o)
     int one = 1;
     int buf = (int)(o && o->sndbuf ? o->sndbuf : TCP_DEFAULT_SNDBUF);
 
+    int rcv = TCP_DEFAULT_RCVBUF, lowat = TCP_NOTSENT_LOWAT_BYTES;
+
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &buf, sizeof(buf));
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof(rcv));
+    setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof(lowat));
     setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
     /*
      * A blackholed path (no ACK, no RST) must not hold a blocked send for
@@ -105,6 +119,11 @@ static int tcp_listen(const char *host, const char *port, const struct rdmax_tra
             continue;
         }
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+        {
+            /* Before listen(): accepted sockets inherit it, and the window scale follows it. */
+            int rcv = TCP_DEFAULT_RCVBUF;
+            setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof(rcv));
+        }
         if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 128) == 0) {
             break;
         }
