@@ -975,8 +975,16 @@ void rdmax_session_accept(void)
             rdmax_fail("only %u of %u lane connections arrived (none for %d s)", have_lanes,
                        nlanes, rdmax_s.o.timeout_ms / 1000);
         }
-        /* Short waits: the deadlines above are checked between them. */
-        r = accept_any(&l, 100, &c);
+        /*
+         * Short waits: the deadlines above are checked between them, and a
+         * handshake that completes in its thread is seen within 5 ms (at
+         * 100 ms, the last lane's commit cost every migration ~100 ms).
+         */
+        bool busy = have_ctrl;
+        for (unsigned i = 0; i < PENDING_MAX && !busy; i++) {
+            busy = pend[i].used && !atomic_load(&pend[i].done);
+        }
+        r = accept_any(&l, busy ? 5 : 100, &c);
         if (r == -ETIMEDOUT) {
             continue;
         }
