@@ -772,6 +772,18 @@ def markdown(doc):
         L.append('')
         L.append('![time and wire bytes per workload and contender](%s)' %
                  os.path.basename(doc['plot']))
+    replay = os.path.join(TOP, 'docs', 'benchmarks-replay.md')
+    if os.path.exists(replay):
+        L.append('')
+        L.append('## Cost per page: recorded streams replayed')
+        L.append('')
+        L.append('No QEMU and no link shaping: rdma-x send | recv against a plain '
+                 'socket copy of the same stream, from `scripts/replay-bench --md` '
+                 '(docs/benchmarks-replay.md, its own generated file):')
+        L.append('')
+        with open(replay) as f:
+            body = f.read().splitlines()
+        L.extend(l for l in body if not l.startswith('# '))
     L.append('')
     return '\n'.join(L)
 
