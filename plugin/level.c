@@ -6,13 +6,19 @@
  *    changes nothing: QEMU, not the level, set its rate;
  *  - the first window after a change is not measured: it still drains
  *    what the previous level left in the buffers;
- *  - a neighbouring level whose figure (measured in the last REVISIT
- *    windows) is MOVE better wins; after DWELL windows at a level, a
- *    neighbour not measured lately is tried (upward first while the link
- *    pushes back, downward first while it does not), so the level follows
- *    content and load as they change; a trial is kept only if it moved
- *    MOVE more than the level it was tried from, else that level is back
- *    after the trial's first measured window;
+ *  - a neighbouring level wins when its figure (measured in the last
+ *    REVISIT windows) is better by the margin of that direction: less
+ *    compression must move DOWN_NEEDS more, more compression may move up
+ *    to 1/UP_NEEDS less (it saves wire bytes, and a window's figure on a
+ *    shared host is noisy by about that much); the band between keeps the
+ *    level from flapping;
+ *  - after DWELL windows at a level, a neighbour not measured lately is
+ *    tried: upward only while the link pushes back (blocked > 20%),
+ *    downward only while it does not (blocked < 5%: the compressor, not
+ *    the link, is the limit), so the level follows content and load as
+ *    they change; a trial is kept only if it beat the level it came from
+ *    by that direction's margin, else that level is back after the
+ *    trial's first measured window;
  *  - uncached only from raw, after UNCACHED_AFTER windows at raw (net of
  *    two for each window otherwise) with the link idle (blocked < 2%, or
  *    a receiver that says it is the limit) and carrying more than 1.5x what
@@ -26,14 +32,21 @@
  */
 #include "level.h"
 
-#define MOVE 1.15          /* a neighbour must have moved 15% more to go there */
+#define UP_NEEDS 0.90      /* more compression: kept unless it moves 10% less (it saves wire) */
+#define DOWN_NEEDS 1.20    /* less compression: only where it moves 20% more */
 #define REVISIT 30u        /* windows (~3 s) before a neighbour's figure is stale */
-#define DWELL 4u           /* windows at a level before trying a stale neighbour */
+#define DWELL 6u           /* windows at a level before trying a stale neighbour */
 #define UNCACHED_AFTER 10u /* windows in a row at raw, the link idle, before trying uncached */
 
 void rdmax_level_ctl_init(struct rdmax_level_ctl *c, int level, int lo, int hi)
 {
     *c = (struct rdmax_level_ctl){.level = level, .lo = lo, .hi = hi, .trial_from = level};
+}
+
+/* What `to` must move, relative to `from`, to be preferred. */
+static double need(int from, int to)
+{
+    return to > from ? UP_NEEDS : DOWN_NEEDS;
 }
 
 static bool fresh(const struct rdmax_level_ctl *c, int level)
@@ -46,7 +59,7 @@ static bool fresh(const struct rdmax_level_ctl *c, int level)
 int rdmax_level_ctl_window(struct rdmax_level_ctl *c, const struct rdmax_level_window *w)
 {
     int before = c->level, cur = c->level - RDMAX_LEVEL_MIN;
-    bool link_bound, link_idle, input_bound, trial = false;
+    bool link_bound, link_idle, link_free, input_bound, trial = false;
 
     if (w->wall_ns == 0) {
         return c->level;
@@ -54,6 +67,7 @@ int rdmax_level_ctl_window(struct rdmax_level_ctl *c, const struct rdmax_level_w
     link_bound = w->link_ns * 100 > w->wall_ns * 20 && !w->peer_bound;
     /* Blocked by a receiver that says it is the limit is no sign of a busy link. */
     link_idle = w->peer_bound || w->link_ns * 100 < w->wall_ns * 2;
+    link_free = w->peer_bound || w->link_ns * 100 < w->wall_ns * 5;
     input_bound = w->wait_ns * 100 > w->wall_ns * 10;
     c->windows++;
     c->level_windows++;
@@ -78,8 +92,9 @@ int rdmax_level_ctl_window(struct rdmax_level_ctl *c, const struct rdmax_level_w
     if (link_bound && c->level < 0) {
         c->level = 0;
     } else if (c->trial_from != c->level && c->level_windows > 1 && !input_bound) {
-        /* A trial measured: keep it only if it did clearly better. */
-        if (c->rate[cur] <= c->rate[c->trial_from - RDMAX_LEVEL_MIN] * MOVE) {
+        /* A trial measured: keep it only if it did better by its direction's margin. */
+        if (c->rate[cur] <
+            c->rate[c->trial_from - RDMAX_LEVEL_MIN] * need(c->trial_from, c->level)) {
             c->level = c->trial_from;
         }
         c->trial_from = c->level;
@@ -87,7 +102,7 @@ int rdmax_level_ctl_window(struct rdmax_level_ctl *c, const struct rdmax_level_w
         c->level--;
     } else if (!input_bound && c->level_windows > 1 && fresh(c, c->level)) {
         int best = c->level, explore = c->level;
-        double best_r = c->rate[cur] * MOVE;
+        double best_gain = 1.0;
 
         for (int l = c->level - 1; l <= c->level + 1; l += 2) {
             if (l < c->lo || l > c->hi || (l > c->level && w->peer_bound)) {
@@ -97,12 +112,15 @@ int rdmax_level_ctl_window(struct rdmax_level_ctl *c, const struct rdmax_level_w
                 continue;
             }
             if (!fresh(c, l)) {
-                if (explore == c->level || (link_bound ? l > explore : l < explore)) {
+                if ((l > c->level && link_bound) || (l < c->level && link_free)) {
                     explore = l;
                 }
-            } else if (c->rate[l - RDMAX_LEVEL_MIN] > best_r) {
-                best = l;
-                best_r = c->rate[l - RDMAX_LEVEL_MIN];
+            } else {
+                double gain = c->rate[l - RDMAX_LEVEL_MIN] / (c->rate[cur] * need(c->level, l));
+                if (gain >= 1.0 && gain > best_gain) {
+                    best = l;
+                    best_gain = gain;
+                }
             }
         }
         if (best != c->level) {
