@@ -8,8 +8,11 @@
  *    what the previous level left in the buffers;
  *  - a neighbouring level wins when its figure (measured in the last
  *    REVISIT windows) is better by the margin of that direction: less
- *    compression must move DOWN_NEEDS more, more compression may move up
- *    to 1/UP_NEEDS less (it saves wire bytes, and a window's figure on a
+ *    compression must move DOWN_NEEDS more (DOWN_LINK_NEEDS where the link
+ *    pushed back at the lower level: there the lower level is held by the
+ *    link, and the higher one by a CPU that QEMU and the receiver share,
+ *    whose figure sways with them), more compression may move up to
+ *    1/UP_NEEDS less (it saves wire bytes, and a window's figure on a
  *    shared host is noisy by about that much); the band between keeps the
  *    level from flapping;
  *  - after DWELL windows at a level, a neighbour not measured lately is
@@ -34,6 +37,7 @@
 
 #define UP_NEEDS 0.90      /* more compression: kept unless it moves 10% less (it saves wire) */
 #define DOWN_NEEDS 1.20    /* less compression: only where it moves 20% more */
+#define DOWN_LINK_NEEDS 1.5 /* ... 50% more when the link pushed back at the lower level */
 #define REVISIT 30u        /* windows (~3 s) before a neighbour's figure is stale */
 #define DWELL 6u           /* windows at a level before trying a stale neighbour */
 #define UNCACHED_AFTER 10u /* windows in a row at raw, the link idle, before trying uncached */
@@ -44,9 +48,12 @@ void rdmax_level_ctl_init(struct rdmax_level_ctl *c, int level, int lo, int hi)
 }
 
 /* What `to` must move, relative to `from`, to be preferred. */
-static double need(int from, int to)
+static double need(const struct rdmax_level_ctl *c, int from, int to)
 {
-    return to > from ? UP_NEEDS : DOWN_NEEDS;
+    if (to > from) {
+        return UP_NEEDS;
+    }
+    return c->rate_link[to - RDMAX_LEVEL_MIN] ? DOWN_LINK_NEEDS : DOWN_NEEDS;
 }
 
 static bool fresh(const struct rdmax_level_ctl *c, int level)
@@ -87,6 +94,7 @@ int rdmax_level_ctl_window(struct rdmax_level_ctl *c, const struct rdmax_level_w
         double r = (double)w->bytes / (double)(w->wall_ns - w->wait_ns);
         c->rate[cur] = fresh(c, c->level) ? (c->rate[cur] + r) / 2 : r;
         c->rate_at[cur] = c->windows;
+        c->rate_link[cur] = link_bound;
     }
 
     if (link_bound && c->level < 0) {
@@ -94,7 +102,7 @@ int rdmax_level_ctl_window(struct rdmax_level_ctl *c, const struct rdmax_level_w
     } else if (c->trial_from != c->level && c->level_windows > 1 && !input_bound) {
         /* A trial measured: keep it only if it did better by its direction's margin. */
         if (c->rate[cur] <
-            c->rate[c->trial_from - RDMAX_LEVEL_MIN] * need(c->trial_from, c->level)) {
+            c->rate[c->trial_from - RDMAX_LEVEL_MIN] * need(c, c->trial_from, c->level)) {
             c->level = c->trial_from;
         }
         c->trial_from = c->level;
@@ -116,7 +124,7 @@ int rdmax_level_ctl_window(struct rdmax_level_ctl *c, const struct rdmax_level_w
                     explore = l;
                 }
             } else {
-                double gain = c->rate[l - RDMAX_LEVEL_MIN] / (c->rate[cur] * need(c->level, l));
+                double gain = c->rate[l - RDMAX_LEVEL_MIN] / (c->rate[cur] * need(c, c->level, l));
                 if (gain >= 1.0 && gain > best_gain) {
                     best = l;
                     best_gain = gain;

@@ -38,6 +38,7 @@ struct rdmax_level_ctl {
     int lo, hi;                        /* allowed range */
     double rate[RDMAX_LEVEL_COUNT];    /* bytes per ns when it last ran (index level - MIN) */
     uint64_t rate_at[RDMAX_LEVEL_COUNT]; /* window it was measured in */
+    bool rate_link[RDMAX_LEVEL_COUNT];   /* ... the link pushed back then */
     uint64_t windows;                  /* windows so far */
     unsigned level_windows;            /* windows at this level since the last change */
     unsigned idle_windows;             /* windows at raw with the link idle, net (level.c) */

@@ -118,13 +118,17 @@ Test(level, a_small_gain_is_no_reason_to_stop_compressing)
     cr_assert_eq(run(&c, &s, 400), 1);
 }
 
-Test(level, a_clear_gain_makes_it_stop_compressing)
+Test(level, raw_held_by_the_link_must_move_half_as_much_again)
 {
-    /* Raw moves 26% more than zstd 1 (0.63 against 0.50). */
-    static const struct sim s = {ENC, RATIO, 0.6, 0, 0};
+    /* Raw, link-bound, moves 26% more than zstd 1 (0.63 against 0.50): not enough. */
+    static const struct sim some = {ENC, RATIO, 0.6, 0, 0};
+    /* ... 68% more (0.84 against 0.50): enough. */
+    static const struct sim much = {ENC, RATIO, 0.8, 0, 0};
     struct rdmax_level_ctl c = fresh_ctl();
 
-    cr_assert_eq(run(&c, &s, 400), 0);
+    cr_assert_eq(run(&c, &some, 400), 1);
+    c = fresh_ctl();
+    cr_assert_eq(run(&c, &much, 400), 0);
 }
 
 Test(level, a_slow_link_goes_to_2_where_that_pays_10_percent)
