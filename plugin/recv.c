@@ -635,7 +635,7 @@ static int lanes_start(struct rdmax_recv *p)
 int rdmax_recv_run(struct rdmax_recv *p)
 {
     struct rdmax_session *s = &p->s;
-    int r, fl;
+    int r, fl = -1;
 
     r = rdmax_session_accept(s);
     if (r == 0) {
@@ -658,10 +658,15 @@ int rdmax_recv_run(struct rdmax_recv *p)
     if (r < 0) {
         goto out;
     }
-    /* Never block in a write to QEMU past an error: out_flush polls. */
+    /*
+     * Never block in a write to QEMU past an error: out_flush polls. The
+     * flag is put back at the end (the file may be shared, say a terminal).
+     */
     fl = fcntl(s->o.qemu_out, F_GETFL);
-    if (fl >= 0) {
+    if (fl >= 0 && !(fl & O_NONBLOCK)) {
         fcntl(s->o.qemu_out, F_SETFL, fl | O_NONBLOCK);
+    } else {
+        fl = -1;
     }
     rdmax_keepalive_start(s);
     rdmax_progress_start(s);
@@ -682,6 +687,9 @@ int rdmax_recv_run(struct rdmax_recv *p)
     p->rp_started = false;
     r = rdmax_session_failed(s);
 out:
+    if (fl >= 0 && !rdmax_session_failed(s)) {
+        fcntl(s->o.qemu_out, F_SETFL, fl);
+    }
     /* Keep-alives stop; on success the sender closes once it has our FIN_ACK. */
     rdmax_session_stop(s);
     for (unsigned i = 0; i < RDMAX_LANES_MAX; i++) {
