@@ -82,6 +82,9 @@ struct mig {
     const uint8_t *want;   /* what must come out, or NULL */
     size_t want_len;
     size_t cut_after;      /* close out_r after this many bytes (0: never) */
+    size_t stall_after;    /* stop writing (pipe left open) after this many bytes (0: never) */
+    bool rp_open;          /* the destination QEMU keeps its return path open throughout */
+    int rp_w;
     size_t got;            /* bytes read from out_r */
     bool same;             /* every byte read equals want */
 };
@@ -125,6 +128,9 @@ static void *feed_main(void *arg)
     size_t off = 0;
 
     while (off < m->len) {
+        if (m->stall_after && off >= m->stall_after) {
+            return NULL; /* a stalled QEMU: the pipe stays open until the runs returned */
+        }
         ssize_t n = write(m->in_w, m->stream + off, m->len - off < 65536 ? m->len - off : 65536);
         if (n < 0 && errno == EINTR) {
             continue;
@@ -175,7 +181,11 @@ static void mig_run(struct mig *m)
     cr_assert_eq(pipe(in), 0);
     cr_assert_eq(pipe(out), 0);
     cr_assert_eq(pipe(rp), 0);
-    close(rp[1]); /* the destination QEMU sends nothing back */
+    m->rp_w = rp[1];
+    if (!m->rp_open) {
+        close(rp[1]); /* the destination QEMU sends nothing back */
+        m->rp_w = -1;
+    }
     snprintf(m->addr, sizeof(m->addr), "127.0.0.1:%d", free_port());
     m->in_w = in[1];
     m->out_r = out[0];
@@ -198,6 +208,12 @@ static void mig_run(struct mig *m)
     close(m->recv_out);
     m->send_in = m->recv_out = -1;
     pthread_join(m->tfeed, NULL);
+    if (m->stall_after) {
+        close(m->in_w);
+    }
+    if (m->rp_w >= 0) {
+        close(m->rp_w);
+    }
     pthread_join(m->tdrain, NULL);
 }
 
@@ -259,6 +275,7 @@ Test(pipeline, destination_closing_mid_stream_fails_both_with_its_reason, .timeo
     m.stream = data;
     m.len = len;
     m.cut_after = 8u << 20;
+    m.rp_open = true; /* recv's return-path thread sits in a read of it: run() must still return */
     mig_run(&m);
     cr_assert_lt(m.rr, 0, "recv returned %d", m.rr);
     cr_assert_lt(m.rs, 0, "send returned %d", m.rs);
@@ -294,6 +311,7 @@ Test(pipeline, a_corrupt_stream_fails_both_with_the_parsers_reason, .timeout = 6
     }
     m.stream = data;
     m.len = len;
+    m.rp_open = true;
     mig_run(&m);
     cr_assert_lt(m.rs, 0, "send returned %d", m.rs);
     cr_assert_lt(m.rr, 0, "recv returned %d", m.rr);
@@ -301,6 +319,27 @@ Test(pipeline, a_corrupt_stream_fails_both_with_the_parsers_reason, .timeout = 6
     cr_assert(strstr(reason_recv(&m), "sender: ") == reason_recv(&m) &&
                   strstr(reason_recv(&m), reason_send(&m)),
               "recv: %s / send: %s", reason_recv(&m), reason_send(&m));
+    mig_end(&m);
+    free(data);
+}
+
+Test(pipeline, a_sender_waiting_on_a_stalled_qemu_still_ends_with_the_receivers_error,
+     .timeout = 60)
+{
+    struct mig m = {0};
+    size_t len;
+    uint8_t *data = capture(&len);
+
+    m.stream = data;
+    m.len = len;
+    m.stall_after = 16u << 20; /* then the source QEMU writes nothing, pipe open */
+    m.cut_after = 1;           /* the destination QEMU goes away at its first bytes */
+    m.rp_open = true;
+    mig_run(&m);
+    cr_assert_lt(m.rr, 0, "recv returned %d", m.rr);
+    cr_assert_lt(m.rs, 0, "send returned %d", m.rs);
+    cr_assert(strstr(reason_send(&m), "receiver: destination QEMU closed the stream"), "send: %s",
+              reason_send(&m));
     mig_end(&m);
     free(data);
 }
