@@ -40,4 +40,3 @@ void rdmax_log_quiet(bool quiet)
 {
     atomic_store(&log_quiet, quiet);
 }
-

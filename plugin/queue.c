@@ -134,8 +134,7 @@ void *rdmax_ring_peek_wait(struct rdmax_ring *r, size_t want)
         pthread_mutex_unlock(&r->mu);
         break;
     }
-    if (atomic_load_explicit(&r->tail, memory_order_acquire) == head ||
-        atomic_load(&r->aborted)) {
+    if (atomic_load_explicit(&r->tail, memory_order_acquire) == head || atomic_load(&r->aborted)) {
         return NULL;
     }
     return r->mem + (head % r->cap) * r->slot_size;

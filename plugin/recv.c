@@ -243,7 +243,8 @@ static int ctrl_bytes(struct rdmax_recv *p, ZSTD_DStream *z, uint8_t *zout, cons
         ZSTD_outBuffer out = {zout, CTRL_CHUNK, 0};
         size_t zr = ZSTD_decompressStream(z, &out, &in);
         if (ZSTD_isError(zr)) {
-            return rdmax_session_error(&p->s, -EBADMSG, "corrupt control stream from the sender: %s",
+            return rdmax_session_error(&p->s, -EBADMSG,
+                                       "corrupt control stream from the sender: %s",
                                        ZSTD_getErrorName(zr));
         }
         r = ctrl_push(p, zout, out.pos);
@@ -260,7 +261,8 @@ static int ctrl_bytes(struct rdmax_recv *p, ZSTD_DStream *z, uint8_t *zout, cons
         ZSTD_inBuffer none = {NULL, 0, 0};
         size_t zr = ZSTD_decompressStream(z, &out, &none);
         if (ZSTD_isError(zr)) {
-            return rdmax_session_error(&p->s, -EBADMSG, "corrupt control stream from the sender: %s",
+            return rdmax_session_error(&p->s, -EBADMSG,
+                                       "corrupt control stream from the sender: %s",
                                        ZSTD_getErrorName(zr));
         }
         if (out.pos == 0) {
@@ -623,7 +625,8 @@ static int lanes_start(struct rdmax_recv *p)
         if (rdmax_lane_decoder_create(&s->codec, &l->dec) < 0) {
             return rdmax_session_error(s, -ENOMEM, "out of memory setting up lane %u", i);
         }
-        (void)rdmax_lane_decoder_populate(l->dec, POPULATE_AHEAD_TOTAL / s->nlanes); /* only a head start */
+        (void)rdmax_lane_decoder_populate(l->dec,
+                                          POPULATE_AHEAD_TOTAL / s->nlanes); /* only a head start */
         if (pthread_create(&l->thread, NULL, lane_main, l) != 0) {
             return rdmax_session_error(s, -EAGAIN, "cannot start the thread of lane %u", i);
         }

@@ -382,7 +382,8 @@ static int lanes_start(struct rdmax_send *p)
         if (rdmax_lane_encoder_create(&s->codec, &l->enc) < 0) {
             return rdmax_session_error(s, -ENOMEM, "out of memory setting up lane %u", i);
         }
-        (void)rdmax_lane_encoder_populate(l->enc, POPULATE_AHEAD_TOTAL / s->nlanes); /* only a head start */
+        (void)rdmax_lane_encoder_populate(l->enc,
+                                          POPULATE_AHEAD_TOTAL / s->nlanes); /* only a head start */
         atomic_store(&s->lane_stats[i], rdmax_lane_encoder_stats(l->enc));
         if (pthread_create(&l->thread, NULL, lane_main, l) != 0) {
             return rdmax_session_error(s, -EAGAIN, "cannot start the thread of lane %u", i);
@@ -403,8 +404,8 @@ static int send_eof(struct rdmax_send *p, uint64_t stream_bytes, uint64_t pages)
     }
     r = rdmax_wire_send(&p->s.ctrl, RDMAX_F_EOF, 0, 0, b, sizeof(b));
     if (r < 0) {
-        return rdmax_session_error(&p->s, r, "control connection to %s: %s",
-                                   p->s.ctrl.conn->peer, rdmax_wire_strerror(r));
+        return rdmax_session_error(&p->s, r, "control connection to %s: %s", p->s.ctrl.conn->peer,
+                                   rdmax_wire_strerror(r));
     }
     return 0;
 }

@@ -471,8 +471,8 @@ static int ms_left(double deadline)
 #define AUTH_LABEL_CLIENT "rdma-x v2 client proof"
 
 /* --encrypt: one key per direction of this connection, from the PSK and both nonces. */
-static int crypt_setup(const struct rdmax_session *s, struct rdmax_wire *w, const uint8_t *client_nonce,
-                       const uint8_t *server_nonce, bool client)
+static int crypt_setup(const struct rdmax_session *s, struct rdmax_wire *w,
+                       const uint8_t *client_nonce, const uint8_t *server_nonce, bool client)
 {
     uint8_t salt[2 * RDMAX_NONCE_LEN], kc[RDMAX_KEY_LEN], ks[RDMAX_KEY_LEN];
     struct rdmax_crypt *tx = NULL, *rx = NULL;
@@ -480,11 +480,11 @@ static int crypt_setup(const struct rdmax_session *s, struct rdmax_wire *w, cons
 
     memcpy(salt, client_nonce, RDMAX_NONCE_LEN);
     memcpy(salt + RDMAX_NONCE_LEN, server_nonce, RDMAX_NONCE_LEN);
-    r = rdmax_crypt_derive(s->psk, s->psk_len, salt, sizeof(salt),
-                           "rdma-x v2 client to server", kc);
+    r = rdmax_crypt_derive(s->psk, s->psk_len, salt, sizeof(salt), "rdma-x v2 client to server",
+                           kc);
     if (r == 0) {
-        r = rdmax_crypt_derive(s->psk, s->psk_len, salt, sizeof(salt),
-                               "rdma-x v2 server to client", ks);
+        r = rdmax_crypt_derive(s->psk, s->psk_len, salt, sizeof(salt), "rdma-x v2 server to client",
+                               ks);
     }
     if (r == 0) {
         r = rdmax_crypt_create(client ? kc : ks, true, &tx);
@@ -506,8 +506,8 @@ static int crypt_setup(const struct rdmax_session *s, struct rdmax_wire *w, cons
  * Read the peer's handshake reply: HELLO_ACK, or ERROR with its reason.
  * raw gets the reply's bytes (for the proofs).
  */
-static int hello_read(const struct rdmax_session *s, struct rdmax_wire *w, struct rdmax_hello *h, uint8_t raw[RDMAX_HELLO_LEN],
-                      char *err, size_t err_len)
+static int hello_read(const struct rdmax_session *s, struct rdmax_wire *w, struct rdmax_hello *h,
+                      uint8_t raw[RDMAX_HELLO_LEN], char *err, size_t err_len)
 {
     uint8_t buf[512];
     struct rdmax_frame_hdr fh;
@@ -534,7 +534,6 @@ static int hello_read(const struct rdmax_session *s, struct rdmax_wire *w, struc
     return r;
 }
 
-
 /* 0, or -EIO when there is no randomness (reason in err). */
 static int hello_fill(const struct rdmax_session *s, struct rdmax_hello *h, uint16_t role,
                       uint16_t lane, char *err, size_t err_len)
@@ -557,7 +556,6 @@ static int hello_fill(const struct rdmax_session *s, struct rdmax_hello *h, uint
     }
     return 0;
 }
-
 
 /* Make c the connection of w, unless the session failed meanwhile (then -ECANCELED). */
 static int wire_attach(struct rdmax_session *s, struct rdmax_wire *w, struct rdmax_conn *c)
@@ -805,9 +803,9 @@ static void refuse(struct rdmax_conn *c, const char *reason)
  * and, with a PSK, check its proof. 0, or -errno with the reason in err
  * (the caller refuses the connection). Nothing is committed here.
  */
-static int server_hello(const struct rdmax_session *s, struct rdmax_wire *w, const uint8_t in[RDMAX_HELLO_LEN],
-                        const struct rdmax_hello *h, uint8_t nonce[RDMAX_NONCE_LEN], double deadline,
-                        char *err, size_t err_len)
+static int server_hello(const struct rdmax_session *s, struct rdmax_wire *w,
+                        const uint8_t in[RDMAX_HELLO_LEN], const struct rdmax_hello *h,
+                        uint8_t nonce[RDMAX_NONCE_LEN], double deadline, char *err, size_t err_len)
 {
     struct rdmax_hello me;
     uint8_t out[RDMAX_HELLO_LEN], mac[RDMAX_MAC_LEN], buf[512];
@@ -883,8 +881,7 @@ static int server_accept_ok(struct rdmax_session *s, struct rdmax_wire *w,
     }
     if ((s->features & RDMAX_FEAT_ENCRYPT) &&
         crypt_setup(s, w, client_nonce, server_nonce, false) < 0) {
-        return rdmax_session_error(s, -EIO, "setting up encryption with %s failed",
-                                   w->conn->peer);
+        return rdmax_session_error(s, -EIO, "setting up encryption with %s failed", w->conn->peer);
     }
     return 0;
 }
@@ -910,7 +907,7 @@ struct accept_state;
 
 struct pending {
     struct accept_state *as; /* set at start */
-    struct rdmax_conn *c; /* until the thread commits or refuses it (as->mu) */
+    struct rdmax_conn *c;    /* until the thread commits or refuses it (as->mu) */
     pthread_t thread;
     double started, deadline; /* rdmax_now() */
     bool used;                /* main thread only */
@@ -977,8 +974,8 @@ static int check_qemu_still_there(struct rdmax_session *s)
     struct pollfd pfd = {.fd = s->o.qemu_out, .events = 0};
 
     if (poll(&pfd, 1, 0) == 1 && (pfd.revents & (POLLERR | POLLHUP))) {
-        return rdmax_session_error(s, -EPIPE,
-                                   "the destination QEMU closed its side before a sender connected");
+        return rdmax_session_error(
+            s, -EPIPE, "the destination QEMU closed its side before a sender connected");
     }
     return rdmax_session_failed(s);
 }
@@ -1044,13 +1041,12 @@ static void auto_settle(struct accept_state *as, struct rdmax_listener **l)
     fprintf(stderr, "rdma-x: note: transport auto: %s\n", s->tp->name);
 }
 
-
 /*
  * May a connection with this HELLO become part of the migration? Checked
  * before the proofs (to refuse early) and again at the commit. as->mu held.
  */
-static int admit(struct accept_state *as, const struct rdmax_conn *c, const struct rdmax_hello *h, bool *lane_mismatch,
-                 char *err, size_t err_len)
+static int admit(struct accept_state *as, const struct rdmax_conn *c, const struct rdmax_hello *h,
+                 bool *lane_mismatch, char *err, size_t err_len)
 {
     const struct rdmax_session *s = as->s;
 
@@ -1085,8 +1081,8 @@ static int admit(struct accept_state *as, const struct rdmax_conn *c, const stru
         return -EINVAL;
     }
     if (c->ops != as->ctrl_tp) {
-        snprintf(err, err_len, "lane connection over %s, the migration came over %s",
-                 c->ops->name, as->ctrl_tp->name);
+        snprintf(err, err_len, "lane connection over %s, the migration came over %s", c->ops->name,
+                 as->ctrl_tp->name);
         return -EINVAL;
     }
     if (s->lane[h->lane].conn) {
@@ -1337,8 +1333,8 @@ int rdmax_session_accept(struct rdmax_session *s)
     }
     r = s->tp->listen(host, port, &s->topts, &l);
     if (r < 0) {
-        r = rdmax_session_error(s, r, "cannot listen on %s:%s over %s: %s", host, port,
-                                s->tp->name, strerror(-r));
+        r = rdmax_session_error(s, r, "cannot listen on %s:%s over %s: %s", host, port, s->tp->name,
+                                strerror(-r));
         goto out;
     }
     auto_listen(as, host, port);

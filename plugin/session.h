@@ -84,13 +84,13 @@ struct rdmax_session {
      * may read reason. Everything below is protected by mu unless marked.
      */
     pthread_mutex_t mu;
-    pthread_cond_t cv;    /* broadcast on error, on FIN and as the farewell ends */
-    _Atomic int err;      /* 0, or the first -errno (any thread may read) */
+    pthread_cond_t cv; /* broadcast on error, on FIN and as the farewell ends */
+    _Atomic int err;   /* 0, or the first -errno (any thread may read) */
     char reason[RDMAX_REASON_MAX];
-    bool err_from_peer;   /* the peer's ERROR frame: it knows, no need to tell it */
-    int err_fd;           /* eventfd, readable once err is set (poll with QEMU's fds) */
-    int stop_fd;          /* eventfd, readable once the run ends: timer threads stop */
-    int null_fd;          /* /dev/null, dup2'ed over QEMU's fds on error */
+    bool err_from_peer; /* the peer's ERROR frame: it knows, no need to tell it */
+    int err_fd;         /* eventfd, readable once err is set (poll with QEMU's fds) */
+    int stop_fd;        /* eventfd, readable once the run ends: timer threads stop */
+    int null_fd;        /* /dev/null, dup2'ed over QEMU's fds on error */
     struct rdmax_ring *rings[RDMAX_LANES_MAX + 1]; /* aborted on error */
     unsigned nrings;
     struct rdmax_intake *intake; /* aborted on error */
@@ -104,8 +104,8 @@ struct rdmax_session {
     pthread_t keepalive, lane_keepalive[RDMAX_LANES_MAX], progress;
     bool keepalive_started, progress_started;
     unsigned lane_keepalives;
-    double prog_last_t;     /* progress thread only */
-    uint64_t prog_last_in;  /* progress thread only */
+    double prog_last_t;    /* progress thread only */
+    uint64_t prog_last_in; /* progress thread only */
 };
 
 /*
@@ -142,8 +142,8 @@ void rdmax_session_destroy(struct rdmax_session *s);
 __attribute__((format(printf, 3, 4))) int rdmax_session_error(struct rdmax_session *s, int err,
                                                               const char *fmt, ...);
 /* The same, for an ERROR frame the peer sent (no ERROR goes back). */
-__attribute__((format(printf, 3, 4))) int rdmax_session_peer_error(struct rdmax_session *s,
-                                                                   int err, const char *fmt, ...);
+__attribute__((format(printf, 3, 4))) int rdmax_session_peer_error(struct rdmax_session *s, int err,
+                                                                   const char *fmt, ...);
 
 /* The sticky error: 0 or -errno. Cheap, any thread. */
 static inline int rdmax_session_failed(struct rdmax_session *s)

@@ -117,8 +117,7 @@ void rdmax_stats_write(struct rdmax_session *s, const char *result)
     fprintf(f, "  \"zero_pages\": %llu,\n", (unsigned long long)atomic_load(&c->zero_pages));
     fprintf(f, "  \"control_bytes\": %llu,\n", (unsigned long long)atomic_load(&c->ctrl_bytes));
     fprintf(f, "  \"return_path_bytes\": %llu,\n", (unsigned long long)atomic_load(&c->rp_bytes));
-    fprintf(f, "  \"cache_bytes_per_lane\": %llu,\n",
-            (unsigned long long)s->codec.cache_bytes);
+    fprintf(f, "  \"cache_bytes_per_lane\": %llu,\n", (unsigned long long)s->codec.cache_bytes);
     if (s->o.sender) {
         struct rdmax_lane_stats t = lanes_total(s);
         fprintf(f, "  ");
@@ -179,8 +178,7 @@ static void progress_line(struct rdmax_session *s, bool final)
             "%llu pages%s, %u lanes%s",
             s->o.sender ? "send" : "recv", (double)in / 1048576.0, (double)wire / 1048576.0,
             wire ? (double)in / (double)wire : 0.0, rate / 1048576.0,
-            (unsigned long long)atomic_load(&s->c.pages), tiers, s->nlanes,
-            final ? "\n" : "   ");
+            (unsigned long long)atomic_load(&s->c.pages), tiers, s->nlanes, final ? "\n" : "   ");
     s->prog_last_t = t;
     s->prog_last_in = in;
 }

@@ -74,19 +74,19 @@ struct mig {
     struct rdmax_recv *rcv;
     pthread_t ts, tr, tfeed, tdrain;
     int rs, rr;
-    int in_w;      /* we write the source stream here (send's qemu_in is the other end) */
-    int out_r;     /* we read the destination stream here (recv's qemu_out is the other end) */
+    int in_w;  /* we write the source stream here (send's qemu_in is the other end) */
+    int out_r; /* we read the destination stream here (recv's qemu_out is the other end) */
     int send_in, send_out, recv_in, recv_out; /* the pipelines' ends, closed at the end */
-    const uint8_t *stream; /* what to feed */
+    const uint8_t *stream;                    /* what to feed */
     size_t len;
-    const uint8_t *want;   /* what must come out, or NULL */
+    const uint8_t *want; /* what must come out, or NULL */
     size_t want_len;
-    size_t cut_after;      /* close out_r after this many bytes (0: never) */
-    size_t stall_after;    /* stop writing (pipe left open) after this many bytes (0: never) */
-    bool rp_open;          /* the destination QEMU keeps its return path open throughout */
+    size_t cut_after;   /* close out_r after this many bytes (0: never) */
+    size_t stall_after; /* stop writing (pipe left open) after this many bytes (0: never) */
+    bool rp_open;       /* the destination QEMU keeps its return path open throughout */
     int rp_w;
-    size_t got;            /* bytes read from out_r */
-    bool same;             /* every byte read equals want */
+    size_t got; /* bytes read from out_r */
+    bool same;  /* every byte read equals want */
 };
 
 static struct rdmax_opts opts(bool sender, const char *addr, int in, int out)
@@ -159,7 +159,8 @@ static void *drain_main(void *arg)
         if (n <= 0) {
             break;
         }
-        if (m->want && (m->got + (size_t)n > m->want_len || memcmp(buf, m->want + m->got, (size_t)n))) {
+        if (m->want &&
+            (m->got + (size_t)n > m->want_len || memcmp(buf, m->want + m->got, (size_t)n))) {
             m->same = false;
         }
         m->got += (size_t)n;
