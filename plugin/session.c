@@ -595,10 +595,18 @@ static int connect_one(struct rdmax_session *s, struct rdmax_wire *w, const char
         snprintf(who, sizeof(who), "%s:%s", host, port);
     }
     c = pre;
-    r = c ? 0 : s->tp->connect(host, port, &s->topts, &c);
-    if (r < 0) {
-        snprintf(err, err_len, "cannot connect to %s over %s: %s", who, s->tp->name, strerror(-r));
-        return r;
+    if (!c) {
+        struct rdmax_transport_opts to = s->topts;
+        char tp_why[400] = "";
+
+        to.why = tp_why; /* this call's own: the lanes connect in parallel */
+        to.why_len = sizeof(tp_why);
+        r = s->tp->connect(host, port, &to, &c);
+        if (r < 0) {
+            snprintf(err, err_len, "cannot connect to %s over %s: %s", who, s->tp->name,
+                     tp_why[0] ? tp_why : strerror(-r));
+            return r;
+        }
     }
     r = wire_attach(s, w, c);
     if (r < 0) {
@@ -685,6 +693,7 @@ static struct rdmax_conn *auto_connect(struct rdmax_session *s, const char *host
     const struct rdmax_transport_ops *rdma = rdmax_transport_find("rdma");
     struct rdmax_transport_opts o = s->topts;
     struct rdmax_conn *c = NULL;
+    char why[400] = "";
     int r;
 
     if (!s->auto_transport) {
@@ -696,14 +705,16 @@ static struct rdmax_conn *auto_connect(struct rdmax_session *s, const char *host
     if (o.connect_timeout_ms > 3000) {
         o.connect_timeout_ms = 3000;
     }
-    rdmax_log_quiet(true);
+    o.why = why;
+    o.why_len = sizeof(why);
+    rdmax_log_quiet(true); /* what the transport still logs while probing */
     r = rdma->connect(host, port, &o, &c);
     rdmax_log_quiet(false);
     if (r < 0) {
         /* A host without any RDMA device is the common case: no need to say it. */
         if (r != -ENODEV) {
             fprintf(stderr, "rdma-x: note: transport auto: tcp (no RDMA path to %s:%s: %s)\n", host,
-                    port, strerror(-r));
+                    port, why[0] ? why : strerror(-r));
         }
         return NULL;
     }
@@ -943,6 +954,8 @@ static void auto_listen(struct accept_state *as, const char *host, const char *p
 {
     const struct rdmax_transport_ops *rdma = rdmax_transport_find("rdma");
     struct rdmax_session *s = as->s;
+    struct rdmax_transport_opts o = s->topts;
+    char why[400] = "";
     int r;
 
     if (!s->auto_transport) {
@@ -951,13 +964,15 @@ static void auto_listen(struct accept_state *as, const char *host, const char *p
     if (!rdma) {
         return;
     }
+    o.why = why;
+    o.why_len = sizeof(why);
     rdmax_log_quiet(true);
-    r = rdma->listen(host, port, &s->topts, &as->alt_l);
+    r = rdma->listen(host, port, &o, &as->alt_l);
     rdmax_log_quiet(false);
     if (r < 0) {
         if (r != -ENODEV) {
             fprintf(stderr, "rdma-x: note: transport auto: tcp only (no RDMA device for %s: %s)\n",
-                    host, strerror(-r));
+                    host, why[0] ? why : strerror(-r));
         }
         as->alt_l = NULL;
         return;
@@ -1331,11 +1346,18 @@ int rdmax_session_accept(struct rdmax_session *s)
         r = rdmax_session_error(s, -EINVAL, "%s", err);
         goto out;
     }
-    r = s->tp->listen(host, port, &s->topts, &l);
-    if (r < 0) {
-        r = rdmax_session_error(s, r, "cannot listen on %s:%s over %s: %s", host, port, s->tp->name,
-                                strerror(-r));
-        goto out;
+    {
+        struct rdmax_transport_opts o = s->topts;
+        char why[400] = "";
+
+        o.why = why;
+        o.why_len = sizeof(why);
+        r = s->tp->listen(host, port, &o, &l);
+        if (r < 0) {
+            r = rdmax_session_error(s, r, "cannot listen on %s:%s over %s: %s", host, port,
+                                    s->tp->name, why[0] ? why : strerror(-r));
+            goto out;
+        }
     }
     auto_listen(as, host, port);
     for (;;) {
