@@ -25,6 +25,7 @@ int rdmax_intake_create(size_t block_size, unsigned nblocks, struct rdmax_intake
         in->block[i].pool = in;
     }
     atomic_init(&in->waiting, false);
+    atomic_init(&in->aborted, false);
     pthread_mutex_init(&in->mu, NULL);
     pthread_cond_init(&in->cv, NULL);
     *out = in;
@@ -58,15 +59,19 @@ static struct rdmax_in_block *take_free(struct rdmax_intake *in)
 
 struct rdmax_in_block *rdmax_intake_get(struct rdmax_intake *in, bool try)
 {
-    struct rdmax_in_block *b = take_free(in);
+    struct rdmax_in_block *b;
 
+    if (atomic_load(&in->aborted)) {
+        return NULL;
+    }
+    b = take_free(in);
     if (b || try) {
         return b;
     }
     pthread_mutex_lock(&in->mu);
     /* seq_cst pairs with the dropper's decrement and load of `waiting`. */
     atomic_store(&in->waiting, true);
-    while (!(b = take_free(in))) {
+    while (!atomic_load(&in->aborted) && !(b = take_free(in))) {
         pthread_cond_wait(&in->cv, &in->mu);
     }
     atomic_store(&in->waiting, false);
@@ -83,4 +88,12 @@ void rdmax_in_block_drop(struct rdmax_in_block *b)
         pthread_cond_broadcast(&in->cv);
         pthread_mutex_unlock(&in->mu);
     }
+}
+
+void rdmax_intake_abort(struct rdmax_intake *in)
+{
+    pthread_mutex_lock(&in->mu);
+    atomic_store(&in->aborted, true);
+    pthread_cond_broadcast(&in->cv);
+    pthread_mutex_unlock(&in->mu);
 }

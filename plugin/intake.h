@@ -37,6 +37,7 @@ struct rdmax_intake {
     struct rdmax_in_block *block; /* nblocks */
     uint8_t *mem;
     _Atomic bool waiting; /* the reader is (about to be) waiting for a free block */
+    _Atomic bool aborted; /* rdmax_intake_abort: get returns NULL */
     pthread_mutex_t mu;   /* only for waiting */
     pthread_cond_t cv;
 };
@@ -48,9 +49,13 @@ void rdmax_intake_destroy(struct rdmax_intake *in);
 
 /*
  * Reader: a free block, held once (the reader's own reference); NULL when
- * try and none is free, else waits until a lane drops one.
+ * try and none is free, else waits until a lane drops one; NULL once the
+ * intake is aborted.
  */
 struct rdmax_in_block *rdmax_intake_get(struct rdmax_intake *in, bool try);
+
+/* The pipeline failed: wake a reader waiting for a block. Any thread. */
+void rdmax_intake_abort(struct rdmax_intake *in);
 
 /* Another reference to a block the caller holds. */
 static inline void rdmax_in_block_hold(struct rdmax_in_block *b)

@@ -14,21 +14,10 @@
 #include "session.h"
 #include "transport.h"
 
-static const struct rdmax_transport_ops *pick_transport(void)
-{
-    const char *t = rdmax_s.o.transport;
-
-    if (strcmp(t, "auto") != 0) {
-        return rdmax_transport_find(t);
-    }
-    /* auto: tcp unless session.c finds an RDMA path at connect/accept time. */
-    rdmax_s.auto_transport = true;
-    return rdmax_transport_find("tcp");
-}
-
 int main(int argc, char **argv)
 {
-    int r;
+    struct rdmax_opts o = {0};
+    int r, status;
 
     if (argc < 2) {
         rdmax_cli_usage(stderr);
@@ -52,10 +41,12 @@ int main(int argc, char **argv)
                 argv[1]);
         return 2;
     }
-    r = rdmax_cli_parse(argc - 1, argv + 1, &rdmax_s.o);
+    r = rdmax_cli_parse(argc - 1, argv + 1, &o);
     if (r != 0) {
         return r > 0 ? 0 : 2;
     }
+    o.qemu_in = STDIN_FILENO;
+    o.qemu_out = STDOUT_FILENO;
     /* A closed peer or QEMU pipe is an error to report, not a signal to die of. */
     signal(SIGPIPE, SIG_IGN);
     /*
@@ -64,27 +55,31 @@ int main(int argc, char **argv)
      * 1 Gbit/s link, so QEMU's bandwidth estimate stays honest. A file or
      * a socket simply refuses, which is fine.
      */
-    fcntl(rdmax_s.o.sender ? STDIN_FILENO : STDOUT_FILENO, F_SETPIPE_SZ, 1 << 20);
+    fcntl(o.sender ? o.qemu_in : o.qemu_out, F_SETPIPE_SZ, 1 << 20);
     rdmax_log_init();
-    rdmax_s.t0 = rdmax_now();
-    rdmax_s.tp = pick_transport();
-    rdmax_s.topts.connect_timeout_ms = rdmax_s.o.connect_timeout_ms;
     /*
-     * TCP_USER_TIMEOUT: a send blocked on a dead path fails after this
-     * instead of ~15 min of retransmissions. Defence in depth: rdma-x's own
-     * keep-alives on every connection report silence at --timeout, naming
-     * the connection. Not shorter: Linux also aborts a connection whose
-     * window stays closed this long (measured: 2.5 s closed with 2 s), so
-     * it is also how long a peer's QEMU may stop reading (30 s at least).
+     * The one exit path: run returns 0 or -errno once every thread ended
+     * (on error QEMU's pipes were closed at once and the peer told);
+     * finish prints the reason and writes the stats.
      */
-    rdmax_s.topts.user_timeout_ms =
-        2 * rdmax_s.o.timeout_ms > 30000 ? 2 * rdmax_s.o.timeout_ms : 30000;
-    rdmax_s.topts.pinned_max = rdmax_s.o.pinned_max;
-    rdmax_s.topts.busy_poll = rdmax_s.o.busy_poll;
-    if (rdmax_s.o.sender) {
-        rdmax_s.nlanes = rdmax_s.o.lanes;
-        rdmax_s.codec.zstd_level = rdmax_s.o.zstd_level;
-        return rdmax_send_run();
+    if (o.sender) {
+        struct rdmax_send *p;
+        if (rdmax_send_create(&o, &p) < 0) {
+            fprintf(stderr, "rdma-x: error: out of memory\n");
+            return 1;
+        }
+        r = rdmax_send_run(p);
+        status = rdmax_session_finish(rdmax_send_session(p), r);
+        rdmax_send_destroy(p);
+    } else {
+        struct rdmax_recv *p;
+        if (rdmax_recv_create(&o, &p) < 0) {
+            fprintf(stderr, "rdma-x: error: out of memory\n");
+            return 1;
+        }
+        r = rdmax_recv_run(p);
+        status = rdmax_session_finish(rdmax_recv_session(p), r);
+        rdmax_recv_destroy(p);
     }
-    return rdmax_recv_run();
+    return status;
 }

@@ -17,6 +17,7 @@ int rdmax_ring_init(struct rdmax_ring *r, size_t slot_size, size_t cap)
     atomic_init(&r->head, 0);
     atomic_init(&r->tail, 0);
     atomic_init(&r->closed, false);
+    atomic_init(&r->aborted, false);
     atomic_init(&r->cons_sleep, false);
     atomic_init(&r->prod_sleep, false);
     atomic_init(&r->want, 1);
@@ -59,7 +60,7 @@ void *rdmax_ring_reserve(struct rdmax_ring *r, bool try)
     size_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
 
     for (int i = 0; atomic_load_explicit(&r->head, memory_order_acquire) + r->cap == tail; i++) {
-        if (try) {
+        if (try || atomic_load(&r->aborted)) {
             return NULL;
         }
         if (i < SPINS) {
@@ -68,11 +69,14 @@ void *rdmax_ring_reserve(struct rdmax_ring *r, bool try)
         }
         pthread_mutex_lock(&r->mu);
         atomic_store(&r->prod_sleep, true);
-        while (atomic_load(&r->head) + r->cap == tail) {
+        while (atomic_load(&r->head) + r->cap == tail && !atomic_load(&r->aborted)) {
             pthread_cond_wait(&r->cv, &r->mu);
         }
         atomic_store(&r->prod_sleep, false);
         pthread_mutex_unlock(&r->mu);
+    }
+    if (atomic_load_explicit(&r->aborted, memory_order_relaxed)) {
+        return NULL;
     }
     return r->mem + (tail % r->cap) * r->slot_size;
 }
@@ -111,7 +115,7 @@ void *rdmax_ring_peek_wait(struct rdmax_ring *r, size_t want)
         want = r->cap;
     }
     for (int i = 0; atomic_load_explicit(&r->tail, memory_order_acquire) - head < want; i++) {
-        if (atomic_load(&r->closed) || atomic_load(&r->kick)) {
+        if (atomic_load(&r->closed) || atomic_load(&r->kick) || atomic_load(&r->aborted)) {
             break;
         }
         if (i < SPINS) {
@@ -122,7 +126,7 @@ void *rdmax_ring_peek_wait(struct rdmax_ring *r, size_t want)
         atomic_store(&r->want, want);
         atomic_store(&r->cons_sleep, true);
         while (atomic_load(&r->tail) - head < want && !atomic_load(&r->closed) &&
-               !atomic_load(&r->kick)) {
+               !atomic_load(&r->kick) && !atomic_load(&r->aborted)) {
             pthread_cond_wait(&r->cv, &r->mu);
         }
         atomic_store(&r->cons_sleep, false);
@@ -130,7 +134,7 @@ void *rdmax_ring_peek_wait(struct rdmax_ring *r, size_t want)
         pthread_mutex_unlock(&r->mu);
         break;
     }
-    if (atomic_load_explicit(&r->tail, memory_order_acquire) == head) {
+    if (atomic_load_explicit(&r->tail, memory_order_acquire) == head || atomic_load(&r->aborted)) {
         return NULL;
     }
     return r->mem + (head % r->cap) * r->slot_size;
@@ -141,7 +145,8 @@ void *rdmax_ring_peek(struct rdmax_ring *r, bool try)
     size_t head = atomic_load_explicit(&r->head, memory_order_relaxed);
 
     for (int i = 0; atomic_load_explicit(&r->tail, memory_order_acquire) == head; i++) {
-        if (atomic_load(&r->closed) && atomic_load(&r->tail) == head) {
+        if ((atomic_load(&r->closed) && atomic_load(&r->tail) == head) ||
+            atomic_load(&r->aborted)) {
             return NULL;
         }
         if (try) {
@@ -153,11 +158,15 @@ void *rdmax_ring_peek(struct rdmax_ring *r, bool try)
         }
         pthread_mutex_lock(&r->mu);
         atomic_store(&r->cons_sleep, true);
-        while (atomic_load(&r->tail) == head && !atomic_load(&r->closed)) {
+        while (atomic_load(&r->tail) == head && !atomic_load(&r->closed) &&
+               !atomic_load(&r->aborted)) {
             pthread_cond_wait(&r->cv, &r->mu);
         }
         atomic_store(&r->cons_sleep, false);
         pthread_mutex_unlock(&r->mu);
+    }
+    if (atomic_load_explicit(&r->aborted, memory_order_relaxed)) {
+        return NULL;
     }
     return r->mem + (head % r->cap) * r->slot_size;
 }
@@ -202,4 +211,17 @@ bool rdmax_ring_closed_and_empty(struct rdmax_ring *r)
 size_t rdmax_ring_count(struct rdmax_ring *r)
 {
     return atomic_load(&r->tail) - atomic_load(&r->head);
+}
+
+void rdmax_ring_abort(struct rdmax_ring *r)
+{
+    pthread_mutex_lock(&r->mu);
+    atomic_store(&r->aborted, true);
+    pthread_cond_broadcast(&r->cv);
+    pthread_mutex_unlock(&r->mu);
+}
+
+bool rdmax_ring_aborted(struct rdmax_ring *r)
+{
+    return atomic_load(&r->aborted);
 }

@@ -25,7 +25,8 @@ struct rdmax_ring {
     size_t cap;              /* set at init, read-only */
     _Atomic size_t head;     /* next slot to read; written by the consumer */
     _Atomic size_t tail;     /* next slot to fill; written by the producer */
-    _Atomic bool closed;     /* producer finished (or abort) */
+    _Atomic bool closed;     /* producer finished */
+    _Atomic bool aborted;    /* rdmax_ring_abort: nothing more moves either way */
     _Atomic bool cons_sleep; /* consumer is (about to be) waiting on cv */
     _Atomic bool prod_sleep; /* producer is (about to be) waiting on cv */
     _Atomic size_t want;     /* the sleeping consumer waits for this many slots */
@@ -37,21 +38,21 @@ struct rdmax_ring {
 int rdmax_ring_init(struct rdmax_ring *r, size_t slot_size, size_t cap);
 void rdmax_ring_destroy(struct rdmax_ring *r);
 
-/* Producer: a free slot, blocking while full; NULL when try and full. */
+/* Producer: a free slot, blocking while full; NULL when try and full, or aborted. */
 void *rdmax_ring_reserve(struct rdmax_ring *r, bool try);
 void rdmax_ring_commit(struct rdmax_ring *r);
 
 /*
  * Consumer: the oldest slot, blocking while empty; NULL when try and empty,
- * or when closed and empty.
+ * when closed and empty, or when aborted.
  */
 void *rdmax_ring_peek(struct rdmax_ring *r, bool try);
 void rdmax_ring_release(struct rdmax_ring *r);
 
 /*
  * Consumer: the oldest slot once at least `want` are filled, the producer
- * kicked, or the ring closed; NULL when closed and empty, or when kicked
- * and empty. A consumer that batches sleeps through the producer's first
+ * kicked, or the ring closed; NULL when closed and empty, when kicked
+ * and empty, or when aborted. A consumer that batches sleeps through the producer's first
  * want - 1 commits instead of waking for each.
  */
 void *rdmax_ring_peek_wait(struct rdmax_ring *r, size_t want);
@@ -76,6 +77,15 @@ void rdmax_ring_release_n(struct rdmax_ring *r, size_t n);
 /* No more items will come; wakes the consumer. */
 void rdmax_ring_close(struct rdmax_ring *r);
 bool rdmax_ring_closed_and_empty(struct rdmax_ring *r);
+
+/*
+ * The pipeline failed: wake both sides and make every further (and every
+ * blocked) reserve, peek and peek_wait return NULL, whatever the ring
+ * holds. Any thread, any number of times. The callers then see the
+ * session's sticky error (session.h) and unwind.
+ */
+void rdmax_ring_abort(struct rdmax_ring *r);
+bool rdmax_ring_aborted(struct rdmax_ring *r);
 size_t rdmax_ring_count(struct rdmax_ring *r);
 
 #endif

@@ -1,15 +1,19 @@
 /*
  * rdma-x send: the source side.
  *
- * main thread:    stdin -> parser -> control bytes (zstd stream, control
+ * main thread:    qemu_in -> parser -> control bytes (zstd stream, control
  *                 connection) and page payloads (into the lane rings)
  * lane thread k:  ring k -> lane encoder -> PAGES frames on connection k
- * control reader: return path (RP frames) -> stdout; FIN_ACK; ERROR
+ * control reader: return path (RP frames) -> qemu_out; FIN_ACK; ERROR
  *
- * Whenever the main thread is about to block (stdin empty, a lane ring
- * full), it flushes its control bytes first: the receiver can only place a
- * page once it has the control bytes in front of it, so holding them back
- * while waiting could deadlock.
+ * Whenever the main thread is about to block (QEMU's pipe empty, a lane
+ * ring full), it flushes its control bytes first: the receiver can only
+ * place a page once it has the control bytes in front of it, so holding
+ * them back while waiting could deadlock.
+ *
+ * Errors: every thread records the first one in the session
+ * (rdmax_session_error), which wakes the others; each then returns.
+ * rdmax_send_run joins them all and returns the error.
  */
 #include "send.h"
 
@@ -37,6 +41,8 @@
 #define PEEK_MAX (1u << 20)
 /* Page cache sizing when the stream does not announce the RAM size. */
 #define DEFAULT_RAM_GUESS (1ull << 30)
+/* Return-path writes to QEMU: at most this much after POLLOUT, so they never block. */
+#define RP_WRITE_MAX 4096u
 
 /* A page handed to a lane: where it lies in an intake block, which it holds. */
 struct page_slot {
@@ -45,99 +51,114 @@ struct page_slot {
     struct rdmax_in_block *blk;
 };
 
+struct rdmax_send;
+
 struct send_lane {
-    unsigned idx;
+    struct rdmax_send *p;   /* set at start */
+    unsigned idx;           /* set at start */
     struct rdmax_ring ring; /* main thread -> lane thread */
+    bool ring_ok;           /* ring initialised (main thread) */
     struct rdmax_lane_encoder *enc;
     pthread_t thread;
+    bool started;              /* main thread */
     _Atomic bool peer_bound;   /* control reader: the receiver's LANE_LOAD */
     _Atomic bool peer_bound_seen; /* ... a LANE_LOAD saying bound came since the main thread looked */
 
     bool dirty;                /* main thread: pages committed since the last kick */
 };
 
-static struct send_lane lanes[RDMAX_LANES_MAX];
-
 /* The pipe's codec level (level.h): chosen by the main thread, applied by the lanes. */
 #define LEVEL_WINDOW_NS 100000000ull
-static _Atomic int pipe_level;
-static _Atomic uint64_t link_ns_total; /* lanes: blocked sending, summed */
-static _Atomic uint64_t wire_total;    /* lanes: batch bytes sent, summed */
 
-/* Control stream state: main thread only. */
-static ZSTD_CStream *ctrl_z;
-static uint8_t *ctrl_buf;
-static size_t ctrl_len;
-static uint8_t *ctrl_zbuf;
-static size_t ctrl_zcap;
+struct rdmax_send {
+    struct rdmax_session s;
+    struct send_lane lanes[RDMAX_LANES_MAX];
+    _Atomic int pipe_level;
+    _Atomic uint64_t link_ns_total; /* lanes: blocked sending, summed */
+    _Atomic uint64_t wire_total;    /* lanes: batch bytes sent, summed */
 
-/* Set by the control reader, waited for by the main thread. */
-static pthread_mutex_t fin_mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t fin_cv = PTHREAD_COND_INITIALIZER;
-static bool fin_acked;
+    /* Control stream state: main thread only. */
+    ZSTD_CStream *ctrl_z;
+    uint8_t *ctrl_buf;
+    size_t ctrl_len;
+    uint8_t *ctrl_zbuf;
+    size_t ctrl_zcap;
 
-static void ctrl_flush(void)
+    struct rdmax_intake *intake;
+    struct rdmax_stream *st;
+    pthread_t reader;
+    bool reader_started;
+};
+
+static int ctrl_flush(struct rdmax_send *p)
 {
-    ZSTD_inBuffer in = {ctrl_buf, ctrl_len, 0};
+    ZSTD_inBuffer in = {p->ctrl_buf, p->ctrl_len, 0};
     size_t rem;
     int r;
 
-    if (ctrl_len == 0) {
-        return;
+    if (p->ctrl_len == 0) {
+        return 0;
     }
     do {
-        ZSTD_outBuffer out = {ctrl_zbuf, ctrl_zcap, 0};
-        rem = ZSTD_compressStream2(ctrl_z, &out, &in, ZSTD_e_flush);
+        ZSTD_outBuffer out = {p->ctrl_zbuf, p->ctrl_zcap, 0};
+        rem = ZSTD_compressStream2(p->ctrl_z, &out, &in, ZSTD_e_flush);
         if (ZSTD_isError(rem)) {
-            rdmax_fail("compressing control bytes: %s", ZSTD_getErrorName(rem));
+            return rdmax_session_error(&p->s, -EIO, "compressing control bytes: %s",
+                                       ZSTD_getErrorName(rem));
         }
         if (out.pos) {
-            r = rdmax_wire_send(&rdmax_s.ctrl, RDMAX_F_CTRL, RDMAX_FF_ZSTD, 0, ctrl_zbuf, out.pos);
+            r = rdmax_wire_send(&p->s.ctrl, RDMAX_F_CTRL, RDMAX_FF_ZSTD, 0, p->ctrl_zbuf, out.pos);
             if (r < 0) {
-                rdmax_fail("control connection to %s: %s", rdmax_s.ctrl.conn->peer,
-                           rdmax_wire_strerror(r));
+                return rdmax_session_error(&p->s, r, "control connection to %s: %s",
+                                           p->s.ctrl.conn->peer, rdmax_wire_strerror(r));
             }
         }
     } while (rem != 0 || in.pos < in.size);
-    ctrl_len = 0;
+    p->ctrl_len = 0;
+    return 0;
 }
 
-static void ctrl_append(const uint8_t *p, size_t n)
+static int ctrl_append(struct rdmax_send *p, const uint8_t *b, size_t n)
 {
-    atomic_fetch_add_explicit(&rdmax_s.c.ctrl_bytes, n, memory_order_relaxed);
+    atomic_fetch_add_explicit(&p->s.c.ctrl_bytes, n, memory_order_relaxed);
     while (n) {
-        size_t room = CTRL_FLUSH - ctrl_len;
+        size_t room = CTRL_FLUSH - p->ctrl_len;
         size_t k = n < room ? n : room;
-        memcpy(ctrl_buf + ctrl_len, p, k);
-        ctrl_len += k;
-        p += k;
+        memcpy(p->ctrl_buf + p->ctrl_len, b, k);
+        p->ctrl_len += k;
+        b += k;
         n -= k;
-        if (ctrl_len == CTRL_FLUSH) {
-            ctrl_flush();
+        if (p->ctrl_len == CTRL_FLUSH) {
+            int r = ctrl_flush(p);
+            if (r < 0) {
+                return r;
+            }
         }
     }
+    return 0;
 }
 
-static void lane_send_batch(struct send_lane *l)
+static int lane_send_batch(struct send_lane *l)
 {
+    struct rdmax_session *s = &l->p->s;
     struct iovec iov[2];
     int iovcnt;
     ssize_t n = rdmax_lane_encoder_flush_iov(l->enc, iov, &iovcnt);
     int r;
 
     if (n <= 0) {
-        return;
+        return 0;
     }
     double t0 = rdmax_now();
-    r = rdmax_wire_sendv(&rdmax_s.lane[l->idx], RDMAX_F_PAGES, 0, (uint16_t)(l->idx + 1), iov,
-                         iovcnt);
-    atomic_fetch_add_explicit(&link_ns_total, (uint64_t)((rdmax_now() - t0) * 1e9),
+    r = rdmax_wire_sendv(&s->lane[l->idx], RDMAX_F_PAGES, 0, (uint16_t)(l->idx + 1), iov, iovcnt);
+    atomic_fetch_add_explicit(&l->p->link_ns_total, (uint64_t)((rdmax_now() - t0) * 1e9),
                               memory_order_relaxed);
-    atomic_fetch_add_explicit(&wire_total, (uint64_t)n, memory_order_relaxed);
+    atomic_fetch_add_explicit(&l->p->wire_total, (uint64_t)n, memory_order_relaxed);
     if (r < 0) {
-        rdmax_fail("lane %u to %s: %s", l->idx, rdmax_s.lane[l->idx].conn->peer,
-                   rdmax_wire_strerror(r));
+        return rdmax_session_error(s, r, "lane %u to %s: %s", l->idx, s->lane[l->idx].conn->peer,
+                                   rdmax_wire_strerror(r));
     }
+    return 0;
 }
 
 /*
@@ -150,116 +171,166 @@ static void lane_send_batch(struct send_lane *l)
 static void *lane_main(void *arg)
 {
     struct send_lane *l = arg;
+    struct rdmax_session *s = &l->p->s;
     uint64_t pages = 0;
     uint8_t eof[8];
+    int r;
 
     for (;;) {
         unsigned pend = rdmax_lane_encoder_pending(l->enc);
-        struct page_slot *s = rdmax_ring_peek_at(&l->ring, 0);
+        struct page_slot *sl = rdmax_ring_peek_at(&l->ring, 0);
 
-        rdmax_lane_encoder_set_level(l->enc, atomic_load_explicit(&pipe_level, memory_order_relaxed));
-        if (!s) {
-            s = rdmax_ring_peek_wait(&l->ring, pend ? RDMAX_BATCH_MAX_PAGES - pend : 1);
+        if (rdmax_session_failed(s)) {
+            return NULL;
         }
-        if (!s) {
+        rdmax_lane_encoder_set_level(l->enc,
+                                     atomic_load_explicit(&l->p->pipe_level, memory_order_relaxed));
+        if (!sl) {
+            sl = rdmax_ring_peek_wait(&l->ring, pend ? RDMAX_BATCH_MAX_PAGES - pend : 1);
+        }
+        if (!sl) {
+            if (rdmax_ring_aborted(&l->ring)) {
+                return NULL;
+            }
             if (rdmax_ring_closed_and_empty(&l->ring)) {
                 break;
             }
-            if (rdmax_ring_kicked(&l->ring)) {
-                lane_send_batch(l);
+            if (rdmax_ring_kicked(&l->ring) && lane_send_batch(l) < 0) {
+                return NULL;
             }
             continue;
         }
-        rdmax_lane_encoder_add(l->enc, s->key, s->data); /* copies the page */
-        rdmax_in_block_drop(s->blk);
+        rdmax_lane_encoder_add(l->enc, sl->key, sl->data); /* copies the page */
+        rdmax_in_block_drop(sl->blk);
         rdmax_ring_release(&l->ring);
         pages++;
-        if (rdmax_lane_encoder_pending(l->enc) == RDMAX_BATCH_MAX_PAGES) {
-            lane_send_batch(l);
+        if (rdmax_lane_encoder_pending(l->enc) == RDMAX_BATCH_MAX_PAGES && lane_send_batch(l) < 0) {
+            return NULL;
         }
     }
-    lane_send_batch(l);
+    if (lane_send_batch(l) < 0) {
+        return NULL;
+    }
     for (int i = 0; i < 8; i++) {
         eof[i] = (uint8_t)(pages >> (56 - 8 * i));
     }
-    int r = rdmax_wire_send(&rdmax_s.lane[l->idx], RDMAX_F_LANE_EOF, 0, (uint16_t)(l->idx + 1), eof,
-                            sizeof(eof));
+    r = rdmax_wire_send(&s->lane[l->idx], RDMAX_F_LANE_EOF, 0, (uint16_t)(l->idx + 1), eof,
+                        sizeof(eof));
     if (r < 0) {
-        rdmax_fail("lane %u: %s", l->idx, rdmax_wire_strerror(r));
+        rdmax_session_error(s, r, "lane %u: %s", l->idx, rdmax_wire_strerror(r));
     }
     return NULL;
 }
 
-static void write_all_stdout(const uint8_t *p, size_t n)
+/* The return path to QEMU, in pieces that never block past an error. */
+static int write_all_qemu(struct rdmax_session *s, const uint8_t *b, size_t n)
 {
     while (n) {
-        ssize_t w = write(STDOUT_FILENO, p, n);
+        int r = rdmax_session_wait_fd(s, s->o.qemu_out, POLLOUT);
+        if (r < 0) {
+            return r;
+        }
+        ssize_t w = write(s->o.qemu_out, b, n < RP_WRITE_MAX ? n : RP_WRITE_MAX);
         if (w < 0) {
-            if (errno == EINTR) {
+            if (errno == EINTR || errno == EAGAIN) {
                 continue;
             }
             /* QEMU stopped reading its return path: it is tearing down. */
-            rdmax_fail("source QEMU closed the return path: %s", strerror(errno));
+            return rdmax_session_error(s, -errno, "source QEMU closed the return path: %s",
+                                       strerror(errno));
         }
-        p += w;
+        b += w;
         n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* One frame from the receiver; 1 once FIN_ACK came, 0 to go on, or the error. */
+static int ctrl_frame(struct rdmax_send *p, const struct rdmax_frame_hdr *h, const uint8_t *buf)
+{
+    struct rdmax_session *s = &p->s;
+
+    switch (h->type) {
+    case RDMAX_F_RP:
+        atomic_fetch_add_explicit(&s->c.rp_bytes, h->len, memory_order_relaxed);
+        return write_all_qemu(s, buf, h->len);
+    case RDMAX_F_RP_EOF:
+        /* The destination QEMU closed its return path: pass that on. */
+        dup2(s->null_fd, s->o.qemu_out);
+        return 0;
+    case RDMAX_F_FIN_ACK:
+        /* Done: the receiver may leave now, and that is no error. */
+        atomic_store(&s->finishing, true);
+        pthread_mutex_lock(&s->mu);
+        s->fin_acked = true;
+        pthread_cond_broadcast(&s->cv);
+        pthread_mutex_unlock(&s->mu);
+        return 1;
+    case RDMAX_F_ERROR: {
+        char txt[RDMAX_PEER_TEXT_BUF];
+        return rdmax_session_peer_error(s, -ECONNABORTED, "receiver: %s",
+                                        rdmax_peer_text(txt, sizeof(txt), buf, h->len));
+    }
+    case RDMAX_F_KEEPALIVE:
+        return 0;
+    case RDMAX_F_LANE_LOAD:
+        if (h->len != 1 || buf[0] > 1 || h->channel == 0 || h->channel > s->nlanes) {
+            return rdmax_session_error(s, -EPROTO, "receiver sent a malformed LANE_LOAD frame");
+        }
+        atomic_store_explicit(&p->lanes[h->channel - 1].peer_bound, buf[0] == 1,
+                              memory_order_relaxed);
+        if (buf[0] == 1) {
+            atomic_store_explicit(&p->lanes[h->channel - 1].peer_bound_seen, true,
+                                  memory_order_relaxed);
+        }
+        return 0;
+    default:
+        return rdmax_session_error(s, -EPROTO, "receiver sent an unexpected %s frame",
+                                   rdmax_frame_type_name(h->type));
     }
 }
 
+/*
+ * Reads the control connection until FIN_ACK. Once the session failed it
+ * goes on reading and dropping frames until the peer closes or the
+ * farewell cuts the connection, so our ERROR frame can arrive (session.c).
+ */
 static void *ctrl_reader_main(void *arg)
 {
+    struct rdmax_send *p = arg;
+    struct rdmax_session *s = &p->s;
     uint8_t *buf = malloc(RDMAX_FRAME_MAX + 1);
     struct rdmax_frame_hdr h;
 
     if (!buf) {
-        rdmax_fail("out of memory");
+        rdmax_session_error(s, -ENOMEM, "out of memory");
+        rdmax_session_reader_done(s);
+        return NULL;
     }
     for (;;) {
-        int r = rdmax_wire_recv(&rdmax_s.ctrl, &h, buf, RDMAX_FRAME_MAX, rdmax_s.o.timeout_ms);
+        int r = rdmax_wire_recv(&s->ctrl, &h, buf, RDMAX_FRAME_MAX, s->o.timeout_ms);
         if (r < 0) {
-            rdmax_fail("control connection to %s: %s", rdmax_s.ctrl.conn->peer,
-                       rdmax_wire_strerror(r));
+            rdmax_session_error(s, r, "control connection to %s: %s", s->ctrl.conn->peer,
+                                rdmax_wire_strerror(r));
+            break;
         }
-        switch (h.type) {
-        case RDMAX_F_RP:
-            atomic_fetch_add_explicit(&rdmax_s.c.rp_bytes, h.len, memory_order_relaxed);
-            write_all_stdout(buf, h.len);
-            break;
-        case RDMAX_F_RP_EOF:
-            /* The destination QEMU closed its return path: pass that on. */
-            close(STDOUT_FILENO);
-            break;
-        case RDMAX_F_FIN_ACK:
-            /* Done: the receiver may leave now, and that is no error. */
-            atomic_store(&rdmax_s.finishing, true);
-            pthread_mutex_lock(&fin_mu);
-            fin_acked = true;
-            pthread_cond_signal(&fin_cv);
-            pthread_mutex_unlock(&fin_mu);
-            free(buf);
-            return arg;
-        case RDMAX_F_ERROR: {
-            char txt[RDMAX_PEER_TEXT_BUF];
-            rdmax_fail("receiver: %s", rdmax_peer_text(txt, sizeof(txt), buf, h.len));
+        if (rdmax_session_failed(s)) {
+            if (h.type == RDMAX_F_ERROR) {
+                break; /* the peer failed too: it waits for nothing from us */
+            }
+            continue; /* the farewell's drain */
         }
-        case RDMAX_F_KEEPALIVE:
+        r = ctrl_frame(p, &h, buf);
+        if (r > 0) {
             break;
-        case RDMAX_F_LANE_LOAD:
-            if (h.len != 1 || buf[0] > 1 || h.channel == 0 || h.channel > rdmax_s.nlanes) {
-                rdmax_fail("receiver sent a malformed LANE_LOAD frame");
-            }
-            atomic_store_explicit(&lanes[h.channel - 1].peer_bound, buf[0] == 1,
-                                  memory_order_relaxed);
-            if (buf[0] == 1) {
-                atomic_store_explicit(&lanes[h.channel - 1].peer_bound_seen, true,
-                                      memory_order_relaxed);
-            }
+        }
+        if (r < 0 && s->err_from_peer) {
             break;
-        default:
-            rdmax_fail("receiver sent an unexpected %s frame", rdmax_frame_type_name(h.type));
         }
     }
-    return arg;
+    free(buf);
+    rdmax_session_reader_done(s);
+    return NULL;
 }
 
 /*
@@ -268,56 +339,94 @@ static void *ctrl_reader_main(void *arg)
  * every page before it. Flush the control bytes and make every lane that
  * got pages since the last time send its partial batch.
  */
-static void before_waiting(void)
+static int before_waiting(struct rdmax_send *p)
 {
-    ctrl_flush();
-    for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
-        if (lanes[i].dirty) {
-            lanes[i].dirty = false;
-            rdmax_ring_kick(&lanes[i].ring);
+    int r = ctrl_flush(p);
+
+    for (unsigned i = 0; i < p->s.nlanes; i++) {
+        if (p->lanes[i].dirty) {
+            p->lanes[i].dirty = false;
+            rdmax_ring_kick(&p->lanes[i].ring);
         }
     }
+    return r;
 }
 
-/* A free slot in lane k's ring; everything moves on before we wait for one. */
-static struct page_slot *lane_slot(unsigned k)
+/* A free slot in lane k's ring; everything moves on before we wait for one. NULL: failed. */
+static struct page_slot *lane_slot(struct rdmax_send *p, unsigned k)
 {
-    struct page_slot *s = rdmax_ring_reserve(&lanes[k].ring, true);
+    struct page_slot *sl = rdmax_ring_reserve(&p->lanes[k].ring, true);
 
-    if (!s) {
-        before_waiting();
-        s = rdmax_ring_reserve(&lanes[k].ring, false);
+    if (!sl) {
+        if (before_waiting(p) < 0) {
+            return NULL;
+        }
+        sl = rdmax_ring_reserve(&p->lanes[k].ring, false);
     }
-    return s;
+    return sl;
 }
 
-static void lanes_start(void)
+static int lanes_start(struct rdmax_send *p)
 {
-    for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
-        struct send_lane *l = &lanes[i];
+    struct rdmax_session *s = &p->s;
+
+    for (unsigned i = 0; i < s->nlanes; i++) {
+        struct send_lane *l = &p->lanes[i];
+        l->p = p;
         l->idx = i;
-        if (rdmax_ring_init(&l->ring, sizeof(struct page_slot), LANE_RING_PAGES) < 0 ||
-            rdmax_lane_encoder_create(&rdmax_s.codec, &l->enc) < 0) {
-            rdmax_fail("out of memory setting up lane %u", i);
+        if (rdmax_ring_init(&l->ring, sizeof(struct page_slot), LANE_RING_PAGES) < 0) {
+            return rdmax_session_error(s, -ENOMEM, "out of memory setting up lane %u", i);
         }
-        (void)rdmax_lane_encoder_populate(l->enc, POPULATE_AHEAD_TOTAL / rdmax_s.nlanes); /* only a head start */
-        atomic_store(&rdmax_s.lane_stats[i], rdmax_lane_encoder_stats(l->enc));
-        pthread_create(&l->thread, NULL, lane_main, l);
+        l->ring_ok = true;
+        rdmax_session_add_ring(s, &l->ring);
+        if (rdmax_lane_encoder_create(&s->codec, &l->enc) < 0) {
+            return rdmax_session_error(s, -ENOMEM, "out of memory setting up lane %u", i);
+        }
+        (void)rdmax_lane_encoder_populate(l->enc,
+                                          POPULATE_AHEAD_TOTAL / s->nlanes); /* only a head start */
+        atomic_store(&s->lane_stats[i], rdmax_lane_encoder_stats(l->enc));
+        if (pthread_create(&l->thread, NULL, lane_main, l) != 0) {
+            return rdmax_session_error(s, -EAGAIN, "cannot start the thread of lane %u", i);
+        }
+        l->started = true;
     }
+    return 0;
 }
 
-static void send_eof(uint64_t stream_bytes, uint64_t pages)
+static int send_eof(struct rdmax_send *p, uint64_t stream_bytes, uint64_t pages)
 {
-    uint8_t p[16];
+    uint8_t b[16];
     int r;
 
     for (int i = 0; i < 8; i++) {
-        p[i] = (uint8_t)(stream_bytes >> (56 - 8 * i));
-        p[8 + i] = (uint8_t)(pages >> (56 - 8 * i));
+        b[i] = (uint8_t)(stream_bytes >> (56 - 8 * i));
+        b[8 + i] = (uint8_t)(pages >> (56 - 8 * i));
     }
-    r = rdmax_wire_send(&rdmax_s.ctrl, RDMAX_F_EOF, 0, 0, p, sizeof(p));
+    r = rdmax_wire_send(&p->s.ctrl, RDMAX_F_EOF, 0, 0, b, sizeof(b));
     if (r < 0) {
-        rdmax_fail("control connection to %s: %s", rdmax_s.ctrl.conn->peer, rdmax_wire_strerror(r));
+        return rdmax_session_error(&p->s, r, "control connection to %s: %s", p->s.ctrl.conn->peer,
+                                   rdmax_wire_strerror(r));
+    }
+    return 0;
+}
+
+/* read() from QEMU's stream once it has bytes, or the session's error. */
+static ssize_t qemu_read(struct rdmax_session *s, uint8_t *buf, size_t cap)
+{
+    for (;;) {
+        int r = rdmax_session_wait_fd(s, s->o.qemu_in, POLLIN);
+        if (r < 0) {
+            return r;
+        }
+        ssize_t n = read(s->o.qemu_in, buf, cap);
+        if (n < 0 && (errno == EINTR || errno == EAGAIN)) {
+            continue;
+        }
+        if (n < 0) {
+            return rdmax_session_error(s, -errno, "reading the stream from QEMU: %s",
+                                       strerror(errno));
+        }
+        return n;
     }
 }
 
@@ -325,23 +434,25 @@ static void send_eof(uint64_t stream_bytes, uint64_t pages)
  * Read the start of the stream until its MEM_SIZE record tells the guest RAM
  * size (QEMU writes it within the first few hundred bytes, during setup), so
  * the handshake can size the page caches from it. Returns the bytes read,
- * which the main loop then processes first; sets *ram (0 if not known).
+ * which the main loop then processes first, or the session's error; sets
+ * *ram (0 if not known).
  */
-static size_t peek_ram_size(uint8_t *buf, size_t cap, uint64_t *ram)
+static ssize_t peek_ram_size(struct rdmax_session *s, uint8_t *buf, size_t cap, uint64_t *ram)
 {
     struct rdmax_stream *peek = rdmax_stream_create(RDMAX_STREAM_FULL);
     size_t len = 0, pos = 0;
 
     *ram = 0;
     if (!peek) {
-        rdmax_fail("out of memory");
+        return rdmax_session_error(s, -ENOMEM, "out of memory");
     }
     while (len < cap) {
-        ssize_t n = read(STDIN_FILENO, buf + len, cap - len);
-        if (n < 0 && errno == EINTR) {
-            continue;
+        ssize_t n = qemu_read(s, buf + len, cap - len);
+        if (n < 0) {
+            rdmax_stream_destroy(peek);
+            return n;
         }
-        if (n <= 0) {
+        if (n == 0) {
             break;
         }
         len += (size_t)n;
@@ -359,64 +470,72 @@ static size_t peek_ram_size(uint8_t *buf, size_t cap, uint64_t *ram)
         }
     }
     rdmax_stream_destroy(peek);
-    return len;
+    return (ssize_t)len;
 }
 
-/* A free intake block; everything moves on before we wait for one. */
-static struct rdmax_in_block *intake_block(struct rdmax_intake *in)
+/* A free intake block; everything moves on before we wait for one. NULL: failed. */
+static struct rdmax_in_block *intake_block(struct rdmax_send *p)
 {
-    struct rdmax_in_block *b = rdmax_intake_get(in, true);
+    struct rdmax_in_block *b = rdmax_intake_get(p->intake, true);
 
     if (!b) {
-        before_waiting();
-        b = rdmax_intake_get(in, false);
+        if (before_waiting(p) < 0) {
+            return NULL;
+        }
+        b = rdmax_intake_get(p->intake, false);
     }
     return b;
 }
 
-int rdmax_send_run(void)
+int rdmax_send_create(const struct rdmax_opts *o, struct rdmax_send **out)
 {
-    struct rdmax_stream *st = rdmax_stream_create(RDMAX_STREAM_FULL);
-    struct rdmax_intake *intake = NULL;
-    struct rdmax_in_block *blk;
-    size_t len, pos = 0;        /* bytes in blk, parsed up to */
-    bool page = false;          /* a page's payload starts at pos */
-    struct rdmax_page_key key;  /* ... this page */
-    pthread_t reader;
-    uint64_t total = 0, ram;
+    struct rdmax_send *p = calloc(1, sizeof(*p));
+    int r;
+
+    if (!p) {
+        return -ENOMEM;
+    }
+    r = rdmax_session_init(&p->s, o);
+    if (r < 0) {
+        free(p);
+        return r;
+    }
+    p->st = rdmax_stream_create(RDMAX_STREAM_FULL);
+    p->ctrl_buf = malloc(CTRL_FLUSH);
+    p->ctrl_zcap = ZSTD_CStreamOutSize();
+    p->ctrl_zbuf = malloc(p->ctrl_zcap);
+    p->ctrl_z = ZSTD_createCStream();
+    if (!p->st || rdmax_intake_create(IN_BLOCK, IN_BLOCKS, &p->intake) < 0 || !p->ctrl_buf ||
+        !p->ctrl_zbuf || !p->ctrl_z) {
+        rdmax_send_destroy(p);
+        return -ENOMEM;
+    }
+    ZSTD_CCtx_setParameter(p->ctrl_z, ZSTD_c_compressionLevel, 1);
+    rdmax_session_set_intake(&p->s, p->intake);
+    *out = p;
+    return 0;
+}
+
+struct rdmax_session *rdmax_send_session(struct rdmax_send *p)
+{
+    return &p->s;
+}
+
+/* Parse and hand out the stream until QEMU closes it. 0 or the session's error. */
+static int pump(struct rdmax_send *p, struct rdmax_in_block *blk, size_t len, uint64_t *totalp)
+{
+    struct rdmax_session *s = &p->s;
+    size_t pos = 0;            /* bytes in blk, parsed up to */
+    bool page = false;         /* a page's payload starts at pos */
+    struct rdmax_page_key key; /* ... this page */
+    uint64_t total = *totalp;
     struct rdmax_level_ctl ctl;
     struct rdmax_level_window win = {0};
     uint64_t win_start = 0, win_total = 0, win_link = 0, win_wire = 0;
+    int r = 0;
 
-    ctrl_buf = malloc(CTRL_FLUSH);
-    ctrl_zcap = ZSTD_CStreamOutSize();
-    ctrl_zbuf = malloc(ctrl_zcap);
-    ctrl_z = ZSTD_createCStream();
-    if (!st || rdmax_intake_create(IN_BLOCK, IN_BLOCKS, &intake) < 0 || !ctrl_buf || !ctrl_zbuf ||
-        !ctrl_z) {
-        rdmax_fail("out of memory");
-    }
-    ZSTD_CCtx_setParameter(ctrl_z, ZSTD_c_compressionLevel, 1);
-
-    blk = rdmax_intake_get(intake, false);
-    len = peek_ram_size(blk->data, PEEK_MAX < IN_BLOCK ? PEEK_MAX : IN_BLOCK, &ram);
-    total = len;
-    if (rdmax_s.o.cache_bytes != UINT64_MAX) {
-        rdmax_s.codec.cache_bytes = rdmax_s.o.cache_bytes;
-    } else {
-        rdmax_s.codec.cache_bytes =
-            rdmax_page_cache_budget(ram ? ram : DEFAULT_RAM_GUESS, rdmax_s.nlanes, 0);
-    }
-    rdmax_session_connect();
-    rdmax_level_ctl_init(&ctl, 1, rdmax_s.codec.cache_bytes ? RDMAX_LEVEL_MIN : 0,
-                         RDMAX_LEVEL_MAX);
-    atomic_store(&pipe_level, ctl.level);
-    lanes_start();
-    pthread_create(&reader, NULL, ctrl_reader_main, NULL);
-    pthread_detach(reader);
-    rdmax_keepalive_start();
-    rdmax_progress_start();
-
+    rdmax_level_ctl_init(&ctl, 1, s->codec.cache_bytes ? RDMAX_LEVEL_MIN : 0, RDMAX_LEVEL_MAX);
+    atomic_store(&p->pipe_level, ctl.level);
     /*
      * Parse in place: control bytes are copied into the control stream,
      * pages go to their lane as a reference into the block. A page whose
@@ -424,36 +543,48 @@ int rdmax_send_run(void)
      * it, to the start of a fresh block: the one copy the intake makes.
      */
     for (;;) {
-        struct pollfd pfd = {.fd = STDIN_FILENO, .events = POLLIN};
+        struct pollfd pfd = {.fd = s->o.qemu_in, .events = POLLIN};
         ssize_t n;
 
         if (page && len - pos >= RDMAX_PAGE_SIZE) {
-            unsigned k = rdmax_stream_lane_of(key, rdmax_s.nlanes);
-            struct page_slot *s = lane_slot(k);
-            s->key = key;
-            s->data = blk->data + pos;
-            s->blk = blk;
+            unsigned k = rdmax_stream_lane_of(key, s->nlanes);
+            struct page_slot *sl = lane_slot(p, k);
+            if (!sl) {
+                r = rdmax_session_failed(s);
+                break;
+            }
+            sl->key = key;
+            sl->data = blk->data + pos;
+            sl->blk = blk;
             rdmax_in_block_hold(blk);
-            rdmax_ring_commit(&lanes[k].ring);
-            lanes[k].dirty = true;
-            atomic_fetch_add_explicit(&rdmax_s.c.pages, 1, memory_order_relaxed);
-            rdmax_stream_page_done(st);
+            rdmax_ring_commit(&p->lanes[k].ring);
+            p->lanes[k].dirty = true;
+            atomic_fetch_add_explicit(&s->c.pages, 1, memory_order_relaxed);
+            rdmax_stream_page_done(p->st);
             pos += RDMAX_PAGE_SIZE;
             page = false;
             continue;
         }
         if (!page && pos < len) {
-            ssize_t c = rdmax_stream_scan(st, blk->data + pos, len - pos, &page, &key);
+            ssize_t c = rdmax_stream_scan(p->st, blk->data + pos, len - pos, &page, &key);
             if (c < 0) {
-                rdmax_fail("%s", rdmax_stream_error(st));
+                r = rdmax_session_error(s, -EBADMSG, "%s", rdmax_stream_error(p->st));
+                break;
             }
-            ctrl_append(blk->data + pos, (size_t)c);
+            r = ctrl_append(p, blk->data + pos, (size_t)c);
+            if (r < 0) {
+                break;
+            }
             pos += (size_t)c;
             continue;
         }
         /* Everything here is parsed (or a page is short): read more, into a fresh block if need be. */
         if ((page && IN_BLOCK - pos < RDMAX_PAGE_SIZE) || (!page && IN_BLOCK - len < IN_READ_MIN)) {
-            struct rdmax_in_block *next = intake_block(intake);
+            struct rdmax_in_block *next = intake_block(p);
+            if (!next) {
+                r = rdmax_session_failed(s);
+                break;
+            }
             memcpy(next->data, blk->data + pos, len - pos);
             len -= pos;
             pos = 0;
@@ -461,20 +592,21 @@ int rdmax_send_run(void)
             blk = next;
         }
         uint64_t now = (uint64_t)(rdmax_now() * 1e9);
-        if (rdmax_s.codec.zstd_level == 0 && now - win_start >= LEVEL_WINDOW_NS) {
-            uint64_t link = atomic_load_explicit(&link_ns_total, memory_order_relaxed);
-            uint64_t wire = atomic_load_explicit(&wire_total, memory_order_relaxed);
+        if (s->codec.zstd_level == 0 && now - win_start >= LEVEL_WINDOW_NS) {
+            uint64_t link = atomic_load_explicit(&p->link_ns_total, memory_order_relaxed);
+            uint64_t wire = atomic_load_explicit(&p->wire_total, memory_order_relaxed);
             win.wall_ns = win_start ? now - win_start : 0;
             win.bytes = total - win_total;
-            win.link_ns = (link - win_link) / rdmax_s.nlanes;
+            win.link_ns = (link - win_link) / s->nlanes;
             win.wire = wire - win_wire;
-            for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
+            for (unsigned i = 0; i < s->nlanes; i++) {
                 /* Bound now, or said so during the window. */
-                win.peer_bound |= atomic_load_explicit(&lanes[i].peer_bound, memory_order_relaxed) |
-                                  atomic_exchange_explicit(&lanes[i].peer_bound_seen, false,
-                                                           memory_order_relaxed);
+                win.peer_bound |=
+                    atomic_load_explicit(&p->lanes[i].peer_bound, memory_order_relaxed) |
+                    atomic_exchange_explicit(&p->lanes[i].peer_bound_seen, false,
+                                             memory_order_relaxed);
             }
-            atomic_store_explicit(&pipe_level, rdmax_level_ctl_window(&ctl, &win),
+            atomic_store_explicit(&p->pipe_level, rdmax_level_ctl_window(&ctl, &win),
                                   memory_order_relaxed);
             win = (struct rdmax_level_window){0};
             win_start = now;
@@ -483,51 +615,159 @@ int rdmax_send_run(void)
             win_wire = wire;
         }
         if (poll(&pfd, 1, 0) == 0) {
-            before_waiting(); /* about to block on QEMU */
-            n = read(STDIN_FILENO, blk->data + len, IN_BLOCK - len);
+            r = before_waiting(p); /* about to block on QEMU */
+            if (r < 0) {
+                break;
+            }
+            n = qemu_read(s, blk->data + len, IN_BLOCK - len);
             win.wait_ns += (uint64_t)(rdmax_now() * 1e9) - now;
         } else {
-            n = read(STDIN_FILENO, blk->data + len, IN_BLOCK - len);
+            n = qemu_read(s, blk->data + len, IN_BLOCK - len);
         }
         if (n < 0) {
-            if (errno == EINTR) {
-                continue;
-            }
-            rdmax_fail("reading the stream from QEMU: %s", strerror(errno));
+            r = (int)n;
+            break;
         }
         if (n == 0) {
             break;
         }
         len += (size_t)n;
         total += (uint64_t)n;
-        atomic_store_explicit(&rdmax_s.c.bytes_in, total, memory_order_relaxed);
+        atomic_store_explicit(&s->c.bytes_in, total, memory_order_relaxed);
     }
     rdmax_in_block_drop(blk);
+    *totalp = total;
+    return r;
+}
 
+int rdmax_send_run(struct rdmax_send *p)
+{
+    struct rdmax_session *s = &p->s;
+    struct rdmax_in_block *blk;
+    uint64_t total = 0, ram;
+    ssize_t len;
+    int r = rdmax_session_failed(s);
+
+    if (r < 0) {
+        return r;
+    }
+    blk = rdmax_intake_get(p->intake, false);
+    if (!blk) {
+        return rdmax_session_failed(s);
+    }
+    len = peek_ram_size(s, blk->data, PEEK_MAX < IN_BLOCK ? PEEK_MAX : IN_BLOCK, &ram);
+    if (len < 0) {
+        rdmax_in_block_drop(blk);
+        r = (int)len;
+        goto out;
+    }
+    total = (uint64_t)len;
+    if (s->o.cache_bytes != UINT64_MAX) {
+        s->codec.cache_bytes = s->o.cache_bytes;
+    } else {
+        s->codec.cache_bytes = rdmax_page_cache_budget(ram ? ram : DEFAULT_RAM_GUESS, s->nlanes, 0);
+    }
+    r = rdmax_session_connect(s);
+    if (r == 0) {
+        r = lanes_start(p);
+    }
+    if (r == 0 && rdmax_session_reader_start(s)) {
+        if (pthread_create(&p->reader, NULL, ctrl_reader_main, p) != 0) {
+            rdmax_session_reader_done(s);
+            r = rdmax_session_error(s, -EAGAIN, "cannot start the control reader");
+        } else {
+            p->reader_started = true;
+        }
+    }
+    if (r < 0 || rdmax_session_failed(s)) {
+        rdmax_in_block_drop(blk);
+        r = rdmax_session_failed(s);
+        goto out;
+    }
+    rdmax_keepalive_start(s);
+    rdmax_progress_start(s);
+
+    r = pump(p, blk, (size_t)len, &total);
+    if (r < 0) {
+        goto out;
+    }
     /* QEMU closed the stream: it is complete, or the migration was abandoned. */
-    if (rdmax_stream_finish(st) < 0) {
-        rdmax_fail("source QEMU closed the stream before its end (migration cancelled?): %s",
-                   rdmax_stream_error(st));
+    if (rdmax_stream_finish(p->st) < 0) {
+        r = rdmax_session_error(s, -EPIPE,
+                                "source QEMU closed the stream before its end (migration "
+                                "cancelled?): %s",
+                                rdmax_stream_error(p->st));
+        goto out;
     }
-    atomic_store(&rdmax_s.c.zero_pages, rdmax_stream_stats(st)->zero_pages);
-    ctrl_flush();
-    for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
-        rdmax_ring_close(&lanes[i].ring);
+    atomic_store(&s->c.zero_pages, rdmax_stream_stats(p->st)->zero_pages);
+    r = ctrl_flush(p);
+    if (r < 0) {
+        goto out;
     }
-    for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
-        pthread_join(lanes[i].thread, NULL);
+    for (unsigned i = 0; i < s->nlanes; i++) {
+        rdmax_ring_close(&p->lanes[i].ring);
     }
-    rdmax_intake_destroy(intake); /* the lanes dropped every page */
-    send_eof(total, atomic_load(&rdmax_s.c.pages));
+    for (unsigned i = 0; i < s->nlanes; i++) {
+        pthread_join(p->lanes[i].thread, NULL);
+        p->lanes[i].started = false;
+    }
+    r = rdmax_session_failed(s);
+    if (r == 0) {
+        r = send_eof(p, total, atomic_load(&s->c.pages));
+    }
+    if (r < 0) {
+        goto out;
+    }
+    /* Done only once the receiver confirms every byte reached its QEMU. */
+    pthread_mutex_lock(&s->mu);
+    while (!s->fin_acked && !atomic_load(&s->err)) {
+        pthread_cond_wait(&s->cv, &s->mu);
+    }
+    pthread_mutex_unlock(&s->mu);
+    r = rdmax_session_failed(s);
+out:
+    if (r == 0) {
+        /* The receiver may go: nothing more on any connection. */
+        rdmax_session_shutdown_all(s);
+    }
+    rdmax_session_stop(s);
+    for (unsigned i = 0; i < RDMAX_LANES_MAX; i++) {
+        if (p->lanes[i].started) {
+            pthread_join(p->lanes[i].thread, NULL);
+            p->lanes[i].started = false;
+        }
+    }
+    if (p->reader_started) {
+        pthread_join(p->reader, NULL);
+        p->reader_started = false;
+    }
+    return r < 0 ? r : rdmax_session_failed(s);
+}
 
-    /* Exit 0 only once the receiver confirms every byte reached its QEMU. */
-    pthread_mutex_lock(&fin_mu);
-    while (!fin_acked) {
-        pthread_cond_wait(&fin_cv, &fin_mu);
+void rdmax_send_destroy(struct rdmax_send *p)
+{
+    if (!p) {
+        return;
     }
-    pthread_mutex_unlock(&fin_mu);
-    rdmax_progress_final();
-    rdmax_stats_write("ok");
-    rdmax_stream_destroy(st);
-    return 0;
+    rdmax_session_stop(&p->s);
+    for (unsigned i = 0; i < RDMAX_LANES_MAX; i++) {
+        struct send_lane *l = &p->lanes[i];
+        if (l->ring_ok) {
+            /* Pages a failed run left in the ring still hold their blocks: drop them. */
+            struct page_slot *sl;
+            while ((sl = rdmax_ring_peek_at(&l->ring, 0))) {
+                rdmax_in_block_drop(sl->blk);
+                rdmax_ring_release_n(&l->ring, 1);
+            }
+            rdmax_ring_destroy(&l->ring);
+        }
+        rdmax_lane_encoder_destroy(l->enc);
+    }
+    rdmax_intake_destroy(p->intake);
+    rdmax_stream_destroy(p->st);
+    ZSTD_freeCStream(p->ctrl_z);
+    free(p->ctrl_zbuf);
+    free(p->ctrl_buf);
+    rdmax_session_destroy(&p->s);
+    free(p);
 }

@@ -1,5 +1,6 @@
 /*
- * Connection set-up, handshake, keep-alive and failure for both sides.
+ * Connection set-up, handshake, keep-alive and the sticky error for both
+ * sides. Everything is per session: nothing here is process-wide.
  */
 #include "session.h"
 
@@ -12,17 +13,19 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <openssl/crypto.h>
 
+#include "intake.h"
 #include "page-cache.h"
+#include "queue.h"
 
-struct rdmax_session rdmax_s;
-
-static atomic_flag failing = ATOMIC_FLAG_INIT;
+/* How long the farewell (ERROR frame, then the peer's close) may take. */
+#define FAREWELL_S 1.0
 
 double rdmax_now(void)
 {
@@ -53,107 +56,368 @@ const char *rdmax_wire_strerror(int err)
     }
 }
 
-static void fail_alarm(int sig)
+static void signal_fd(int fd)
 {
-    _exit(1);
+    uint64_t one = 1;
+
+    if (fd >= 0 && write(fd, &one, sizeof(one)) < 0) {
+        /* an eventfd only refuses at 2^64 - 1: cannot happen */
+    }
 }
 
-void rdmax_fail(const char *fmt, ...)
+int rdmax_session_init(struct rdmax_session *s, const struct rdmax_opts *o)
 {
-    char reason[512];
-    va_list ap;
+    char err[600];
 
-    va_start(ap, fmt);
-    vsnprintf(reason, sizeof(reason), fmt, ap);
-    va_end(ap);
-    if (atomic_flag_test_and_set(&failing)) {
-        /* Another thread is already failing; it will exit. */
-        for (;;) {
-            pause();
+    memset(s, 0, sizeof(*s));
+    s->o = *o;
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->cv, NULL);
+    s->err_fd = eventfd(0, EFD_CLOEXEC);
+    s->stop_fd = eventfd(0, EFD_CLOEXEC);
+    s->null_fd = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (s->err_fd < 0 || s->stop_fd < 0 || s->null_fd < 0) {
+        int r = -errno;
+        rdmax_session_destroy(s);
+        return r;
+    }
+    s->t0 = rdmax_now();
+    if (strcmp(o->transport, "auto") != 0) {
+        s->tp = rdmax_transport_find(o->transport);
+    } else {
+        /* auto: tcp unless connect/accept finds an RDMA path. */
+        s->auto_transport = true;
+        s->tp = rdmax_transport_find("tcp");
+    }
+    s->topts.connect_timeout_ms = o->connect_timeout_ms;
+    /*
+     * TCP_USER_TIMEOUT: a send blocked on a dead path fails after this
+     * instead of ~15 min of retransmissions. Defence in depth: rdma-x's own
+     * keep-alives on every connection report silence at --timeout, naming
+     * the connection. Not shorter: Linux also aborts a connection whose
+     * window stays closed this long (measured: 2.5 s closed with 2 s), so
+     * it is also how long a peer's QEMU may stop reading (30 s at least).
+     */
+    s->topts.user_timeout_ms = 2 * o->timeout_ms > 30000 ? 2 * o->timeout_ms : 30000;
+    s->topts.pinned_max = o->pinned_max;
+    s->topts.busy_poll = o->busy_poll;
+    if (o->sender) {
+        s->nlanes = o->lanes;
+        s->codec.zstd_level = o->zstd_level;
+    }
+    if (!s->tp) {
+        rdmax_session_error(s, -ENOTSUP, "transport %s is not built in", o->transport);
+    }
+    if (o->psk_file) {
+        if (rdmax_psk_load(o->psk_file, s->psk, sizeof(s->psk), &s->psk_len, err, sizeof(err)) <
+            0) {
+            rdmax_session_error(s, -EINVAL, "%s", err);
+        }
+        s->features |= RDMAX_FEAT_PSK;
+    }
+    if (o->encrypt) {
+        s->features |= RDMAX_FEAT_ENCRYPT;
+    }
+    return 0;
+}
+
+void rdmax_session_destroy(struct rdmax_session *s)
+{
+    rdmax_session_stop(s); /* an error after the run may have started a farewell */
+    /* The wire closes its connection. */
+    if (s->ctrl.conn) {
+        rdmax_wire_destroy(&s->ctrl);
+    }
+    for (unsigned i = 0; i < RDMAX_LANES_MAX; i++) {
+        if (s->lane[i].conn) {
+            rdmax_wire_destroy(&s->lane[i]);
         }
     }
-    /* QEMU first: closing our ends makes it see the failure at once. */
-    close(STDIN_FILENO);
-    close(STDOUT_FILENO);
-    fprintf(stderr, "rdma-x: error: %s\n", reason);
-    rdmax_progress_final();
-    rdmax_stats_write(reason);
-    /* Telling the peer is best effort: never let it hold the exit (nor
-     * change its status: the alarm exits 1 too). */
-    signal(SIGALRM, fail_alarm);
-    alarm(2);
-    if (rdmax_s.ctrl.conn) {
-        struct rdmax_conn *c = rdmax_s.ctrl.conn;
-        double until = rdmax_now() + 1.0;
-        static uint8_t sink[4096];
+    for (int *fd = &s->err_fd; fd <= &s->null_fd; fd++) {
+        if (*fd >= 0) {
+            close(*fd);
+        }
+        *fd = -1;
+    }
+    OPENSSL_cleanse(s->psk, sizeof(s->psk));
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->cv);
+}
 
-        if (rdmax_wire_send(&rdmax_s.ctrl, RDMAX_F_ERROR, 0, 0, reason, strlen(reason)) == 0) {
-            /*
-             * Let the reason arrive. Closing a TCP socket with unread input
-             * sends a reset, and a reset makes the peer's kernel drop what
-             * its reader has not read yet: our ERROR too, and the peer
-             * would only say "connection closed". So read and drop what the
-             * peer still sends until it closes (it does once it has read
-             * the ERROR), for at most a second.
-             */
+const char *rdmax_session_reason(struct rdmax_session *s)
+{
+    return rdmax_session_failed(s) ? s->reason : "";
+}
+
+void rdmax_session_shutdown_all(struct rdmax_session *s)
+{
+    pthread_mutex_lock(&s->mu);
+    if (s->ctrl.conn) {
+        s->ctrl.conn->ops->shutdown(s->ctrl.conn);
+    }
+    for (unsigned i = 0; i < RDMAX_LANES_MAX; i++) {
+        if (s->lane[i].conn) {
+            s->lane[i].conn->ops->shutdown(s->lane[i].conn);
+        }
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
+/*
+ * The ERROR frame, in a thread of its own: a sender blocked on the control
+ * connection (a peer that stopped reading) holds its send lock, and the
+ * farewell must not wait for it past its deadline. Without a control
+ * reader to drain the connection (during the handshake), it drains here.
+ */
+static void *farewell_send_main(void *arg)
+{
+    struct rdmax_session *s = arg;
+    struct rdmax_conn *c = s->ctrl.conn;
+    bool drain;
+
+    if (rdmax_wire_send(&s->ctrl, RDMAX_F_ERROR, 0, 0, s->reason, strlen(s->reason)) == 0) {
+        pthread_mutex_lock(&s->mu);
+        drain = !s->reader_running;
+        pthread_mutex_unlock(&s->mu);
+        if (drain) {
+            /* See rdmax_session_reader_start: read and drop until the peer closes. */
+            double until = rdmax_now() + FAREWELL_S;
+            uint8_t sink[4096];
             int r = 0;
             while ((r == 0 || r == -ETIMEDOUT) && rdmax_now() < until) {
                 r = c->ops->recv(c, sink, sizeof(sink), 100);
             }
         }
-        c->ops->shutdown(c);
     }
-    for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
-        if (rdmax_s.lane[i].conn) {
-            rdmax_s.lane[i].conn->ops->shutdown(rdmax_s.lane[i].conn);
+    pthread_mutex_lock(&s->mu);
+    s->farewell_sent = true;
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+/*
+ * Tell the peer why, best effort and bounded: the ERROR frame, then let it
+ * arrive. Closing a TCP socket with unread input sends a reset, and a reset
+ * makes the peer's kernel drop what its reader has not read yet: our ERROR
+ * too, and the peer would only say "connection closed". So the control
+ * reader (or farewell_send_main) reads and drops what the peer still sends
+ * until it closes (it does once it has read the ERROR), for at most
+ * FAREWELL_S. Then every connection is shut down, which wakes any thread
+ * still blocked on one.
+ */
+static void *farewell_main(void *arg)
+{
+    struct rdmax_session *s = arg;
+    struct timespec until;
+    bool send;
+
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += (time_t)FAREWELL_S;
+    pthread_mutex_lock(&s->mu);
+    send = s->ctrl.conn && !s->err_from_peer;
+    pthread_mutex_unlock(&s->mu);
+    if (send && pthread_create(&s->farewell_send, NULL, farewell_send_main, s) == 0) {
+        pthread_mutex_lock(&s->mu);
+        while (!(s->farewell_sent && (!s->reader_running || s->reader_done))) {
+            if (pthread_cond_timedwait(&s->cv, &s->mu, &until) == ETIMEDOUT) {
+                break;
+            }
+        }
+        pthread_mutex_unlock(&s->mu);
+        rdmax_session_shutdown_all(s);
+        pthread_join(s->farewell_send, NULL);
+    } else {
+        rdmax_session_shutdown_all(s);
+    }
+    pthread_mutex_lock(&s->mu);
+    s->farewell_done = true;
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+/* The first error: wake everything that may wait (mu held). */
+static void wake_locked(struct rdmax_session *s)
+{
+    /* QEMU first: its pipes close (the numbers stay valid), so it notices at once. */
+    if (s->null_fd >= 0) {
+        dup2(s->null_fd, s->o.qemu_in);
+        dup2(s->null_fd, s->o.qemu_out);
+    }
+    signal_fd(s->err_fd);
+    signal_fd(s->stop_fd);
+    for (unsigned i = 0; i < s->nrings; i++) {
+        rdmax_ring_abort(s->rings[i]);
+    }
+    if (s->intake) {
+        rdmax_intake_abort(s->intake);
+    }
+    /*
+     * The connections stay up until the farewell is over: a lane cut now
+     * could reach the peer before our ERROR frame, and it would report
+     * "connection closed" instead of our reason.
+     */
+    pthread_cond_broadcast(&s->cv);
+    s->farewell_started = pthread_create(&s->farewell, NULL, farewell_main, s) == 0;
+    if (!s->farewell_started) {
+        s->farewell_done = true;
+        if (s->ctrl.conn) {
+            s->ctrl.conn->ops->shutdown(s->ctrl.conn);
         }
     }
-    _exit(1);
 }
 
-static void hello_fill(struct rdmax_hello *h, uint16_t role, uint16_t lane)
+static int session_verror(struct rdmax_session *s, int err, bool from_peer, const char *fmt,
+                          va_list ap)
 {
-    memset(h, 0, sizeof(*h));
-    h->magic = RDMAX_WIRE_MAGIC;
-    h->version = RDMAX_WIRE_VERSION;
-    h->role = role;
-    h->lane = lane;
-    h->lanes = (uint16_t)rdmax_s.nlanes;
-    h->page_size = RDMAX_PAGE_SIZE;
-    h->session = rdmax_s.session_id;
-    h->features = rdmax_s.features;
-    h->cache_bytes = rdmax_s.codec.cache_bytes;
-    h->zstd_level = rdmax_s.codec.zstd_level;
-    /* Fresh per connection: proofs and keys can never be replayed. */
-    if (getrandom(h->nonce, sizeof(h->nonce), 0) != (ssize_t)sizeof(h->nonce)) {
-        rdmax_fail("no randomness for the handshake nonce: %s", strerror(errno));
+    int r;
+
+    pthread_mutex_lock(&s->mu);
+    if (atomic_load(&s->err) == 0) {
+        vsnprintf(s->reason, sizeof(s->reason), fmt, ap);
+        s->err_from_peer = from_peer;
+        atomic_store_explicit(&s->err, err < 0 ? err : -EIO, memory_order_release);
+        wake_locked(s);
     }
+    r = atomic_load(&s->err);
+    pthread_mutex_unlock(&s->mu);
+    return r;
 }
 
-void rdmax_session_init(void)
+int rdmax_session_error(struct rdmax_session *s, int err, const char *fmt, ...)
 {
-    char err[600];
+    va_list ap;
+    int r;
 
-    if (rdmax_s.o.psk_file) {
-        if (rdmax_psk_load(rdmax_s.o.psk_file, rdmax_s.psk, sizeof(rdmax_s.psk), &rdmax_s.psk_len,
-                           err, sizeof(err)) < 0) {
-            rdmax_fail("%s", err);
+    va_start(ap, fmt);
+    r = session_verror(s, err, false, fmt, ap);
+    va_end(ap);
+    return r;
+}
+
+int rdmax_session_peer_error(struct rdmax_session *s, int err, const char *fmt, ...)
+{
+    va_list ap;
+    int r;
+
+    va_start(ap, fmt);
+    r = session_verror(s, err, true, fmt, ap);
+    va_end(ap);
+    return r;
+}
+
+void rdmax_session_add_ring(struct rdmax_session *s, struct rdmax_ring *r)
+{
+    pthread_mutex_lock(&s->mu);
+    s->rings[s->nrings++] = r;
+    if (atomic_load(&s->err)) {
+        rdmax_ring_abort(r);
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
+void rdmax_session_set_intake(struct rdmax_session *s, struct rdmax_intake *in)
+{
+    pthread_mutex_lock(&s->mu);
+    s->intake = in;
+    if (in && atomic_load(&s->err)) {
+        rdmax_intake_abort(in);
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
+bool rdmax_session_reader_start(struct rdmax_session *s)
+{
+    bool ok;
+
+    pthread_mutex_lock(&s->mu);
+    ok = atomic_load(&s->err) == 0;
+    s->reader_running = ok;
+    pthread_mutex_unlock(&s->mu);
+    return ok;
+}
+
+void rdmax_session_reader_done(struct rdmax_session *s)
+{
+    pthread_mutex_lock(&s->mu);
+    s->reader_done = true;
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+}
+
+int rdmax_session_wait_fd(struct rdmax_session *s, int fd, short events)
+{
+    struct pollfd p[2] = {{.fd = fd, .events = events}, {.fd = s->err_fd, .events = POLLIN}};
+
+    for (;;) {
+        int n = poll(p, 2, -1);
+        if (rdmax_session_failed(s)) {
+            return rdmax_session_failed(s);
         }
-        rdmax_s.features |= RDMAX_FEAT_PSK;
-    }
-    if (rdmax_s.o.encrypt) {
-        rdmax_s.features |= RDMAX_FEAT_ENCRYPT;
+        if (n > 0) {
+            return 0; /* ready, or POLLHUP/POLLERR: the read or write says which */
+        }
+        if (n < 0 && errno != EINTR) {
+            return -errno;
+        }
     }
 }
 
+/* Sleep ms, or less once the run stops. True when it stopped. */
+static bool stop_wait(struct rdmax_session *s, int ms)
+{
+    struct pollfd p = {.fd = s->stop_fd, .events = POLLIN};
+
+    return poll(&p, 1, ms) > 0;
+}
+
+void rdmax_session_stop(struct rdmax_session *s)
+{
+    signal_fd(s->stop_fd);
+    if (s->keepalive_started) {
+        pthread_join(s->keepalive, NULL);
+        s->keepalive_started = false;
+    }
+    for (unsigned i = 0; i < s->lane_keepalives; i++) {
+        pthread_join(s->lane_keepalive[i], NULL);
+    }
+    s->lane_keepalives = 0;
+    if (s->progress_started) {
+        pthread_join(s->progress, NULL);
+        s->progress_started = false;
+    }
+    pthread_mutex_lock(&s->mu);
+    if (s->farewell_started) {
+        s->farewell_started = false;
+        pthread_mutex_unlock(&s->mu);
+        pthread_join(s->farewell, NULL);
+    } else {
+        pthread_mutex_unlock(&s->mu);
+    }
+}
+
+int rdmax_session_finish(struct rdmax_session *s, int r)
+{
+    if (r < 0 || rdmax_session_failed(s)) {
+        const char *why = rdmax_session_failed(s) ? s->reason : strerror(-r);
+        fprintf(stderr, "rdma-x: error: %s\n", why);
+        rdmax_progress_final(s);
+        rdmax_stats_write(s, why);
+        return 1;
+    }
+    rdmax_progress_final(s);
+    rdmax_stats_write(s, "ok");
+    return 0;
+}
 /*
  * Why the peer's features differ from ours, in words that name each side
  * (the same text is shown on both hosts); NULL when they agree.
  */
-static const char *feature_mismatch(uint32_t theirs)
+static const char *feature_mismatch(const struct rdmax_session *s, uint32_t theirs)
 {
-    uint32_t snd = rdmax_s.o.sender ? rdmax_s.features : theirs;
-    uint32_t rcv = rdmax_s.o.sender ? theirs : rdmax_s.features;
+    uint32_t snd = s->o.sender ? s->features : theirs;
+    uint32_t rcv = s->o.sender ? theirs : s->features;
 
     if ((snd ^ rcv) & RDMAX_FEAT_PSK) {
         return (rcv & RDMAX_FEAT_PSK)
@@ -173,16 +437,17 @@ static const char *feature_mismatch(uint32_t theirs)
 }
 
 /* The handshake transcript a proof covers: both HELLOs with the proof zeroed. */
-static int auth_proof(const char *label, const uint8_t client[RDMAX_HELLO_LEN],
-                      const uint8_t server[RDMAX_HELLO_LEN], uint8_t out[RDMAX_MAC_LEN])
+static int auth_proof(const struct rdmax_session *s, const char *label,
+                      const uint8_t client[RDMAX_HELLO_LEN], const uint8_t server[RDMAX_HELLO_LEN],
+                      uint8_t out[RDMAX_MAC_LEN])
 {
-    uint8_t c[RDMAX_HELLO_LEN], s[RDMAX_HELLO_LEN];
+    uint8_t c[RDMAX_HELLO_LEN], sv[RDMAX_HELLO_LEN];
 
     memcpy(c, client, sizeof(c));
-    memcpy(s, server, sizeof(s));
+    memcpy(sv, server, sizeof(sv));
     memset(c + RDMAX_HELLO_MAC, 0, RDMAX_MAC_LEN);
-    memset(s + RDMAX_HELLO_MAC, 0, RDMAX_MAC_LEN);
-    return rdmax_auth_mac(rdmax_s.psk, rdmax_s.psk_len, label, c, sizeof(c), s, sizeof(s), out);
+    memset(sv + RDMAX_HELLO_MAC, 0, RDMAX_MAC_LEN);
+    return rdmax_auth_mac(s->psk, s->psk_len, label, c, sizeof(c), sv, sizeof(sv), out);
 }
 
 /*
@@ -206,8 +471,8 @@ static int ms_left(double deadline)
 #define AUTH_LABEL_CLIENT "rdma-x v2 client proof"
 
 /* --encrypt: one key per direction of this connection, from the PSK and both nonces. */
-static int crypt_setup(struct rdmax_wire *w, const uint8_t *client_nonce,
-                       const uint8_t *server_nonce, bool client)
+static int crypt_setup(const struct rdmax_session *s, struct rdmax_wire *w,
+                       const uint8_t *client_nonce, const uint8_t *server_nonce, bool client)
 {
     uint8_t salt[2 * RDMAX_NONCE_LEN], kc[RDMAX_KEY_LEN], ks[RDMAX_KEY_LEN];
     struct rdmax_crypt *tx = NULL, *rx = NULL;
@@ -215,11 +480,11 @@ static int crypt_setup(struct rdmax_wire *w, const uint8_t *client_nonce,
 
     memcpy(salt, client_nonce, RDMAX_NONCE_LEN);
     memcpy(salt + RDMAX_NONCE_LEN, server_nonce, RDMAX_NONCE_LEN);
-    r = rdmax_crypt_derive(rdmax_s.psk, rdmax_s.psk_len, salt, sizeof(salt),
-                           "rdma-x v2 client to server", kc);
+    r = rdmax_crypt_derive(s->psk, s->psk_len, salt, sizeof(salt), "rdma-x v2 client to server",
+                           kc);
     if (r == 0) {
-        r = rdmax_crypt_derive(rdmax_s.psk, rdmax_s.psk_len, salt, sizeof(salt),
-                               "rdma-x v2 server to client", ks);
+        r = rdmax_crypt_derive(s->psk, s->psk_len, salt, sizeof(salt), "rdma-x v2 server to client",
+                               ks);
     }
     if (r == 0) {
         r = rdmax_crypt_create(client ? kc : ks, true, &tx);
@@ -241,12 +506,12 @@ static int crypt_setup(struct rdmax_wire *w, const uint8_t *client_nonce,
  * Read the peer's handshake reply: HELLO_ACK, or ERROR with its reason.
  * raw gets the reply's bytes (for the proofs).
  */
-static int hello_read(struct rdmax_wire *w, struct rdmax_hello *h, uint8_t raw[RDMAX_HELLO_LEN],
-                      char *err, size_t err_len)
+static int hello_read(const struct rdmax_session *s, struct rdmax_wire *w, struct rdmax_hello *h,
+                      uint8_t raw[RDMAX_HELLO_LEN], char *err, size_t err_len)
 {
     uint8_t buf[512];
     struct rdmax_frame_hdr fh;
-    int r = rdmax_wire_recv(w, &fh, buf, sizeof(buf) - 1, rdmax_s.o.timeout_ms);
+    int r = rdmax_wire_recv(w, &fh, buf, sizeof(buf) - 1, s->o.timeout_ms);
 
     if (r < 0) {
         snprintf(err, err_len, "handshake with %s: %s", w->conn->peer, rdmax_wire_strerror(r));
@@ -269,15 +534,57 @@ static int hello_read(struct rdmax_wire *w, struct rdmax_hello *h, uint8_t raw[R
     return r;
 }
 
-static void connect_one(struct rdmax_wire *w, const char *host, const char *port, uint16_t role,
-                        uint16_t lane, struct rdmax_conn *pre)
+/* 0, or -EIO when there is no randomness (reason in err). */
+static int hello_fill(const struct rdmax_session *s, struct rdmax_hello *h, uint16_t role,
+                      uint16_t lane, char *err, size_t err_len)
+{
+    memset(h, 0, sizeof(*h));
+    h->magic = RDMAX_WIRE_MAGIC;
+    h->version = RDMAX_WIRE_VERSION;
+    h->role = role;
+    h->lane = lane;
+    h->lanes = (uint16_t)s->nlanes;
+    h->page_size = RDMAX_PAGE_SIZE;
+    h->session = s->session_id;
+    h->features = s->features;
+    h->cache_bytes = s->codec.cache_bytes;
+    h->zstd_level = s->codec.zstd_level;
+    /* Fresh per connection: proofs and keys can never be replayed. */
+    if (getrandom(h->nonce, sizeof(h->nonce), 0) != (ssize_t)sizeof(h->nonce)) {
+        snprintf(err, err_len, "no randomness for the handshake nonce: %s", strerror(errno));
+        return -EIO;
+    }
+    return 0;
+}
+
+/* Make c the connection of w, unless the session failed meanwhile (then -ECANCELED). */
+static int wire_attach(struct rdmax_session *s, struct rdmax_wire *w, struct rdmax_conn *c)
+{
+    int r;
+
+    pthread_mutex_lock(&s->mu);
+    r = atomic_load(&s->err);
+    if (r == 0) {
+        rdmax_wire_init(w, c);
+    }
+    pthread_mutex_unlock(&s->mu);
+    if (r < 0) {
+        c->ops->close(c);
+    }
+    return r;
+}
+
+/* One connection with its handshake. 0, or -errno with the reason in err. */
+static int connect_one(struct rdmax_session *s, struct rdmax_wire *w, const char *host,
+                       const char *port, uint16_t role, uint16_t lane, struct rdmax_conn *pre,
+                       char *err, size_t err_len)
 {
     struct rdmax_conn *c;
     struct rdmax_hello h, peer;
     uint8_t mine[RDMAX_HELLO_LEN], theirs[RDMAX_HELLO_LEN], mac[RDMAX_MAC_LEN];
     struct rdmax_frame_hdr fh;
     uint8_t buf[512];
-    char err[600], who[300];
+    char who[300];
     const char *why;
     int r;
 
@@ -288,77 +595,108 @@ static void connect_one(struct rdmax_wire *w, const char *host, const char *port
         snprintf(who, sizeof(who), "%s:%s", host, port);
     }
     c = pre;
-    r = c ? 0 : rdmax_s.tp->connect(host, port, &rdmax_s.topts, &c);
-    if (r < 0) {
-        rdmax_fail("cannot connect to %s over %s: %s", who, rdmax_s.tp->name, strerror(-r));
+    if (!c) {
+        struct rdmax_transport_opts to = s->topts;
+        char tp_why[400] = "";
+
+        to.why = tp_why; /* this call's own: the lanes connect in parallel */
+        to.why_len = sizeof(tp_why);
+        r = s->tp->connect(host, port, &to, &c);
+        if (r < 0) {
+            snprintf(err, err_len, "cannot connect to %s over %s: %s", who, s->tp->name,
+                     tp_why[0] ? tp_why : strerror(-r));
+            return r;
+        }
     }
-    rdmax_wire_init(w, c);
-    hello_fill(&h, role, lane);
+    r = wire_attach(s, w, c);
+    if (r < 0) {
+        snprintf(err, err_len, "%s", rdmax_session_reason(s));
+        return r;
+    }
+    r = hello_fill(s, &h, role, lane, err, err_len);
+    if (r < 0) {
+        return r;
+    }
     rdmax_hello_encode(mine, &h);
     r = rdmax_wire_send(w, RDMAX_F_HELLO, 0, lane, mine, sizeof(mine));
     if (r < 0) {
-        rdmax_fail("handshake with %s: %s", who, rdmax_wire_strerror(r));
+        snprintf(err, err_len, "handshake with %s: %s", who, rdmax_wire_strerror(r));
+        return r;
     }
-    if (hello_read(w, &peer, theirs, err, sizeof(err)) < 0) {
-        rdmax_fail("%s", err);
+    r = hello_read(s, w, &peer, theirs, err, err_len);
+    if (r < 0) {
+        return r;
     }
-    if (peer.session != rdmax_s.session_id) {
-        rdmax_fail("handshake with %s: peer answered for another migration", who);
+    if (peer.session != s->session_id) {
+        snprintf(err, err_len, "handshake with %s: peer answered for another migration", who);
+        return -EPROTO;
     }
-    why = feature_mismatch(peer.features);
+    why = feature_mismatch(s, peer.features);
     if (why) {
-        rdmax_fail("handshake with %s: %s", who, why);
+        snprintf(err, err_len, "handshake with %s: %s", who, why);
+        return -EPROTO;
     }
-    if (!(rdmax_s.features & RDMAX_FEAT_PSK)) {
-        return;
+    if (!(s->features & RDMAX_FEAT_PSK)) {
+        return 0;
     }
     /* The receiver proves itself first, so we never answer an impostor. */
-    if (auth_proof(AUTH_LABEL_SERVER, mine, theirs, mac) < 0) {
-        rdmax_fail("computing the authentication proof failed");
+    if (auth_proof(s, AUTH_LABEL_SERVER, mine, theirs, mac) < 0) {
+        snprintf(err, err_len, "computing the authentication proof failed");
+        return -EIO;
     }
     if (!rdmax_auth_equal(mac, peer.mac)) {
-        rdmax_fail("authentication failed: the receiver at %s:%s does not hold this "
-                   "pre-shared key (wrong --psk-file?)",
-                   host, port);
+        snprintf(err, err_len,
+                 "authentication failed: the receiver at %s:%s does not hold this "
+                 "pre-shared key (wrong --psk-file?)",
+                 host, port);
+        return -EACCES;
     }
-    if (auth_proof(AUTH_LABEL_CLIENT, mine, theirs, mac) < 0) {
-        rdmax_fail("computing the authentication proof failed");
+    if (auth_proof(s, AUTH_LABEL_CLIENT, mine, theirs, mac) < 0) {
+        snprintf(err, err_len, "computing the authentication proof failed");
+        return -EIO;
     }
     r = rdmax_wire_send(w, RDMAX_F_AUTH, 0, lane, mac, sizeof(mac));
     if (r < 0) {
-        rdmax_fail("handshake with %s: %s", who, rdmax_wire_strerror(r));
+        snprintf(err, err_len, "handshake with %s: %s", who, rdmax_wire_strerror(r));
+        return r;
     }
-    r = rdmax_wire_recv(w, &fh, buf, sizeof(buf) - 1, rdmax_s.o.timeout_ms);
+    r = rdmax_wire_recv(w, &fh, buf, sizeof(buf) - 1, s->o.timeout_ms);
     if (r < 0) {
-        rdmax_fail("handshake with %s: %s", who, rdmax_wire_strerror(r));
+        snprintf(err, err_len, "handshake with %s: %s", who, rdmax_wire_strerror(r));
+        return r;
     }
     if (fh.type == RDMAX_F_ERROR) {
         char txt[RDMAX_PEER_TEXT_BUF];
-        rdmax_fail("peer refused: %s", rdmax_peer_text(txt, sizeof(txt), buf, fh.len));
+        snprintf(err, err_len, "peer refused: %s", rdmax_peer_text(txt, sizeof(txt), buf, fh.len));
+        return -ECONNREFUSED;
     }
     if (fh.type != RDMAX_F_AUTH_OK || fh.len != 0) {
-        rdmax_fail("handshake with %s: got %s frame instead of AUTH_OK", who,
-                   rdmax_frame_type_name(fh.type));
+        snprintf(err, err_len, "handshake with %s: got %s frame instead of AUTH_OK", who,
+                 rdmax_frame_type_name(fh.type));
+        return -EPROTO;
     }
-    if ((rdmax_s.features & RDMAX_FEAT_ENCRYPT) && crypt_setup(w, h.nonce, peer.nonce, true) < 0) {
-        rdmax_fail("setting up encryption with %s failed", who);
+    if ((s->features & RDMAX_FEAT_ENCRYPT) && crypt_setup(s, w, h.nonce, peer.nonce, true) < 0) {
+        snprintf(err, err_len, "setting up encryption with %s failed", who);
+        return -EIO;
     }
+    return 0;
 }
 
 /*
  * --transport auto on the sender: RDMA when a device here reaches the
  * receiver over RDMA (tried for a few seconds), else TCP; says which. The
  * lanes then use what the control connection used. Returns the connected
- * control connection, or NULL to connect it over rdmax_s.tp as usual.
+ * control connection, or NULL to connect it over s->tp as usual.
  */
-static struct rdmax_conn *auto_connect(const char *host, const char *port)
+static struct rdmax_conn *auto_connect(struct rdmax_session *s, const char *host, const char *port)
 {
     const struct rdmax_transport_ops *rdma = rdmax_transport_find("rdma");
-    struct rdmax_transport_opts o = rdmax_s.topts;
+    struct rdmax_transport_opts o = s->topts;
     struct rdmax_conn *c = NULL;
+    char why[400] = "";
     int r;
 
-    if (!rdmax_s.auto_transport) {
+    if (!s->auto_transport) {
         return NULL;
     }
     if (!rdma) {
@@ -367,23 +705,26 @@ static struct rdmax_conn *auto_connect(const char *host, const char *port)
     if (o.connect_timeout_ms > 3000) {
         o.connect_timeout_ms = 3000;
     }
-    rdmax_log_quiet(true);
+    o.why = why;
+    o.why_len = sizeof(why);
+    rdmax_log_quiet(true); /* what the transport still logs while probing */
     r = rdma->connect(host, port, &o, &c);
     rdmax_log_quiet(false);
     if (r < 0) {
         /* A host without any RDMA device is the common case: no need to say it. */
         if (r != -ENODEV) {
             fprintf(stderr, "rdma-x: note: transport auto: tcp (no RDMA path to %s:%s: %s)\n", host,
-                    port, strerror(-r));
+                    port, why[0] ? why : strerror(-r));
         }
         return NULL;
     }
     fprintf(stderr, "rdma-x: note: transport auto: rdma\n");
-    rdmax_s.tp = rdma;
+    s->tp = rdma;
     return c;
 }
 
 struct lane_connect {
+    struct rdmax_session *s;
     const char *host, *port;
     uint16_t lane;
 };
@@ -391,25 +732,36 @@ struct lane_connect {
 static void *lane_connect_main(void *arg)
 {
     const struct lane_connect *lc = arg;
+    char err[600];
+    int r = connect_one(lc->s, &lc->s->lane[lc->lane], lc->host, lc->port, RDMAX_ROLE_LANE,
+                        lc->lane, NULL, err, sizeof(err));
 
-    connect_one(&rdmax_s.lane[lc->lane], lc->host, lc->port, RDMAX_ROLE_LANE, lc->lane, NULL);
+    if (r < 0) {
+        /* The first failing lane stops the others (their connections are shut down). */
+        rdmax_session_error(lc->s, r, "%s", err);
+    }
     return NULL;
 }
 
-void rdmax_session_connect(void)
+int rdmax_session_connect(struct rdmax_session *s)
 {
-    char host[256], port[32], err[200];
+    char host[256], port[32], err[600];
+    int r;
 
-    rdmax_session_init();
-    if (rdmax_addr_split(rdmax_s.o.addr, host, sizeof(host), port, sizeof(port), err, sizeof(err)) <
-        0) {
-        rdmax_fail("%s", err);
+    if (rdmax_session_failed(s)) {
+        return rdmax_session_failed(s);
     }
-    if (getrandom(&rdmax_s.session_id, sizeof(rdmax_s.session_id), 0) !=
-        sizeof(rdmax_s.session_id)) {
-        rdmax_s.session_id = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
+    if (rdmax_addr_split(s->o.addr, host, sizeof(host), port, sizeof(port), err, sizeof(err)) < 0) {
+        return rdmax_session_error(s, -EINVAL, "%s", err);
     }
-    connect_one(&rdmax_s.ctrl, host, port, RDMAX_ROLE_CONTROL, 0, auto_connect(host, port));
+    if (getrandom(&s->session_id, sizeof(s->session_id), 0) != sizeof(s->session_id)) {
+        s->session_id = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
+    }
+    r = connect_one(s, &s->ctrl, host, port, RDMAX_ROLE_CONTROL, 0, auto_connect(s, host, port),
+                    err, sizeof(err));
+    if (r < 0) {
+        return rdmax_session_error(s, r, "%s", err);
+    }
     /*
      * The lanes connect in parallel, one thread each: set-up costs a few
      * round trips in all, not per lane (64 lanes x 3 round trips with a PSK
@@ -419,20 +771,23 @@ void rdmax_session_connect(void)
         pthread_t t[RDMAX_LANES_MAX];
         struct lane_connect lc[RDMAX_LANES_MAX];
         pthread_attr_t a;
+        unsigned n;
 
         pthread_attr_init(&a);
         pthread_attr_setstacksize(&a, 256u << 10);
-        for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
-            lc[i] = (struct lane_connect){host, port, (uint16_t)i};
-            if (pthread_create(&t[i], &a, lane_connect_main, &lc[i]) != 0) {
-                rdmax_fail("cannot start a thread to connect lane %u", i);
+        for (n = 0; n < s->nlanes; n++) {
+            lc[n] = (struct lane_connect){s, host, port, (uint16_t)n};
+            if (pthread_create(&t[n], &a, lane_connect_main, &lc[n]) != 0) {
+                rdmax_session_error(s, -EAGAIN, "cannot start a thread to connect lane %u", n);
+                break;
             }
         }
         pthread_attr_destroy(&a);
-        for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
+        for (unsigned i = 0; i < n; i++) {
             pthread_join(t[i], NULL);
         }
     }
+    return rdmax_session_failed(s);
 }
 
 /* Refuse a connection with a reason, without letting it stall the listener. */
@@ -459,9 +814,9 @@ static void refuse(struct rdmax_conn *c, const char *reason)
  * and, with a PSK, check its proof. 0, or -errno with the reason in err
  * (the caller refuses the connection). Nothing is committed here.
  */
-static int server_hello(struct rdmax_wire *w, const uint8_t in[RDMAX_HELLO_LEN],
-                        const struct rdmax_hello *h, uint8_t nonce[RDMAX_NONCE_LEN], double deadline,
-                        char *err, size_t err_len)
+static int server_hello(const struct rdmax_session *s, struct rdmax_wire *w,
+                        const uint8_t in[RDMAX_HELLO_LEN], const struct rdmax_hello *h,
+                        uint8_t nonce[RDMAX_NONCE_LEN], double deadline, char *err, size_t err_len)
 {
     struct rdmax_hello me;
     uint8_t out[RDMAX_HELLO_LEN], mac[RDMAX_MAC_LEN], buf[512];
@@ -469,15 +824,18 @@ static int server_hello(struct rdmax_wire *w, const uint8_t in[RDMAX_HELLO_LEN],
     int r;
 
     /* Echo the sender's parameters: the receiver adopts them. */
-    hello_fill(&me, h->role, h->lane);
+    r = hello_fill(s, &me, h->role, h->lane, err, err_len);
+    if (r < 0) {
+        return r;
+    }
     me.lanes = h->lanes;
     me.session = h->session;
     me.cache_bytes = h->cache_bytes;
     me.zstd_level = h->zstd_level;
     memcpy(nonce, me.nonce, RDMAX_NONCE_LEN);
     rdmax_hello_encode(out, &me);
-    if (rdmax_s.features & RDMAX_FEAT_PSK) {
-        if (auth_proof(AUTH_LABEL_SERVER, in, out, mac) < 0) {
+    if (s->features & RDMAX_FEAT_PSK) {
+        if (auth_proof(s, AUTH_LABEL_SERVER, in, out, mac) < 0) {
             snprintf(err, err_len, "computing the authentication proof failed");
             return -EIO;
         }
@@ -489,7 +847,7 @@ static int server_hello(struct rdmax_wire *w, const uint8_t in[RDMAX_HELLO_LEN],
         snprintf(err, err_len, "handshake: %s", rdmax_wire_strerror(r));
         return r;
     }
-    if (!(rdmax_s.features & RDMAX_FEAT_PSK)) {
+    if (!(s->features & RDMAX_FEAT_PSK)) {
         return 0;
     }
     r = rdmax_wire_recv(w, &fh, buf, sizeof(buf) - 1, ms_left(deadline));
@@ -504,7 +862,7 @@ static int server_hello(struct rdmax_wire *w, const uint8_t in[RDMAX_HELLO_LEN],
                  r < 0 ? rdmax_wire_strerror(r) : rdmax_frame_type_name(fh.type));
         return r < 0 ? r : -EACCES;
     }
-    if (auth_proof(AUTH_LABEL_CLIENT, in, out, mac) < 0) {
+    if (auth_proof(s, AUTH_LABEL_CLIENT, in, out, mac) < 0) {
         snprintf(err, err_len, "computing the authentication proof failed");
         return -EIO;
     }
@@ -517,95 +875,157 @@ static int server_hello(struct rdmax_wire *w, const uint8_t in[RDMAX_HELLO_LEN],
     return 0;
 }
 
-/* The client is accepted: AUTH_OK with a PSK, then encryption starts. */
-static void server_accept_ok(struct rdmax_wire *w, const uint8_t *client_nonce,
-                             const uint8_t *server_nonce, uint16_t channel)
+/* The client is accepted: AUTH_OK with a PSK, then encryption starts. 0 or the session's error. */
+static int server_accept_ok(struct rdmax_session *s, struct rdmax_wire *w,
+                            const uint8_t *client_nonce, const uint8_t *server_nonce,
+                            uint16_t channel)
 {
     int r;
 
-    if (!(rdmax_s.features & RDMAX_FEAT_PSK)) {
-        return;
+    if (!(s->features & RDMAX_FEAT_PSK)) {
+        return 0;
     }
     r = rdmax_wire_send(w, RDMAX_F_AUTH_OK, 0, channel, NULL, 0);
     if (r < 0) {
-        rdmax_fail("handshake with %s: %s", w->conn->peer, rdmax_wire_strerror(r));
+        return rdmax_session_error(s, r, "handshake with %s: %s", w->conn->peer,
+                                   rdmax_wire_strerror(r));
     }
-    if ((rdmax_s.features & RDMAX_FEAT_ENCRYPT) &&
-        crypt_setup(w, client_nonce, server_nonce, false) < 0) {
-        rdmax_fail("setting up encryption with %s failed", w->conn->peer);
+    if ((s->features & RDMAX_FEAT_ENCRYPT) &&
+        crypt_setup(s, w, client_nonce, server_nonce, false) < 0) {
+        return rdmax_session_error(s, -EIO, "setting up encryption with %s failed", w->conn->peer);
     }
+    return 0;
 }
+
+/*
+ * The receiver's accept loop. Every accepted connection gets a handshake
+ * thread and one absolute deadline (HANDSHAKE_MS); the main thread only
+ * accepts, enforces the deadlines and reaps. At most PENDING_UNAUTH
+ * handshakes run at once, plus one per lane still due once the control
+ * connection is in (the sender connects its lanes in parallel); when full,
+ * the oldest unauthenticated one is dropped for the newcomer. So a silent,
+ * dripping or garbage client holds one slot for at most HANDSHAKE_MS and
+ * never the listener, and a flood costs bounded threads, fds and memory.
+ * Commits (control connection, lanes) happen under as->mu, only after the
+ * proofs check.
+ */
+#define PENDING_UNAUTH 16
+#define PENDING_MAX (PENDING_UNAUTH + RDMAX_LANES_MAX)
+#define HANDSHAKE_GRACE_S 0.5 /* after its deadline, the main thread cuts a handshake off */
+#define HANDSHAKE_STACK (256u << 10)
+
+struct accept_state;
+
+struct pending {
+    struct accept_state *as; /* set at start */
+    struct rdmax_conn *c;    /* until the thread commits or refuses it (as->mu) */
+    pthread_t thread;
+    double started, deadline; /* rdmax_now() */
+    bool used;                /* main thread only */
+    bool evicted, expired;    /* why the main thread cut it off (as->mu) */
+    bool closing;             /* cut off because the migration is complete (as->mu) */
+    bool hello_ok;            /* sent a valid HELLO, now in the proofs (as->mu) */
+    _Atomic bool done;
+};
+
+/* The receiver's accept loop, for one rdmax_session_accept call. */
+struct accept_state {
+    struct rdmax_session *s;
+    pthread_mutex_t mu;
+    bool have_ctrl;
+    unsigned have_lanes;
+    const struct rdmax_transport_ops *ctrl_tp; /* the lanes must come over it too */
+    uint64_t cache_cap;
+    double lane_deadline; /* --timeout after the control connection or the last lane */
+    struct pending pend[PENDING_MAX];
+    /* --transport auto: the RDMA listener beside the main one (main thread only) */
+    struct rdmax_listener *alt_l;
+    const struct rdmax_transport_ops *alt_tp;
+    bool last_from_alt; /* the last accepted connection came over alt_tp */
+};
 
 /*
  * --transport auto on the receiver: listen on RDMA too when a device here
  * has the address, and take the migration over whichever transport its
  * control connection arrives on.
  */
-static struct rdmax_listener *alt_l;
-static const struct rdmax_transport_ops *alt_tp;
-static bool last_from_alt; /* the last accepted connection came over alt_tp */
 
-static void auto_listen(const char *host, const char *port)
+static void auto_listen(struct accept_state *as, const char *host, const char *port)
 {
     const struct rdmax_transport_ops *rdma = rdmax_transport_find("rdma");
+    struct rdmax_session *s = as->s;
+    struct rdmax_transport_opts o = s->topts;
+    char why[400] = "";
     int r;
 
-    if (!rdmax_s.auto_transport) {
+    if (!s->auto_transport) {
         return;
     }
     if (!rdma) {
         return;
     }
+    o.why = why;
+    o.why_len = sizeof(why);
     rdmax_log_quiet(true);
-    r = rdma->listen(host, port, &rdmax_s.topts, &alt_l);
+    r = rdma->listen(host, port, &o, &as->alt_l);
     rdmax_log_quiet(false);
     if (r < 0) {
         if (r != -ENODEV) {
             fprintf(stderr, "rdma-x: note: transport auto: tcp only (no RDMA device for %s: %s)\n",
-                    host, strerror(-r));
+                    host, why[0] ? why : strerror(-r));
         }
-        alt_l = NULL;
+        as->alt_l = NULL;
         return;
     }
-    alt_tp = rdma;
+    as->alt_tp = rdma;
 }
 
 /*
  * While no migration has arrived, the destination QEMU may give up (quit,
  * cancel): its end of our stdout then closes, and QEMU waits for us to exit.
  */
-static void check_qemu_still_there(void)
+static int check_qemu_still_there(struct rdmax_session *s)
 {
-    struct pollfd pfd = {.fd = STDOUT_FILENO, .events = 0};
+    struct pollfd pfd = {.fd = s->o.qemu_out, .events = 0};
 
     if (poll(&pfd, 1, 0) == 1 && (pfd.revents & (POLLERR | POLLHUP))) {
-        rdmax_fail("the destination QEMU closed its side before a sender connected");
+        return rdmax_session_error(
+            s, -EPIPE, "the destination QEMU closed its side before a sender connected");
     }
+    return rdmax_session_failed(s);
 }
 
 /* Accept on the listener, or on either of the two in auto mode. */
-static int accept_any(struct rdmax_listener **l, int wait_ms, struct rdmax_conn **c)
+static int accept_any(struct accept_state *as, struct rdmax_listener **l, int wait_ms,
+                      struct rdmax_conn **c)
 {
+    struct rdmax_session *s = as->s;
     double end = wait_ms < 0 ? 0 : rdmax_now() + wait_ms / 1000.0;
 
-    last_from_alt = false;
-    if (!alt_l) {
+    as->last_from_alt = false;
+    if (!as->alt_l) {
         int r;
         do {
-            check_qemu_still_there();
-            r = rdmax_s.tp->accept(*l, wait_ms < 0 ? 500 : wait_ms, c);
+            r = check_qemu_still_there(s);
+            if (r < 0) {
+                return r;
+            }
+            r = s->tp->accept(*l, wait_ms < 0 ? 500 : wait_ms, c);
         } while (r == -ETIMEDOUT && wait_ms < 0);
         return r;
     }
     for (;;) {
-        check_qemu_still_there();
-        int r = rdmax_s.tp->accept(*l, 50, c);
+        int r = check_qemu_still_there(s);
+        if (r < 0) {
+            return r;
+        }
+        r = s->tp->accept(*l, 50, c);
         if (r != -ETIMEDOUT) {
             return r;
         }
-        r = alt_tp->accept(alt_l, 50, c);
+        r = as->alt_tp->accept(as->alt_l, 50, c);
         if (r != -ETIMEDOUT) {
-            last_from_alt = r == 0;
+            as->last_from_alt = r == 0;
             return r;
         }
         if (wait_ms >= 0 && rdmax_now() >= end) {
@@ -618,104 +1038,69 @@ static int accept_any(struct rdmax_listener **l, int wait_ms, struct rdmax_conn 
  * The control connection is in: the migration uses its transport, the lanes
  * follow it there, and the other transport's listener goes.
  */
-static void auto_settle(struct rdmax_listener **l)
+static void auto_settle(struct accept_state *as, struct rdmax_listener **l)
 {
-    if (!alt_l) {
+    struct rdmax_session *s = as->s;
+
+    if (!as->alt_l) {
         return;
     }
-    if (last_from_alt) {
-        rdmax_s.tp->listener_close(*l);
-        *l = alt_l;
-        rdmax_s.tp = alt_tp;
+    if (as->last_from_alt) {
+        s->tp->listener_close(*l);
+        *l = as->alt_l;
+        s->tp = as->alt_tp;
     } else {
-        alt_tp->listener_close(alt_l);
+        as->alt_tp->listener_close(as->alt_l);
     }
-    alt_l = NULL;
-    fprintf(stderr, "rdma-x: note: transport auto: %s\n", rdmax_s.tp->name);
+    as->alt_l = NULL;
+    fprintf(stderr, "rdma-x: note: transport auto: %s\n", s->tp->name);
 }
 
 /*
- * The receiver's accept loop. Every accepted connection gets a handshake
- * thread and one absolute deadline (HANDSHAKE_MS); the main thread only
- * accepts, enforces the deadlines and reaps. At most PENDING_UNAUTH
- * handshakes run at once, plus one per lane still due once the control
- * connection is in (the sender connects its lanes in parallel); when full,
- * the oldest unauthenticated one is dropped for the newcomer. So a silent,
- * dripping or garbage client holds one slot for at most HANDSHAKE_MS and
- * never the listener, and a flood costs bounded threads, fds and memory.
- * Commits (control connection, lanes) happen under acc.mu, only after the
- * proofs check.
- */
-#define PENDING_UNAUTH 16
-#define PENDING_MAX (PENDING_UNAUTH + RDMAX_LANES_MAX)
-#define HANDSHAKE_GRACE_S 0.5 /* after its deadline, the main thread cuts a handshake off */
-#define HANDSHAKE_STACK (256u << 10)
-
-struct pending {
-    struct rdmax_conn *c; /* until the thread commits or refuses it (acc.mu) */
-    pthread_t thread;
-    double started, deadline; /* rdmax_now() */
-    bool used;                /* main thread only */
-    bool evicted, expired;    /* why the main thread cut it off (acc.mu) */
-    bool closing;             /* cut off because the migration is complete (acc.mu) */
-    bool hello_ok;            /* sent a valid HELLO, now in the proofs (acc.mu) */
-    _Atomic bool done;
-};
-
-static struct {
-    pthread_mutex_t mu;
-    bool have_ctrl;
-    unsigned have_lanes;
-    const struct rdmax_transport_ops *ctrl_tp; /* the lanes must come over it too */
-    uint64_t cache_cap;
-    double lane_deadline; /* --timeout after the control connection or the last lane */
-} acc = {.mu = PTHREAD_MUTEX_INITIALIZER};
-
-static struct pending pend[PENDING_MAX];
-
-/*
  * May a connection with this HELLO become part of the migration? Checked
- * before the proofs (to refuse early) and again at the commit. acc.mu held.
+ * before the proofs (to refuse early) and again at the commit. as->mu held.
  */
-static int admit(const struct rdmax_conn *c, const struct rdmax_hello *h, bool *lane_mismatch,
-                 char *err, size_t err_len)
+static int admit(struct accept_state *as, const struct rdmax_conn *c, const struct rdmax_hello *h,
+                 bool *lane_mismatch, char *err, size_t err_len)
 {
+    const struct rdmax_session *s = as->s;
+
     *lane_mismatch = false;
     if (h->role == RDMAX_ROLE_CONTROL) {
-        if (acc.have_ctrl) {
+        if (as->have_ctrl) {
             snprintf(err, err_len, "a migration is already in progress");
             return -EBUSY;
         }
-        if (h->cache_bytes > (64ull << 30) || h->cache_bytes * h->lanes > acc.cache_cap) {
+        if (h->cache_bytes > (64ull << 30) || h->cache_bytes * h->lanes > as->cache_cap) {
             snprintf(err, err_len,
                      "page cache of %llu MiB x %u lanes is above this receiver's cap of "
                      "%llu MiB (recv --cache-max, or send --cache-size)",
                      (unsigned long long)(h->cache_bytes >> 20), h->lanes,
-                     (unsigned long long)(acc.cache_cap >> 20));
+                     (unsigned long long)(as->cache_cap >> 20));
             return -EINVAL;
         }
-        if (rdmax_s.o.lanes && h->lanes != rdmax_s.o.lanes) {
+        if (s->o.lanes && h->lanes != s->o.lanes) {
             *lane_mismatch = true;
             snprintf(err, err_len, "lane count mismatch: sender %u, receiver %u", h->lanes,
-                     rdmax_s.o.lanes);
+                     s->o.lanes);
         }
         return 0;
     }
-    if (!acc.have_ctrl || h->session != rdmax_s.session_id) {
+    if (!as->have_ctrl || h->session != s->session_id) {
         snprintf(err, err_len, "lane connection for no migration in progress");
         return -EINVAL;
     }
-    if (h->lanes != rdmax_s.nlanes) {
+    if (h->lanes != s->nlanes) {
         snprintf(err, err_len, "lane connection for %u lanes, migration has %u", h->lanes,
-                 rdmax_s.nlanes);
+                 s->nlanes);
         return -EINVAL;
     }
-    if (c->ops != acc.ctrl_tp) {
-        snprintf(err, err_len, "lane connection over %s, the migration came over %s",
-                 c->ops->name, acc.ctrl_tp->name);
+    if (c->ops != as->ctrl_tp) {
+        snprintf(err, err_len, "lane connection over %s, the migration came over %s", c->ops->name,
+                 as->ctrl_tp->name);
         return -EINVAL;
     }
-    if (rdmax_s.lane[h->lane].conn) {
+    if (s->lane[h->lane].conn) {
         snprintf(err, err_len, "lane connected twice");
         return -EINVAL;
     }
@@ -723,21 +1108,26 @@ static int admit(const struct rdmax_conn *c, const struct rdmax_hello *h, bool *
 }
 
 /* A sender with the wrong --lanes: tell it, and stop. */
-static __attribute__((noreturn)) void lane_mismatch_fail(struct pending *p, struct rdmax_wire *w,
-                                                         struct rdmax_conn *c, const char *err)
+static void lane_mismatch_fail(struct pending *p, struct rdmax_wire *w, struct rdmax_conn *c,
+                               const char *err)
 {
-    pthread_mutex_lock(&acc.mu);
+    struct accept_state *as = p->as;
+
+    pthread_mutex_lock(&as->mu);
     p->c = NULL;
-    pthread_mutex_unlock(&acc.mu);
+    pthread_mutex_unlock(&as->mu);
     w->conn = NULL;
     rdmax_wire_destroy(w);
     refuse(c, err);
-    rdmax_fail("%s", err);
+    rdmax_session_error(as->s, -EINVAL, "%s", err);
+    atomic_store(&p->done, true);
 }
 
 static void *handshake_main(void *arg)
 {
     struct pending *p = arg;
+    struct accept_state *as = p->as;
+    struct rdmax_session *s = as->s;
     struct rdmax_conn *c = p->c;
     struct rdmax_wire w;
     struct rdmax_hello h;
@@ -762,22 +1152,23 @@ static void *handshake_main(void *arg)
         }
         goto refuse;
     }
-    why = feature_mismatch(h.features);
+    why = feature_mismatch(s, h.features);
     if (why) {
         snprintf(err, sizeof(err), "%s", why);
         goto refuse;
     }
-    pthread_mutex_lock(&acc.mu);
-    r = admit(c, &h, &lane_mismatch, err, sizeof(err));
+    pthread_mutex_lock(&as->mu);
+    r = admit(as, c, &h, &lane_mismatch, err, sizeof(err));
     p->hello_ok = r == 0;
-    pthread_mutex_unlock(&acc.mu);
+    pthread_mutex_unlock(&as->mu);
     if (r < 0) {
         goto refuse;
     }
-    if (lane_mismatch && !(rdmax_s.features & RDMAX_FEAT_PSK)) {
+    if (lane_mismatch && !(s->features & RDMAX_FEAT_PSK)) {
         lane_mismatch_fail(p, &w, c, err);
+        return NULL;
     }
-    r = server_hello(&w, in, &h, nonce, p->deadline, why_auth, sizeof(why_auth));
+    r = server_hello(s, &w, in, &h, nonce, p->deadline, why_auth, sizeof(why_auth));
     if (r < 0) {
         snprintf(err, sizeof(err), "%s", why_auth);
         goto refuse;
@@ -785,41 +1176,44 @@ static void *handshake_main(void *arg)
     if (lane_mismatch) {
         /* Authenticated, so a real sender with the wrong --lanes: stop. */
         lane_mismatch_fail(p, &w, c, err);
+        return NULL;
     }
-    pthread_mutex_lock(&acc.mu);
-    r = admit(c, &h, &lane_mismatch, err, sizeof(err));
+    pthread_mutex_lock(&as->mu);
+    r = admit(as, c, &h, &lane_mismatch, err, sizeof(err));
     if (r == 0) {
         struct rdmax_wire *into;
         p->c = NULL; /* the migration's now: never cut off */
+        pthread_mutex_lock(&s->mu); /* the farewell reads the connections */
         if (h.role == RDMAX_ROLE_CONTROL) {
-            rdmax_s.session_id = h.session;
-            rdmax_s.nlanes = h.lanes;
-            rdmax_s.codec.cache_bytes = h.cache_bytes;
-            rdmax_s.codec.zstd_level = h.zstd_level;
-            rdmax_s.ctrl = w;
-            into = &rdmax_s.ctrl;
-            acc.have_ctrl = true;
-            acc.ctrl_tp = c->ops;
+            s->session_id = h.session;
+            s->nlanes = h.lanes;
+            s->codec.cache_bytes = h.cache_bytes;
+            s->codec.zstd_level = h.zstd_level;
+            s->ctrl = w;
+            into = &s->ctrl;
+            as->have_ctrl = true;
+            as->ctrl_tp = c->ops;
         } else {
-            rdmax_s.lane[h.lane] = w;
-            into = &rdmax_s.lane[h.lane];
-            acc.have_lanes++;
+            s->lane[h.lane] = w;
+            into = &s->lane[h.lane];
+            as->have_lanes++;
         }
+        pthread_mutex_unlock(&s->mu);
         /* The lanes' deadline runs from what arrived last, not from the start. */
-        acc.lane_deadline = rdmax_now() + rdmax_s.o.timeout_ms / 1000.0;
-        pthread_mutex_unlock(&acc.mu);
-        server_accept_ok(into, h.nonce, nonce, h.role == RDMAX_ROLE_LANE ? h.lane : 0);
+        as->lane_deadline = rdmax_now() + s->o.timeout_ms / 1000.0;
+        pthread_mutex_unlock(&as->mu);
+        server_accept_ok(s, into, h.nonce, nonce, h.role == RDMAX_ROLE_LANE ? h.lane : 0);
         atomic_store(&p->done, true);
         return NULL;
     }
-    pthread_mutex_unlock(&acc.mu);
+    pthread_mutex_unlock(&as->mu);
 refuse:
-    pthread_mutex_lock(&acc.mu);
+    pthread_mutex_lock(&as->mu);
     p->c = NULL; /* from here the main thread leaves c alone */
     evicted = p->evicted;
     closing = p->closing;
     expired = p->expired || (r == -ETIMEDOUT && ms_left(p->deadline) == 0);
-    pthread_mutex_unlock(&acc.mu);
+    pthread_mutex_unlock(&as->mu);
     if (closing) {
         snprintf(err, sizeof(err), "a migration is already in progress");
     } else if (evicted) {
@@ -838,11 +1232,11 @@ refuse:
     return NULL;
 }
 
-/* Cut every handshake off that ran past its deadline. acc.mu held. */
-static void expire_locked(double now)
+/* Cut every handshake off that ran past its deadline. as->mu held. */
+static void expire_locked(struct accept_state *as, double now)
 {
     for (unsigned i = 0; i < PENDING_MAX; i++) {
-        struct pending *p = &pend[i];
+        struct pending *p = &as->pend[i];
         if (p->used && p->c && !p->expired && now > p->deadline + HANDSHAKE_GRACE_S) {
             p->expired = true;
             p->c->ops->shutdown(p->c);
@@ -851,16 +1245,16 @@ static void expire_locked(double now)
 }
 
 /* Join the handshake threads that ended; returns how many still run. Main thread. */
-static unsigned reap(void)
+static unsigned reap(struct accept_state *as)
 {
     unsigned n = 0;
 
     for (unsigned i = 0; i < PENDING_MAX; i++) {
-        if (pend[i].used && atomic_load(&pend[i].done)) {
-            pthread_join(pend[i].thread, NULL);
-            pend[i].used = false;
+        if (as->pend[i].used && atomic_load(&as->pend[i].done)) {
+            pthread_join(as->pend[i].thread, NULL);
+            as->pend[i].used = false;
         }
-        n += pend[i].used;
+        n += as->pend[i].used;
     }
     return n;
 }
@@ -872,20 +1266,20 @@ static unsigned reap(void)
  * its HELLO at once, silent and dripping clients never complete one).
  * NULL when every slot holds an authenticated connection.
  */
-static struct pending *take_slot(unsigned limit)
+static struct pending *take_slot(struct accept_state *as, unsigned limit)
 {
     struct pending *oldest = NULL;
 
-    if (reap() < limit) {
+    if (reap(as) < limit) {
         for (unsigned i = 0; i < PENDING_MAX; i++) {
-            if (!pend[i].used) {
-                return &pend[i];
+            if (!as->pend[i].used) {
+                return &as->pend[i];
             }
         }
     }
-    pthread_mutex_lock(&acc.mu);
+    pthread_mutex_lock(&as->mu);
     for (unsigned i = 0; i < PENDING_MAX; i++) {
-        struct pending *p = &pend[i];
+        struct pending *p = &as->pend[i];
         if (p->used && p->c && !p->evicted &&
             (!oldest || p->hello_ok < oldest->hello_ok ||
              (p->hello_ok == oldest->hello_ok && p->started < oldest->started))) {
@@ -896,7 +1290,7 @@ static struct pending *take_slot(unsigned limit)
         oldest->evicted = true;
         oldest->c->ops->shutdown(oldest->c);
     }
-    pthread_mutex_unlock(&acc.mu);
+    pthread_mutex_unlock(&as->mu);
     if (!oldest) {
         return NULL;
     }
@@ -905,9 +1299,9 @@ static struct pending *take_slot(unsigned limit)
     return oldest;
 }
 
-static void handshake_start(struct rdmax_conn *c, unsigned limit)
+static void handshake_start(struct accept_state *as, struct rdmax_conn *c, unsigned limit)
 {
-    struct pending *p = take_slot(limit);
+    struct pending *p = take_slot(as, limit);
     pthread_attr_t a;
 
     if (!p) {
@@ -915,6 +1309,7 @@ static void handshake_start(struct rdmax_conn *c, unsigned limit)
         return;
     }
     memset(p, 0, sizeof(*p));
+    p->as = as;
     p->c = c;
     p->used = true;
     p->started = rdmax_now();
@@ -928,52 +1323,74 @@ static void handshake_start(struct rdmax_conn *c, unsigned limit)
     pthread_attr_destroy(&a);
 }
 
-void rdmax_session_accept(void)
+int rdmax_session_accept(struct rdmax_session *s)
 {
     char host[256], port[32], err[700];
     struct rdmax_listener *l;
+    struct accept_state *as;
     bool settled = false;
     unsigned accept_errors = 0;
     int r;
 
-    rdmax_session_init();
-    acc.cache_cap = rdmax_s.o.cache_max ? rdmax_s.o.cache_max : rdmax_page_cache_default_cap();
-    if (rdmax_addr_split(rdmax_s.o.addr, host, sizeof(host), port, sizeof(port), err, sizeof(err)) <
-        0) {
-        rdmax_fail("%s", err);
+    if (rdmax_session_failed(s)) {
+        return rdmax_session_failed(s);
     }
-    r = rdmax_s.tp->listen(host, port, &rdmax_s.topts, &l);
-    if (r < 0) {
-        rdmax_fail("cannot listen on %s:%s over %s: %s", host, port, rdmax_s.tp->name,
-                   strerror(-r));
+    as = calloc(1, sizeof(*as));
+    if (!as) {
+        return rdmax_session_error(s, -ENOMEM, "out of memory");
     }
-    auto_listen(host, port);
+    as->s = s;
+    pthread_mutex_init(&as->mu, NULL);
+    as->cache_cap = s->o.cache_max ? s->o.cache_max : rdmax_page_cache_default_cap();
+    if (rdmax_addr_split(s->o.addr, host, sizeof(host), port, sizeof(port), err, sizeof(err)) < 0) {
+        r = rdmax_session_error(s, -EINVAL, "%s", err);
+        goto out;
+    }
+    {
+        struct rdmax_transport_opts o = s->topts;
+        char why[400] = "";
+
+        o.why = why;
+        o.why_len = sizeof(why);
+        r = s->tp->listen(host, port, &o, &l);
+        if (r < 0) {
+            r = rdmax_session_error(s, r, "cannot listen on %s:%s over %s: %s", host, port,
+                                    s->tp->name, why[0] ? why : strerror(-r));
+            goto out;
+        }
+    }
+    auto_listen(as, host, port);
     for (;;) {
         struct rdmax_conn *c;
         bool have_ctrl;
         unsigned have_lanes, nlanes;
         double lane_deadline, now = rdmax_now();
 
-        pthread_mutex_lock(&acc.mu);
-        expire_locked(now);
-        have_ctrl = acc.have_ctrl;
-        have_lanes = acc.have_lanes;
-        nlanes = rdmax_s.nlanes;
-        lane_deadline = acc.lane_deadline;
-        pthread_mutex_unlock(&acc.mu);
-        reap();
+        if (rdmax_session_failed(s)) {
+            break; /* a handshake thread found the sender unfit (lane count) */
+        }
+        pthread_mutex_lock(&as->mu);
+        expire_locked(as, now);
+        have_ctrl = as->have_ctrl;
+        have_lanes = as->have_lanes;
+        nlanes = s->nlanes;
+        lane_deadline = as->lane_deadline;
+        pthread_mutex_unlock(&as->mu);
+        reap(as);
         if (have_ctrl && !settled) {
             /* The control connection is in: the migration uses its transport. */
-            last_from_alt = alt_l && acc.ctrl_tp == alt_tp;
-            auto_settle(&l);
+            as->last_from_alt = as->alt_l && as->ctrl_tp == as->alt_tp;
+            auto_settle(as, &l);
             settled = true;
         }
         if (have_ctrl && have_lanes == nlanes) {
             break;
         }
         if (have_ctrl && now > lane_deadline) {
-            rdmax_fail("only %u of %u lane connections arrived (none for %d s)", have_lanes,
-                       nlanes, rdmax_s.o.timeout_ms / 1000);
+            rdmax_session_error(s, -ETIMEDOUT,
+                                "only %u of %u lane connections arrived (none for %d s)",
+                                have_lanes, nlanes, s->o.timeout_ms / 1000);
+            break;
         }
         /*
          * Short waits: the deadlines above are checked between them, and a
@@ -982,52 +1399,70 @@ void rdmax_session_accept(void)
          */
         bool busy = have_ctrl;
         for (unsigned i = 0; i < PENDING_MAX && !busy; i++) {
-            busy = pend[i].used && !atomic_load(&pend[i].done);
+            busy = as->pend[i].used && !atomic_load(&as->pend[i].done);
         }
-        r = accept_any(&l, busy ? 5 : 100, &c);
+        r = accept_any(as, &l, busy ? 5 : 100, &c);
         if (r == -ETIMEDOUT) {
             continue;
         }
+        if (rdmax_session_failed(s)) {
+            break;
+        }
         if (r < 0) {
             /* That one connection failed (or fds ran out for a moment): keep listening. */
-            fprintf(stderr, "rdma-x: note: accept on %s: %s\n", rdmax_s.o.addr, strerror(-r));
+            fprintf(stderr, "rdma-x: note: accept on %s: %s\n", s->o.addr, strerror(-r));
             if (++accept_errors > 100) {
-                rdmax_fail("accept on %s keeps failing: %s", rdmax_s.o.addr, strerror(-r));
+                rdmax_session_error(s, r, "accept on %s keeps failing: %s", s->o.addr,
+                                    strerror(-r));
+                break;
             }
             usleep(20 * 1000);
             continue;
         }
         accept_errors = 0;
-        handshake_start(c, have_ctrl ? PENDING_UNAUTH + (nlanes - have_lanes) : PENDING_UNAUTH);
+        handshake_start(as, c, have_ctrl ? PENDING_UNAUTH + (nlanes - have_lanes) : PENDING_UNAUTH);
     }
     /* One migration per process: nobody else may connect now. */
-    rdmax_s.tp->listener_close(l);
-    pthread_mutex_lock(&acc.mu);
+    s->tp->listener_close(l);
+    if (as->alt_l) {
+        as->alt_tp->listener_close(as->alt_l);
+    }
+    pthread_mutex_lock(&as->mu);
     for (unsigned i = 0; i < PENDING_MAX; i++) {
-        if (pend[i].used && pend[i].c) {
-            pend[i].closing = true;
-            pend[i].c->ops->shutdown(pend[i].c);
+        if (as->pend[i].used && as->pend[i].c) {
+            as->pend[i].closing = true;
+            as->pend[i].c->ops->shutdown(as->pend[i].c);
         }
     }
-    pthread_mutex_unlock(&acc.mu);
+    pthread_mutex_unlock(&as->mu);
     for (unsigned i = 0; i < PENDING_MAX; i++) {
-        if (pend[i].used) {
-            pthread_join(pend[i].thread, NULL);
-            pend[i].used = false;
+        if (as->pend[i].used) {
+            pthread_join(as->pend[i].thread, NULL);
+            as->pend[i].used = false;
         }
     }
+    r = rdmax_session_failed(s);
+out:
+    pthread_mutex_destroy(&as->mu);
+    free(as);
+    return r;
 }
 
 /* Several keep-alives per --timeout, so one late one is no failure. */
-static int keepalive_ms(void)
+static int keepalive_ms(const struct rdmax_session *s)
 {
-    int ms = rdmax_s.o.timeout_ms / 4;
+    int ms = s->o.timeout_ms / 4;
 
     return ms > 1000 ? 1000 : ms < 100 ? 100 : ms;
 }
 
+struct lane_keepalive {
+    struct rdmax_session *s;
+    unsigned lane;
+};
+
 /*
- * Sender: keep-alives on lane arg too, so the receiver can fail a lane
+ * Sender: keep-alives on lane i too, so the receiver can fail a lane
  * that stays silent for --timeout (a blackholed TCP flow, an ECMP member)
  * instead of waiting forever. One thread per lane: a lane blocked in a
  * send (back-pressure, a dead path) delays only its own keep-alives, and
@@ -1037,13 +1472,16 @@ static int keepalive_ms(void)
  */
 static void *lane_keepalive_main(void *arg)
 {
-    unsigned i = (unsigned)(uintptr_t)arg;
-    int ms = keepalive_ms();
+    struct rdmax_session *s = ((struct lane_keepalive *)arg)->s;
+    unsigned i = ((struct lane_keepalive *)arg)->lane;
+    int ms = keepalive_ms(s);
 
-    while (!atomic_load(&rdmax_s.finishing)) {
-        usleep((useconds_t)ms * 1000);
-        if (rdmax_wire_send(&rdmax_s.lane[i], RDMAX_F_KEEPALIVE, 0, (uint16_t)(i + 1), NULL, 0) <
-            0) {
+    free(arg);
+    while (!atomic_load(&s->finishing)) {
+        if (stop_wait(s, ms)) {
+            break;
+        }
+        if (rdmax_wire_send(&s->lane[i], RDMAX_F_KEEPALIVE, 0, (uint16_t)(i + 1), NULL, 0) < 0) {
             break;
         }
     }
@@ -1052,37 +1490,48 @@ static void *lane_keepalive_main(void *arg)
 
 static void *keepalive_main(void *arg)
 {
-    int ms = keepalive_ms();
+    struct rdmax_session *s = arg;
+    int ms = keepalive_ms(s);
 
     for (;;) {
-        usleep((useconds_t)ms * 1000);
-        int r = rdmax_wire_send(&rdmax_s.ctrl, RDMAX_F_KEEPALIVE, 0, 0, NULL, 0);
-        if (atomic_load(&rdmax_s.finishing)) {
+        if (stop_wait(s, ms)) {
+            break;
+        }
+        int r = rdmax_wire_send(&s->ctrl, RDMAX_F_KEEPALIVE, 0, 0, NULL, 0);
+        if (atomic_load(&s->finishing)) {
             break;
         }
         if (r < 0) {
-            rdmax_fail("control connection to %s: %s", rdmax_s.ctrl.conn->peer,
-                       rdmax_wire_strerror(r));
+            rdmax_session_error(s, r, "control connection to %s: %s", s->ctrl.conn->peer,
+                                rdmax_wire_strerror(r));
+            break;
         }
     }
-    return arg;
+    return NULL;
 }
 
-void rdmax_keepalive_start(void)
+void rdmax_keepalive_start(struct rdmax_session *s)
 {
     pthread_attr_t a;
-    pthread_t t;
 
-    pthread_create(&t, NULL, keepalive_main, NULL);
-    pthread_detach(t);
-    if (!rdmax_s.o.sender) {
+    s->keepalive_started = pthread_create(&s->keepalive, NULL, keepalive_main, s) == 0;
+    if (!s->o.sender) {
         return; /* the receiver sends nothing on lanes: the sender does not read them */
     }
     pthread_attr_init(&a);
     pthread_attr_setstacksize(&a, 64u << 10);
-    pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
-    for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
-        pthread_create(&t, &a, lane_keepalive_main, (void *)(uintptr_t)i);
+    for (unsigned i = 0; i < s->nlanes; i++) {
+        struct lane_keepalive *lk = malloc(sizeof(*lk));
+        if (!lk) {
+            break;
+        }
+        *lk = (struct lane_keepalive){s, i};
+        if (pthread_create(&s->lane_keepalive[s->lane_keepalives], &a, lane_keepalive_main, lk) !=
+            0) {
+            free(lk);
+            break;
+        }
+        s->lane_keepalives++;
     }
     pthread_attr_destroy(&a);
 }

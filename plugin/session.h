@@ -5,6 +5,7 @@
 #ifndef RDMAX_SESSION_H
 #define RDMAX_SESSION_H
 
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -30,6 +31,15 @@ struct rdmax_opts {
     const char *psk_file;   /* --psk-file: mutual authentication */
     bool encrypt;           /* --encrypt: AES-256-GCM frames (needs a PSK) */
     uint64_t cache_max;     /* recv --cache-max: cap on lanes x cache, 0 = default */
+    /*
+     * The QEMU side, set by the caller (main.c: 0 and 1; a test: pipes).
+     * Sender: qemu_in carries the stream, qemu_out the return path to
+     * QEMU. Receiver: qemu_in the return path from QEMU, qemu_out the
+     * stream. Owned by the caller: valid until the pipeline is destroyed;
+     * on error the pipeline points both at /dev/null at once (dup2), so
+     * QEMU sees its pipes close while the numbers stay valid.
+     */
+    int qemu_in, qemu_out;
 };
 
 /* Counters: written by the data threads, read by stats/progress (relaxed). */
@@ -41,12 +51,21 @@ struct rdmax_counters {
     _Atomic uint64_t zero_pages; /* QEMU ZERO records seen */
 };
 
+struct rdmax_ring;
+struct rdmax_intake;
+
+#define RDMAX_REASON_MAX 512
+
+/*
+ * One migration, one side: what the send and recv pipelines share. Created
+ * and destroyed by the pipeline (send.c, recv.c); no process-wide state.
+ */
 struct rdmax_session {
-    struct rdmax_opts o;                     /* set at start, read-only */
-    const struct rdmax_transport_ops *tp;    /* set at start, read-only */
-    struct rdmax_transport_opts topts;       /* set at start, read-only */
-    struct rdmax_wire ctrl;                  /* control connection */
-    struct rdmax_wire lane[RDMAX_LANES_MAX]; /* one connection per lane */
+    struct rdmax_opts o;                     /* set at create, read-only */
+    const struct rdmax_transport_ops *tp;    /* set at create; auto: at connect/accept */
+    struct rdmax_transport_opts topts;       /* set at create, read-only */
+    struct rdmax_wire ctrl;                  /* control connection (conn set under mu) */
+    struct rdmax_wire lane[RDMAX_LANES_MAX]; /* one connection per lane (conn set under mu) */
     unsigned nlanes;                         /* set by the handshake */
     struct rdmax_codec_config codec;         /* set by the handshake */
     uint64_t session_id;
@@ -58,9 +77,36 @@ struct rdmax_session {
     uint32_t features;          /* RDMAX_FEAT_*, from the options; set at start */
     uint8_t psk[RDMAX_PSK_MAX]; /* set at start, read-only */
     size_t psk_len;             /* 0: no --psk-file */
-};
 
-extern struct rdmax_session rdmax_s;
+    /*
+     * The sticky error (QEMU's QEMUFile error): the first one any thread
+     * records wins; err is set after reason, so a reader that sees err
+     * may read reason. Everything below is protected by mu unless marked.
+     */
+    pthread_mutex_t mu;
+    pthread_cond_t cv; /* broadcast on error, on FIN and as the farewell ends */
+    _Atomic int err;   /* 0, or the first -errno (any thread may read) */
+    char reason[RDMAX_REASON_MAX];
+    bool err_from_peer; /* the peer's ERROR frame: it knows, no need to tell it */
+    int err_fd;         /* eventfd, readable once err is set (poll with QEMU's fds) */
+    int stop_fd;        /* eventfd, readable once the run ends: timer threads stop */
+    int null_fd;        /* /dev/null, dup2'ed over QEMU's fds on error */
+    struct rdmax_ring *rings[RDMAX_LANES_MAX + 1]; /* aborted on error */
+    unsigned nrings;
+    struct rdmax_intake *intake; /* aborted on error */
+    bool fin_acked;              /* sender: the receiver's FIN_ACK came */
+    bool reader_running;         /* the control reader runs (it drains on error) */
+    bool reader_done;            /* ... and has returned */
+    bool farewell_started, farewell_sent, farewell_done;
+    pthread_t farewell, farewell_send;
+
+    /* Threads the session starts (keep-alives, progress); joined by rdmax_session_stop. */
+    pthread_t keepalive, lane_keepalive[RDMAX_LANES_MAX], progress;
+    bool keepalive_started, progress_started;
+    unsigned lane_keepalives;
+    double prog_last_t;    /* progress thread only */
+    uint64_t prog_last_in; /* progress thread only */
+};
 
 /*
  * How far ahead of use the lanes' page caches are faulted in, all lanes
@@ -73,39 +119,102 @@ extern struct rdmax_session rdmax_s;
 double rdmax_now(void);
 
 /*
- * Fail the migration: print "rdma-x: error: <reason>", close the QEMU side
- * at once (so QEMU notices), write the stats, tell the peer, exit 1.
- * Callable from any thread; the first caller wins.
+ * Set up s for one run with options o (copied): transport, timeouts, the
+ * PSK, the error machinery. 0 or -errno; an error in the options (say, an
+ * unreadable --psk-file) is recorded as the session's error, so run()
+ * returns it with its reason.
  */
-__attribute__((noreturn, format(printf, 1, 2))) void rdmax_fail(const char *fmt, ...);
+int rdmax_session_init(struct rdmax_session *s, const struct rdmax_opts *o);
+/* Free what init and the run allocated. Every thread of s has ended. */
+void rdmax_session_destroy(struct rdmax_session *s);
 
-/* Map a wire/transport -errno to words for rdmax_fail. */
+/*
+ * Record an error: the first caller's err (-errno) and reason win, later
+ * ones are ignored. Wakes every waiter: QEMU's fds go to /dev/null (QEMU
+ * notices at once), the registered rings and intake are aborted, every
+ * lane connection is shut down, err_fd and stop_fd turn readable, FIN
+ * waits end; and the farewell starts: an ERROR frame with the reason to
+ * the peer on the control connection, best effort, and at most ~1 s later
+ * the control connection is shut down too. Returns the session's error
+ * (the first one), so callers can `return rdmax_session_error(...)`.
+ * Callable from any thread.
+ */
+__attribute__((format(printf, 3, 4))) int rdmax_session_error(struct rdmax_session *s, int err,
+                                                              const char *fmt, ...);
+/* The same, for an ERROR frame the peer sent (no ERROR goes back). */
+__attribute__((format(printf, 3, 4))) int rdmax_session_peer_error(struct rdmax_session *s, int err,
+                                                                   const char *fmt, ...);
+
+/* The sticky error: 0 or -errno. Cheap, any thread. */
+static inline int rdmax_session_failed(struct rdmax_session *s)
+{
+    return atomic_load_explicit(&s->err, memory_order_acquire);
+}
+/* Its reason ("" while none); valid until destroy once failed. */
+const char *rdmax_session_reason(struct rdmax_session *s);
+
+/* Abort r / in too when the session fails (at once if it already has). */
+void rdmax_session_add_ring(struct rdmax_session *s, struct rdmax_ring *r);
+void rdmax_session_set_intake(struct rdmax_session *s, struct rdmax_intake *in);
+
+/*
+ * The control reader: call start before creating it (false: the session
+ * failed already, do not start it) and done as it returns. While the
+ * session has failed, the reader keeps reading and dropping frames until
+ * the peer closes (the farewell's drain: see session.c) or the farewell
+ * cuts the connection.
+ */
+bool rdmax_session_reader_start(struct rdmax_session *s);
+void rdmax_session_reader_done(struct rdmax_session *s);
+
+/*
+ * End of a run, either way: stop the timer threads (keep-alives,
+ * progress) and join them; on error also wait for the farewell to end
+ * (bounded) and shut every connection down. The run's own threads must
+ * still be joined by the caller afterwards (they are all woken by then).
+ */
+void rdmax_session_stop(struct rdmax_session *s);
+/* Shut every connection down (wakes its threads). */
+void rdmax_session_shutdown_all(struct rdmax_session *s);
+
+/*
+ * The one exit path, after run() returned r: on error print
+ * "rdma-x: error: REASON" on stderr, then (either way) the --progress line
+ * and --stats-json ("ok" or the reason). Returns the exit status, 0 or 1.
+ */
+int rdmax_session_finish(struct rdmax_session *s, int r);
+
+/* Map a wire/transport -errno to words for a reason. */
 const char *rdmax_wire_strerror(int err);
 
-/* Sender: connect control then every lane, with the handshake. */
-void rdmax_session_connect(void);
-/* Receiver: accept one migration (control + lanes); refuse everything else. */
-void rdmax_session_accept(void);
-
-/* Load the --psk-file key and set the feature bits; fails the run on error. */
-void rdmax_session_init(void);
+/*
+ * Sender: connect control then every lane, with the handshake. 0 or
+ * -errno; the reason is the session's error (rdmax_session_reason).
+ */
+int rdmax_session_connect(struct rdmax_session *s);
+/* Receiver: accept one migration (control + lanes); refuse everything else. As connect. */
+int rdmax_session_accept(struct rdmax_session *s);
 
 /*
  * Route glib log messages (the transports' warnings) to stderr as
- * "rdma-x: warning: ..."; quiet while probing a transport that may be absent.
+ * "rdma-x: warning: ..."; quiet while probing a transport that may be
+ * absent (log.c: glib's handler is per process by nature).
  */
 void rdmax_log_init(void);
 void rdmax_log_quiet(bool quiet);
 
 /*
  * Keep-alives (every second, or --timeout / 4) on the control connection,
- * both ways, and from the sender on every lane.
+ * both ways, and from the sender on every lane. Joined by rdmax_session_stop.
  */
-void rdmax_keepalive_start(void);
+void rdmax_keepalive_start(struct rdmax_session *s);
 
 /* Stats (stats.c). */
-void rdmax_stats_write(const char *result);
-void rdmax_progress_start(void);
-void rdmax_progress_final(void);
+void rdmax_stats_write(struct rdmax_session *s, const char *result);
+void rdmax_progress_start(struct rdmax_session *s);
+void rdmax_progress_final(struct rdmax_session *s);
+
+/* Wait until fd is ready for events (POLLIN / POLLOUT) or the session failed: 0 or its error. */
+int rdmax_session_wait_fd(struct rdmax_session *s, int fd, short events);
 
 #endif

@@ -4,42 +4,12 @@
  */
 #include "session.h"
 
-#include <glib.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
-
-static _Atomic bool log_quiet;
-
-static void log_handler(const gchar *domain, GLogLevelFlags level, const gchar *msg, gpointer arg)
-{
-    bool debug = level & (G_LOG_LEVEL_INFO | G_LOG_LEVEL_DEBUG);
-    const char *want = getenv("G_MESSAGES_DEBUG");
-
-    if (atomic_load(&log_quiet) && !(level & (G_LOG_LEVEL_ERROR | G_LOG_LEVEL_CRITICAL))) {
-        return;
-    }
-    if (debug && !(want && (strcmp(want, "all") == 0 || (domain && strstr(want, domain))))) {
-        return;
-    }
-    fprintf(stderr, "rdma-x: %s: %s\n",
-            level & (G_LOG_LEVEL_ERROR | G_LOG_LEVEL_CRITICAL | G_LOG_LEVEL_WARNING) ? "warning"
-            : debug                                                                  ? "debug"
-                                                                                     : "note",
-            msg);
-}
-
-void rdmax_log_init(void)
-{
-    g_log_set_default_handler(log_handler, NULL);
-}
-
-void rdmax_log_quiet(bool quiet)
-{
-    atomic_store(&log_quiet, quiet);
-}
 
 static void json_string(FILE *f, const char *s)
 {
@@ -57,12 +27,12 @@ static void json_string(FILE *f, const char *s)
     fputc('"', f);
 }
 
-static uint64_t wire_bytes(void)
+static uint64_t wire_bytes(const struct rdmax_session *s)
 {
-    uint64_t n = rdmax_s.ctrl.bytes_sent + rdmax_s.ctrl.bytes_received;
+    uint64_t n = s->ctrl.bytes_sent + s->ctrl.bytes_received;
 
-    for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
-        n += rdmax_s.lane[i].bytes_sent + rdmax_s.lane[i].bytes_received;
+    for (unsigned i = 0; i < s->nlanes; i++) {
+        n += s->lane[i].bytes_sent + s->lane[i].bytes_received;
     }
     return n;
 }
@@ -70,12 +40,12 @@ static uint64_t wire_bytes(void)
 static const char *const tier_names[RDMAX_TIER_COUNT] = {"unchanged", "zero", "delta", "full"};
 
 /* Sum of the lanes' encoder counters (sender only; zero on the receiver). */
-static struct rdmax_lane_stats lanes_total(void)
+static struct rdmax_lane_stats lanes_total(struct rdmax_session *s)
 {
     struct rdmax_lane_stats t = {0};
 
-    for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
-        const struct rdmax_lane_stats *ls = atomic_load(&rdmax_s.lane_stats[i]);
+    for (unsigned i = 0; i < s->nlanes; i++) {
+        const struct rdmax_lane_stats *ls = atomic_load(&s->lane_stats[i]);
         if (!ls) {
             continue;
         }
@@ -116,30 +86,30 @@ static void json_tiers(FILE *f, const struct rdmax_lane_stats *t)
             (double)t->encode_ns / 1e9);
 }
 
-void rdmax_stats_write(const char *result)
+void rdmax_stats_write(struct rdmax_session *s, const char *result)
 {
-    const struct rdmax_counters *c = &rdmax_s.c;
+    const struct rdmax_counters *c = &s->c;
     char tmp[4096];
     FILE *f;
-    double secs = rdmax_now() - rdmax_s.t0;
+    double secs = rdmax_now() - s->t0;
     uint64_t in = atomic_load(&c->bytes_in);
-    uint64_t wire = wire_bytes();
+    uint64_t wire = wire_bytes(s);
 
-    if (!rdmax_s.o.stats_json) {
+    if (!s->o.stats_json) {
         return;
     }
-    snprintf(tmp, sizeof(tmp), "%s.tmp", rdmax_s.o.stats_json);
+    snprintf(tmp, sizeof(tmp), "%s.tmp", s->o.stats_json);
     f = fopen(tmp, "w");
     if (!f) {
-        fprintf(stderr, "rdma-x: warning: cannot write %s\n", rdmax_s.o.stats_json);
+        fprintf(stderr, "rdma-x: warning: cannot write %s\n", s->o.stats_json);
         return;
     }
-    fprintf(f, "{\n  \"role\": \"%s\",\n", rdmax_s.o.sender ? "send" : "recv");
+    fprintf(f, "{\n  \"role\": \"%s\",\n", s->o.sender ? "send" : "recv");
     fprintf(f, "  \"result\": ");
     json_string(f, result);
-    fprintf(f, ",\n  \"transport\": \"%s\",\n", rdmax_s.tp ? rdmax_s.tp->name : "none");
+    fprintf(f, ",\n  \"transport\": \"%s\",\n", s->tp ? s->tp->name : "none");
     fprintf(f, "  \"seconds\": %.3f,\n", secs);
-    fprintf(f, "  \"lanes\": %u,\n", rdmax_s.nlanes);
+    fprintf(f, "  \"lanes\": %u,\n", s->nlanes);
     fprintf(f, "  \"bytes_in\": %llu,\n", (unsigned long long)in);
     fprintf(f, "  \"bytes_wire\": %llu,\n", (unsigned long long)wire);
     fprintf(f, "  \"ratio\": %.4f,\n", wire ? (double)in / (double)wire : 0.0);
@@ -147,10 +117,9 @@ void rdmax_stats_write(const char *result)
     fprintf(f, "  \"zero_pages\": %llu,\n", (unsigned long long)atomic_load(&c->zero_pages));
     fprintf(f, "  \"control_bytes\": %llu,\n", (unsigned long long)atomic_load(&c->ctrl_bytes));
     fprintf(f, "  \"return_path_bytes\": %llu,\n", (unsigned long long)atomic_load(&c->rp_bytes));
-    fprintf(f, "  \"cache_bytes_per_lane\": %llu,\n",
-            (unsigned long long)rdmax_s.codec.cache_bytes);
-    if (rdmax_s.o.sender) {
-        struct rdmax_lane_stats t = lanes_total();
+    fprintf(f, "  \"cache_bytes_per_lane\": %llu,\n", (unsigned long long)s->codec.cache_bytes);
+    if (s->o.sender) {
+        struct rdmax_lane_stats t = lanes_total(s);
         fprintf(f, "  ");
         json_tiers(f, &t);
         fprintf(f, ",\n  \"page_bytes\": %llu,\n  \"batch_bytes\": %llu,\n",
@@ -160,10 +129,10 @@ void rdmax_stats_write(const char *result)
                 (unsigned long long)t.uncached_pages);
     }
     fprintf(f, "  \"lane\": [");
-    for (unsigned i = 0; i < rdmax_s.nlanes; i++) {
-        const struct rdmax_lane_stats *ls = atomic_load(&rdmax_s.lane_stats[i]);
+    for (unsigned i = 0; i < s->nlanes; i++) {
+        const struct rdmax_lane_stats *ls = atomic_load(&s->lane_stats[i]);
         fprintf(f, "%s\n    {\"wire_bytes\": %llu", i ? "," : "",
-                (unsigned long long)(rdmax_s.lane[i].bytes_sent + rdmax_s.lane[i].bytes_received));
+                (unsigned long long)(s->lane[i].bytes_sent + s->lane[i].bytes_received));
         if (ls) {
             fprintf(f,
                     ", \"pages\": %llu, \"batches\": %llu, \"page_bytes\": %llu, "
@@ -177,25 +146,25 @@ void rdmax_stats_write(const char *result)
         }
         fprintf(f, "}");
     }
-    fprintf(f, "%s]\n}\n", rdmax_s.nlanes ? "\n  " : "");
-    if (fclose(f) != 0 || rename(tmp, rdmax_s.o.stats_json) != 0) {
-        fprintf(stderr, "rdma-x: warning: cannot write %s\n", rdmax_s.o.stats_json);
+    fprintf(f, "%s]\n}\n", s->nlanes ? "\n  " : "");
+    if (fclose(f) != 0 || rename(tmp, s->o.stats_json) != 0) {
+        fprintf(stderr, "rdma-x: warning: cannot write %s\n", s->o.stats_json);
     }
 }
 
-static void progress_line(bool final)
+static void progress_line(struct rdmax_session *s, bool final)
 {
-    static double last_t;
-    static uint64_t last_in;
+    double last_t = s->prog_last_t;
+    uint64_t last_in = s->prog_last_in;
     double t = rdmax_now();
-    uint64_t in = atomic_load(&rdmax_s.c.bytes_in);
+    uint64_t in = atomic_load(&s->c.bytes_in);
     double rate = t > last_t && last_t > 0 ? (double)(in - last_in) / (t - last_t) : 0;
 
-    uint64_t wire = wire_bytes();
+    uint64_t wire = wire_bytes(s);
     char tiers[160] = "";
 
-    if (rdmax_s.o.sender) {
-        struct rdmax_lane_stats lt = lanes_total();
+    if (s->o.sender) {
+        struct rdmax_lane_stats lt = lanes_total(s);
         uint64_t looked = lt.cache_hits + lt.cache_misses;
         snprintf(tiers, sizeof(tiers),
                  " (delta %llu, unchanged %llu, full %llu), cache hits %.0f%%",
@@ -207,37 +176,35 @@ static void progress_line(bool final)
     fprintf(stderr,
             "\rrdma-x %s: %.1f MiB stream, %.1f MiB wire (ratio %.1f), %.1f MiB/s, "
             "%llu pages%s, %u lanes%s",
-            rdmax_s.o.sender ? "send" : "recv", (double)in / 1048576.0, (double)wire / 1048576.0,
+            s->o.sender ? "send" : "recv", (double)in / 1048576.0, (double)wire / 1048576.0,
             wire ? (double)in / (double)wire : 0.0, rate / 1048576.0,
-            (unsigned long long)atomic_load(&rdmax_s.c.pages), tiers, rdmax_s.nlanes,
-            final ? "\n" : "   ");
-    last_t = t;
-    last_in = in;
+            (unsigned long long)atomic_load(&s->c.pages), tiers, s->nlanes, final ? "\n" : "   ");
+    s->prog_last_t = t;
+    s->prog_last_in = in;
 }
 
 static void *progress_main(void *arg)
 {
-    for (;;) {
-        sleep(1);
-        progress_line(false);
+    struct rdmax_session *s = arg;
+    struct pollfd stop = {.fd = s->stop_fd, .events = POLLIN};
+
+    while (poll(&stop, 1, 1000) == 0) {
+        progress_line(s, false);
     }
-    return arg;
+    return NULL;
 }
 
-void rdmax_progress_start(void)
+void rdmax_progress_start(struct rdmax_session *s)
 {
-    pthread_t t;
-
-    if (!rdmax_s.o.progress) {
+    if (!s->o.progress) {
         return;
     }
-    pthread_create(&t, NULL, progress_main, NULL);
-    pthread_detach(t);
+    s->progress_started = pthread_create(&s->progress, NULL, progress_main, s) == 0;
 }
 
-void rdmax_progress_final(void)
+void rdmax_progress_final(struct rdmax_session *s)
 {
-    if (rdmax_s.o.progress) {
-        progress_line(true);
+    if (s->o.progress) {
+        progress_line(s, true);
     }
 }

@@ -52,7 +52,9 @@
  * destroys the cm_id, which sends a DREQ) and its recv() returns what was
  * already received, then -ECONNRESET.
  *
- * Errors: every verbs/cm failure is logged once (g_warning, with the verb
+ * Errors: listen and connect say why they failed in the caller's buffer
+ * (rdmax_transport_opts.why; a warning when it gives none); every other
+ * verbs/cm failure is logged once (g_warning, with the verb
  * name and strerror) and returned as -errno; the first data-path error is
  * sticky on the connection.
  */
@@ -1296,6 +1298,23 @@ static bool rdma_connect_retriable(int r)
     return r == -ECONNREFUSED || r == -ETIMEDOUT || r == -ECONNRESET;
 }
 
+/* Why listen/connect failed: into the caller's buffer, else a warning. */
+static void G_GNUC_PRINTF(5, 6) rdma_why(const struct rdmax_transport_opts *o, const char *verb,
+                                         const char *host, const char *port, const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    if (o && o->why && o->why_len) {
+        vsnprintf(o->why, o->why_len, fmt, ap);
+    } else {
+        gchar *msg = g_strdup_vprintf(fmt, ap);
+        g_warning("rdma: %s %s:%s: %s", verb, host, port, msg);
+        g_free(msg);
+    }
+    va_end(ap);
+}
+
 static int rdma_op_connect(const char *host, const char *port, const struct rdmax_transport_opts *o,
                            struct rdmax_conn **out)
 {
@@ -1310,12 +1329,12 @@ static int rdma_op_connect(const char *host, const char *port, const struct rdma
     deadline = rdma_now_ms() + tmo;
     r = rdma_have_device(why, sizeof(why));
     if (r < 0) {
-        g_warning("rdma: connect %s:%s: %s", host, port, why);
+        rdma_why(o, "connect", host, port, "%s", why);
         return r;
     }
     r = getaddrinfo(host, port, &hints, &res);
     if (r != 0) {
-        g_warning("rdma: connect %s:%s: getaddrinfo: %s", host, port, gai_strerror(r));
+        rdma_why(o, "connect", host, port, "getaddrinfo: %s", gai_strerror(r));
         return r == EAI_SYSTEM ? rdma_errno() : -EHOSTUNREACH;
     }
     for (;;) {
@@ -1333,7 +1352,7 @@ static int rdma_op_connect(const char *host, const char *port, const struct rdma
     }
     freeaddrinfo(res);
     if (r < 0) {
-        g_warning("rdma: connect %s:%s: %s", host, port, why);
+        rdma_why(o, "connect", host, port, "%s", why);
         return r;
     }
     g_debug("connected to %s: %u send slots, %u credits of %zu bytes", c->base.peer, c->n_send,
@@ -1353,12 +1372,12 @@ static int rdma_op_listen(const char *host, const char *port, const struct rdmax
 
     r = rdma_have_device(why, sizeof(why));
     if (r < 0) {
-        g_warning("rdma: listen %s:%s: %s", host, port, why);
+        rdma_why(o, "listen", host, port, "%s", why);
         return r;
     }
     r = getaddrinfo(host, port, &hints, &res);
     if (r != 0) {
-        g_warning("rdma: listen %s:%s: getaddrinfo: %s", host, port, gai_strerror(r));
+        rdma_why(o, "listen", host, port, "getaddrinfo: %s", gai_strerror(r));
         return r == EAI_SYSTEM ? rdma_errno() : -EADDRNOTAVAIL;
     }
     l = calloc(1, sizeof(*l));
@@ -1369,6 +1388,8 @@ static int rdma_op_listen(const char *host, const char *port, const struct rdmax
     l->base.ops = &rdmax_rdma_ops;
     if (o) {
         l->opts = *o;
+        l->opts.why = NULL; /* the caller's buffer is for this call only */
+        l->opts.why_len = 0;
     }
     snprintf(l->where, sizeof(l->where), "%s:%s", host, port);
     r = rdma_channel_new(&l->ech, why, sizeof(why));
@@ -1403,7 +1424,7 @@ err_free:
     free(l);
 err_res:
     freeaddrinfo(res);
-    g_warning("rdma: listen %s:%s: %s", host, port, why[0] ? why : g_strerror(-r));
+    rdma_why(o, "listen", host, port, "%s", why[0] ? why : g_strerror(-r));
     return r;
 }
 

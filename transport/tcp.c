@@ -144,6 +144,8 @@ static int tcp_listen(const char *host, const char *port, const struct rdmax_tra
     l->fd = fd;
     if (o) {
         l->opts = *o;
+        l->opts.why = NULL; /* the caller's buffer is for this call only */
+        l->opts.why_len = 0;
     }
     *out = &l->base;
     return 0;

@@ -38,6 +38,14 @@ struct rdmax_transport_opts {
     size_t sndbuf;          /* socket buffer hint, 0 = transport default */
     size_t pinned_max;      /* rdma: bound on registered memory per process */
     int busy_poll;          /* rdma: poll the CQ instead of sleeping on events */
+    /*
+     * listen/connect: where to write, as one line, why they failed (they
+     * return -errno either way; "" when the errno says it all). NULL: the
+     * transport logs it as a glib warning instead. A buffer belongs to one
+     * call: concurrent connects each need their own (copy the options).
+     */
+    char *why;
+    size_t why_len;
 };
 
 struct rdmax_transport_ops {

@@ -1,7 +1,10 @@
 /* The SPSC ring: order, back-pressure and close, across real threads. */
 #include <criterion/criterion.h>
 #include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
 #include <stdint.h>
+#include <unistd.h>
 
 #include "queue.h"
 
@@ -137,5 +140,82 @@ Test(queue, peek_at_holds_several_slots_and_release_n_frees_them_together)
     rdmax_ring_release_n(&ring, 3);
     cr_assert_eq(*(uint64_t *)rdmax_ring_peek_at(&ring, 0), 3);
     cr_assert_not_null(rdmax_ring_reserve(&ring, true));
+    rdmax_ring_destroy(&ring);
+}
+
+struct blocked {
+    bool producer; /* else the consumer */
+    void *got;
+    _Atomic bool done;
+};
+
+static void *blocked_main(void *arg)
+{
+    struct blocked *b = arg;
+
+    b->got = b->producer ? rdmax_ring_reserve(&ring, false) : rdmax_ring_peek(&ring, false);
+    atomic_store(&b->done, true);
+    return NULL;
+}
+
+static void abort_wakes(bool producer)
+{
+    struct blocked b = {.producer = producer, .got = (void *)1};
+    pthread_t t;
+
+    cr_assert_eq(rdmax_ring_init(&ring, 8, 2), 0);
+    if (producer) { /* full: the producer blocks */
+        for (int i = 0; i < 2; i++) {
+            cr_assert_not_null(rdmax_ring_reserve(&ring, true));
+            rdmax_ring_commit(&ring);
+        }
+    }
+    pthread_create(&t, NULL, blocked_main, &b);
+    usleep(50 * 1000);
+    cr_assert(!atomic_load(&b.done), "did not block");
+    rdmax_ring_abort(&ring);
+    pthread_join(t, NULL);
+    cr_assert_null(b.got, "an aborted ring handed out a slot");
+    cr_assert(rdmax_ring_aborted(&ring));
+    /* Afterwards nothing moves, even what the ring still holds. */
+    cr_assert_null(rdmax_ring_reserve(&ring, false));
+    cr_assert_null(rdmax_ring_peek(&ring, false));
+    cr_assert_null(rdmax_ring_peek_wait(&ring, 1));
+    rdmax_ring_destroy(&ring);
+}
+
+Test(queue, abort_wakes_a_blocked_producer_with_null, .timeout = 10)
+{
+    abort_wakes(true);
+}
+
+Test(queue, abort_wakes_a_blocked_consumer_with_null, .timeout = 10)
+{
+    abort_wakes(false);
+}
+
+static void *batch_main(void *arg)
+{
+    struct blocked *b = arg;
+
+    b->got = rdmax_ring_peek_wait(&ring, 4);
+    atomic_store(&b->done, true);
+    return NULL;
+}
+
+Test(queue, abort_wakes_a_batching_consumer_with_null, .timeout = 10)
+{
+    struct blocked b = {.got = (void *)1};
+    pthread_t t;
+
+    cr_assert_eq(rdmax_ring_init(&ring, 8, 8), 0);
+    cr_assert_not_null(rdmax_ring_reserve(&ring, true));
+    rdmax_ring_commit(&ring); /* one of the 4 it waits for */
+    pthread_create(&t, NULL, batch_main, &b);
+    usleep(50 * 1000);
+    cr_assert(!atomic_load(&b.done), "did not wait for its batch");
+    rdmax_ring_abort(&ring);
+    pthread_join(t, NULL);
+    cr_assert_null(b.got);
     rdmax_ring_destroy(&ring);
 }
