@@ -21,7 +21,7 @@
 IP=10.99.0.1
 KILL_LIMIT=5
 XFER_BYTES=${RDMAX_T_xferbytes:-64M}
-ONLY=${RDMAX_T_only:-ibbw,xfer,streams,kill}
+ONLY=${RDMAX_T_only:-ibbw,xfer,streams,reject,kill}
 port=7100
 
 result() { echo "RDMAX-RDMA-RESULT $*"; }
@@ -254,6 +254,42 @@ if want streams && [ -f /streams/MANIFEST ]; then
     done < /streams/MANIFEST
 elif want streams; then
     result streams FAIL reason=no_/streams/MANIFEST
+fi
+
+# ---- a connection refused during CM accept does not end the receiver -----------
+# ib_write_bw -R is a real RDMA CM client with its own private data, not an
+# rdma-x HELLO: the receiver must reject that one connection, keep listening,
+# and then carry a real sender's stream byte-identical.
+if want reject && [ -f /tmp/small.bin ]; then
+    next_port
+    rdma-x recv --transport rdma --listen $IP:$port --timeout 20 < /dev/null > /tmp/out.bin \
+        2> /tmp/recv.err &
+    rpid=$!
+    sleep 1
+    timeout 20 ib_write_bw -d rxe0 -R -p $port -n 5 $IP > /tmp/ibr.log 2>&1
+    irc=$?
+    sleep 1
+    if ! kill -0 $rpid 2>/dev/null; then
+        wait $rpid
+        result reject-foreign-cm FAIL reason=receiver_ended_after_the_rejected_client rc=$?
+        logtail reject-foreign-cm /tmp/recv.err
+    else
+        rdma-x send --transport rdma --to $IP:$port < /tmp/small.bin > /dev/null 2> /tmp/send.err
+        rc=$?
+        wait $rpid
+        rrc=$?
+        if [ $irc != 0 ] && [ $rc = 0 ] && [ $rrc = 0 ] && cmp -s /tmp/small.bin /tmp/out.bin; then
+            result reject-foreign-cm PASS foreign_client_rc=$irc \
+                said="$(grep -m1 'rdma-x' /tmp/recv.err | cut -c1-120 | tr ' ' '_')" \
+                client_said="$(grep -m1 -i 'fail\|reject\|error\|unable' /tmp/ibr.log | cut -c1-80 | tr ' ' '_')" \
+                then_stream=identical
+        else
+            result reject-foreign-cm FAIL foreign_client_rc=$irc send_rc=$rc recv_rc=$rrc
+            logtail reject-foreign-cm /tmp/recv.err
+            logtail reject-foreign-cm /tmp/send.err
+        fi
+    fi
+    rm -f /tmp/out.bin
 fi
 
 # ---- --transport auto picks rdma here, and tcp when the receiver has none ------
