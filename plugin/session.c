@@ -932,6 +932,7 @@ struct pending {
 struct accept_state {
     struct rdmax_session *s;
     pthread_mutex_t mu;
+    pthread_cond_t ctrl_cv; /* broadcast when the control connection is committed */
     bool have_ctrl;
     unsigned have_lanes;
     const struct rdmax_transport_ops *ctrl_tp; /* the lanes must come over it too */
@@ -1158,6 +1159,27 @@ static void *handshake_main(void *arg)
         goto refuse;
     }
     pthread_mutex_lock(&as->mu);
+    /*
+     * Without a PSK the sender's control handshake ends at our HELLO_ACK,
+     * which goes out before its thread commits the control connection, and
+     * the sender's lanes connect at once, in parallel: a lane may get here
+     * first. It waits for the control connection (until its own deadline)
+     * instead of being refused as belonging to no migration.
+     */
+    while (h.role == RDMAX_ROLE_LANE && !as->have_ctrl && ms_left(p->deadline) > 0 &&
+           !p->evicted && !p->closing) {
+        struct timespec until;
+        double d = p->deadline < rdmax_now() + 0.05 ? p->deadline : rdmax_now() + 0.05;
+        clock_gettime(CLOCK_REALTIME, &until);
+        d -= rdmax_now();
+        until.tv_sec += (time_t)d;
+        until.tv_nsec += (long)((d - (double)(time_t)d) * 1e9);
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&as->ctrl_cv, &as->mu, &until);
+    }
     r = admit(as, c, &h, &lane_mismatch, err, sizeof(err));
     p->hello_ok = r == 0;
     pthread_mutex_unlock(&as->mu);
@@ -1193,6 +1215,7 @@ static void *handshake_main(void *arg)
             into = &s->ctrl;
             as->have_ctrl = true;
             as->ctrl_tp = c->ops;
+            pthread_cond_broadcast(&as->ctrl_cv);
         } else {
             s->lane[h.lane] = w;
             into = &s->lane[h.lane];
@@ -1341,6 +1364,7 @@ int rdmax_session_accept(struct rdmax_session *s)
     }
     as->s = s;
     pthread_mutex_init(&as->mu, NULL);
+    pthread_cond_init(&as->ctrl_cv, NULL);
     as->cache_cap = s->o.cache_max ? s->o.cache_max : rdmax_page_cache_default_cap();
     if (rdmax_addr_split(s->o.addr, host, sizeof(host), port, sizeof(port), err, sizeof(err)) < 0) {
         r = rdmax_session_error(s, -EINVAL, "%s", err);
@@ -1444,6 +1468,7 @@ int rdmax_session_accept(struct rdmax_session *s)
     r = rdmax_session_failed(s);
 out:
     pthread_mutex_destroy(&as->mu);
+    pthread_cond_destroy(&as->ctrl_cv);
     free(as);
     return r;
 }
