@@ -85,8 +85,8 @@
 
 /* Adaptive control. */
 #define ADAPT_WINDOW_BATCHES 64u /* compressibility is judged over this many batches */
-#define ADAPT_PROBE_EVERY 64u /* raw for incompressibility: probe batches */
-#define DESC_ZSTD_MIN 512u    /* smaller descriptor parts are not worth a frame */
+#define ADAPT_PROBE_EVERY 64u    /* raw for incompressibility: probe batches */
+#define DESC_ZSTD_MIN 512u       /* smaller descriptor parts are not worth a frame */
 
 #ifndef MIN
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
@@ -445,8 +445,7 @@ static void enc_adapt(struct rdmax_lane_encoder *e)
     e->win_full_in = e->win_full_out = 0;
 }
 
-ssize_t rdmax_lane_encoder_flush_iov(struct rdmax_lane_encoder *e, struct iovec iov[2],
-                                     int *iovcnt)
+ssize_t rdmax_lane_encoder_flush_iov(struct rdmax_lane_encoder *e, struct iovec iov[2], int *iovcnt)
 {
     size_t full_raw = (size_t)e->nfull * PS;
     size_t desc_len = e->desc_len, full_len = full_raw, pos, z;

@@ -38,12 +38,12 @@
  */
 #include "level.h"
 
-#define UP_NEEDS 0.90      /* more compression: kept unless it moves 10% less (it saves wire) */
-#define DOWN_NEEDS 1.20    /* less compression: only where it moves 20% more */
+#define UP_NEEDS 0.90       /* more compression: kept unless it moves 10% less (it saves wire) */
+#define DOWN_NEEDS 1.20     /* less compression: only where it moves 20% more */
 #define DOWN_LINK_NEEDS 1.5 /* ... 50% more when the link pushed back at the lower level */
-#define REVISIT 30u        /* windows (~3 s) before a neighbour's figure is stale */
-#define DWELL 6u           /* windows at a level before trying a stale neighbour */
-#define UNCACHED_AFTER 10u /* windows in a row at raw, the link idle, before trying uncached */
+#define REVISIT 30u         /* windows (~3 s) before a neighbour's figure is stale */
+#define DWELL 6u            /* windows at a level before trying a stale neighbour */
+#define UNCACHED_AFTER 10u  /* windows in a row at raw, the link idle, before trying uncached */
 
 void rdmax_level_ctl_init(struct rdmax_level_ctl *c, int level, int lo, int hi)
 {

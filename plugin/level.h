@@ -25,26 +25,26 @@
 
 /* One window of the pipe, as the reader of QEMU's stream saw it. */
 struct rdmax_level_window {
-    uint64_t wall_ns;  /* length of the window */
-    uint64_t wait_ns;  /* spent waiting for QEMU to write */
-    uint64_t link_ns;  /* lanes blocked handing batches to the transport, averaged per lane */
-    uint64_t bytes;    /* stream bytes taken from QEMU */
-    uint64_t wire;     /* batch bytes the lanes handed to the transport */
-    bool peer_bound;   /* a receiving lane said it, not the link, is the limit */
+    uint64_t wall_ns; /* length of the window */
+    uint64_t wait_ns; /* spent waiting for QEMU to write */
+    uint64_t link_ns; /* lanes blocked handing batches to the transport, averaged per lane */
+    uint64_t bytes;   /* stream bytes taken from QEMU */
+    uint64_t wire;    /* batch bytes the lanes handed to the transport */
+    bool peer_bound;  /* a receiving lane said it, not the link, is the limit */
 };
 
 struct rdmax_level_ctl {
-    int level;                         /* the level now */
-    int lo, hi;                        /* allowed range */
-    double rate[RDMAX_LEVEL_COUNT];    /* bytes per ns when it last ran (index level - MIN) */
+    int level;                           /* the level now */
+    int lo, hi;                          /* allowed range */
+    double rate[RDMAX_LEVEL_COUNT];      /* bytes per ns when it last ran (index level - MIN) */
     uint64_t rate_at[RDMAX_LEVEL_COUNT]; /* window it was measured in */
     bool rate_link[RDMAX_LEVEL_COUNT];   /* ... the link pushed back then */
-    uint64_t windows;                  /* windows so far */
-    unsigned level_windows;            /* windows at this level since the last change */
-    unsigned idle_windows;             /* windows at raw with the link idle, net (level.c) */
-    uint64_t changes;                  /* level changes so far */
-    int trial_from;                    /* trying this level, from that one; level when none */
-    double link_rate;                  /* wire bytes per ns when the link pushed back (EWMA) */
+    uint64_t windows;                    /* windows so far */
+    unsigned level_windows;              /* windows at this level since the last change */
+    unsigned idle_windows;               /* windows at raw with the link idle, net (level.c) */
+    uint64_t changes;                    /* level changes so far */
+    int trial_from;                      /* trying this level, from that one; level when none */
+    double link_rate;                    /* wire bytes per ns when the link pushed back (EWMA) */
 };
 
 /* Start at `level`, within [lo, hi] (lo -1 only with a page cache). */

@@ -218,8 +218,8 @@ static void *populate_main(void *arg)
 
     (void)pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp);
     while (pos < c->data_len && !atomic_load_explicit(&c->populate_stop, memory_order_relaxed)) {
-        size_t used = atomic_load_explicit(&c->used_hint, memory_order_relaxed) *
-                      (size_t)RDMAX_PAGE_SIZE;
+        size_t used =
+            atomic_load_explicit(&c->used_hint, memory_order_relaxed) * (size_t)RDMAX_PAGE_SIZE;
         size_t len;
 
         if (pos < used) {

@@ -33,8 +33,8 @@
 #include "session.h"
 #include "stream.h"
 
-#define IN_BLOCK (256u << 10) /* QEMU's bytes are read and parsed in blocks this size */
-#define IN_BLOCKS 8u          /* ... this many: 2 MiB of raw stream held at most */
+#define IN_BLOCK (256u << 10)   /* QEMU's bytes are read and parsed in blocks this size */
+#define IN_BLOCKS 8u            /* ... this many: 2 MiB of raw stream held at most */
 #define IN_READ_MIN (64u << 10) /* a fresh block when less room is left for a read */
 #define CTRL_FLUSH (64u << 10)
 #define LANE_RING_PAGES 64u
@@ -60,11 +60,12 @@ struct send_lane {
     bool ring_ok;           /* ring initialised (main thread) */
     struct rdmax_lane_encoder *enc;
     pthread_t thread;
-    bool started;              /* main thread */
-    _Atomic bool peer_bound;   /* control reader: the receiver's LANE_LOAD */
-    _Atomic bool peer_bound_seen; /* ... a LANE_LOAD saying bound came since the main thread looked */
+    bool started;            /* main thread */
+    _Atomic bool peer_bound; /* control reader: the receiver's LANE_LOAD */
+    _Atomic bool
+        peer_bound_seen; /* ... a LANE_LOAD saying bound came since the main thread looked */
 
-    bool dirty;                /* main thread: pages committed since the last kick */
+    bool dirty; /* main thread: pages committed since the last kick */
 };
 
 /* The pipe's codec level (level.h): chosen by the main thread, applied by the lanes. */
@@ -578,7 +579,8 @@ static int pump(struct rdmax_send *p, struct rdmax_in_block *blk, size_t len, ui
             pos += (size_t)c;
             continue;
         }
-        /* Everything here is parsed (or a page is short): read more, into a fresh block if need be. */
+        /* Everything here is parsed (or a page is short): read more, into a fresh block if need be.
+         */
         if ((page && IN_BLOCK - pos < RDMAX_PAGE_SIZE) || (!page && IN_BLOCK - len < IN_READ_MIN)) {
             struct rdmax_in_block *next = intake_block(p);
             if (!next) {

@@ -854,7 +854,8 @@ static int server_hello(const struct rdmax_session *s, struct rdmax_wire *w,
     if (r == 0 && fh.type == RDMAX_F_ERROR) {
         /* The sender checked our proof first and gave up: say why. */
         char txt[RDMAX_PEER_TEXT_BUF];
-        snprintf(err, err_len, "sender gave up: %s", rdmax_peer_text(txt, sizeof(txt), buf, fh.len));
+        snprintf(err, err_len, "sender gave up: %s",
+                 rdmax_peer_text(txt, sizeof(txt), buf, fh.len));
         return -EACCES;
     }
     if (r < 0 || fh.type != RDMAX_F_AUTH || fh.len != RDMAX_MAC_LEN) {
@@ -1166,8 +1167,8 @@ static void *handshake_main(void *arg)
      * first. It waits for the control connection (until its own deadline)
      * instead of being refused as belonging to no migration.
      */
-    while (h.role == RDMAX_ROLE_LANE && !as->have_ctrl && ms_left(p->deadline) > 0 &&
-           !p->evicted && !p->closing) {
+    while (h.role == RDMAX_ROLE_LANE && !as->have_ctrl && ms_left(p->deadline) > 0 && !p->evicted &&
+           !p->closing) {
         struct timespec until;
         double d = p->deadline < rdmax_now() + 0.05 ? p->deadline : rdmax_now() + 0.05;
         clock_gettime(CLOCK_REALTIME, &until);
@@ -1204,7 +1205,7 @@ static void *handshake_main(void *arg)
     r = admit(as, c, &h, &lane_mismatch, err, sizeof(err));
     if (r == 0) {
         struct rdmax_wire *into;
-        p->c = NULL; /* the migration's now: never cut off */
+        p->c = NULL;                /* the migration's now: never cut off */
         pthread_mutex_lock(&s->mu); /* the farewell reads the connections */
         if (h.role == RDMAX_ROLE_CONTROL) {
             s->session_id = h.session;
@@ -1244,8 +1245,7 @@ refuse:
                  "dropped for a newer connection (%u handshakes at once, the oldest goes first)",
                  PENDING_UNAUTH);
     } else if (expired) {
-        snprintf(err, sizeof(err), "no complete rdma-x handshake within %d s",
-                 HANDSHAKE_MS / 1000);
+        snprintf(err, sizeof(err), "no complete rdma-x handshake within %d s", HANDSHAKE_MS / 1000);
     }
     /* refuse() owns the connection from here; the wire holds no crypto yet. */
     w.conn = NULL;

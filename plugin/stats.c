@@ -124,7 +124,8 @@ void rdmax_stats_write(struct rdmax_session *s, const char *result)
         json_tiers(f, &t);
         fprintf(f, ",\n  \"page_bytes\": %llu,\n  \"batch_bytes\": %llu,\n",
                 (unsigned long long)t.bytes_raw, (unsigned long long)t.bytes_wire);
-        fprintf(f, "  \"batches\": %llu,\n  \"level_changes\": %llu,\n  \"uncached_pages\": %llu,\n",
+        fprintf(f,
+                "  \"batches\": %llu,\n  \"level_changes\": %llu,\n  \"uncached_pages\": %llu,\n",
                 (unsigned long long)t.batches, (unsigned long long)t.level_changes,
                 (unsigned long long)t.uncached_pages);
     }

@@ -140,10 +140,10 @@ struct rdmax_stream {
     struct rdmax_page_key page_key;
 
     /* Opaque tail: how it ends (see the top of this file). */
-    bool footers;                       /* the parsed part had section footers */
-    bool ended;                         /* the end was parsed before the tail began */
-    uint8_t tail[TAIL_KEEP];            /* the last opaque bytes, oldest first */
-    size_t tail_len;                    /* valid bytes at the end of tail[] */
+    bool footers;                         /* the parsed part had section footers */
+    bool ended;                           /* the end was parsed before the tail began */
+    uint8_t tail[TAIL_KEEP];              /* the last opaque bytes, oldest first */
+    size_t tail_len;                      /* valid bytes at the end of tail[] */
     uint64_t vmdesc_end[TAIL_CANDIDATES]; /* stream offsets where a VMDESC would end */
     unsigned vmdesc_next;
 
@@ -785,7 +785,8 @@ int rdmax_stream_finish(struct rdmax_stream *s)
     }
     if (s->st == ST_OPAQUE) {
         return stream_fail(s, "stream truncated (%s, before QEMU's end-of-stream marker)",
-                           s->iterating ? "inside the device state" : "inside a part carried unparsed");
+                           s->iterating ? "inside the device state"
+                                        : "inside a part carried unparsed");
     }
     return stream_fail(s, "stream truncated (%s)",
                        s->page_pending  ? "inside a page"

@@ -12,10 +12,10 @@
 #include <stdint.h>
 
 enum rdmax_crc32c_impl {
-    RDMAX_CRC32C_TABLE,        /* slicing-by-8 tables: fallback and oracle */
-    RDMAX_CRC32C_SERIAL,       /* one chain of SSE4.2 crc32 (the old path) */
-    RDMAX_CRC32C_3WAY_SW,      /* three chains, combined by a C multiply */
-    RDMAX_CRC32C_3WAY_PCLMUL,  /* three chains, combined by PCLMULQDQ */
+    RDMAX_CRC32C_TABLE,       /* slicing-by-8 tables: fallback and oracle */
+    RDMAX_CRC32C_SERIAL,      /* one chain of SSE4.2 crc32 (the old path) */
+    RDMAX_CRC32C_3WAY_SW,     /* three chains, combined by a C multiply */
+    RDMAX_CRC32C_3WAY_PCLMUL, /* three chains, combined by PCLMULQDQ */
     RDMAX_CRC32C_NIMPL,
 };
 

@@ -139,7 +139,7 @@ __attribute__((target("sse4.2"))) static uint32_t crc32c_hw(uint32_t crc, const 
 typedef uint32_t combine_fn(uint32_t a, uint32_t ka, uint32_t b, uint32_t kb);
 
 __attribute__((target("sse4.2,pclmul"))) static uint32_t combine_pclmul(uint32_t a, uint32_t ka,
-                                                                       uint32_t b, uint32_t kb)
+                                                                        uint32_t b, uint32_t kb)
 {
     __m128i v = _mm_set_epi64x(b, a);
     __m128i k = _mm_set_epi64x(kb, ka);
@@ -161,13 +161,13 @@ static uint64_t clmul32(uint32_t a, uint32_t b)
 }
 
 __attribute__((target("sse4.2"))) static uint32_t combine_sw(uint32_t a, uint32_t ka, uint32_t b,
-                                                            uint32_t kb)
+                                                             uint32_t kb)
 {
     return (uint32_t)__builtin_ia32_crc32di(0, clmul32(a, ka) ^ clmul32(b, kb));
 }
 
 __attribute__((target("sse4.2"))) static uint32_t crc32c_3way(uint32_t crc, const uint8_t *p,
-                                                             size_t len, combine_fn *combine)
+                                                              size_t len, combine_fn *combine)
 {
     while (len >= 3 * 8 * K_MIN) {
         size_t k = len / 24 < K_MAX ? len / 24 : K_MAX;

@@ -102,8 +102,8 @@ Test(crc32c, matches_the_definition_on_pages)
     cr_assert_eq(bitwise(zero, sizeof(zero)), 0x98f94189u);
     for (int impl = 0; impl < RDMAX_CRC32C_NIMPL; impl++) {
         if (rdmax_crc32c_impl_supported(impl)) {
-            cr_assert_eq(rdmax_crc32c_with(impl, 0, page, sizeof(page)), bitwise(page, sizeof(page)),
-                         "%s", rdmax_crc32c_impl_name(impl));
+            cr_assert_eq(rdmax_crc32c_with(impl, 0, page, sizeof(page)),
+                         bitwise(page, sizeof(page)), "%s", rdmax_crc32c_impl_name(impl));
             cr_assert_eq(rdmax_crc32c_with(impl, 0, zero, sizeof(zero)), 0x98f94189u, "%s",
                          rdmax_crc32c_impl_name(impl));
             cr_assert_eq(rdmax_crc32c_with(impl, 0, page, 3000), bitwise(page, 3000), "%s",
@@ -128,9 +128,9 @@ Test(crc32c, every_length_to_4200_at_random_alignments)
  * (3 x 4096), several rounds and a short last one, 256 KiB. */
 Test(crc32c, long_buffers_around_round_sizes)
 {
-    static const size_t lens[] = {191,   192,   193,   215,    216,    12287,  12288,
-                                  12289, 12311, 24576, 24767,  36863,  65536,  262144,
-                                  262151, 266240, 1 << 20, (1 << 20) + 4095};
+    static const size_t lens[] = {191,   192,    193,    215,    216,     12287,
+                                  12288, 12289,  12311,  24576,  24767,   36863,
+                                  65536, 262144, 262151, 266240, 1 << 20, (1 << 20) + 4095};
 
     rng_s = 2;
     for (size_t i = 0; i < sizeof(lens) / sizeof(lens[0]); i++) {
@@ -173,8 +173,8 @@ Test(crc32c, chained_calls_equal_one_shot)
                 c = impl < 0 ? rdmax_crc32c(c, p + at, n) : rdmax_crc32c_with(impl, c, p + at, n);
                 at += n;
             }
-            cr_assert_eq(c, want, "%s, trial %d", impl < 0 ? "rdmax_crc32c" : rdmax_crc32c_impl_name(impl),
-                         trial);
+            cr_assert_eq(c, want, "%s, trial %d",
+                         impl < 0 ? "rdmax_crc32c" : rdmax_crc32c_impl_name(impl), trial);
             if (impl < RDMAX_CRC32C_NIMPL - 1) {
                 rng_s = seed; /* the same pieces for each implementation */
             }
@@ -204,6 +204,7 @@ Test(crc32c, no_simd_env_forces_the_table)
     rng_s = 4;
     fill(b, sizeof(b));
     cr_assert_eq(rdmax_crc32c_selected(), RDMAX_CRC32C_TABLE);
-    cr_assert_eq(rdmax_crc32c(7, b, sizeof(b)), rdmax_crc32c_with(RDMAX_CRC32C_TABLE, 7, b, sizeof(b)));
+    cr_assert_eq(rdmax_crc32c(7, b, sizeof(b)),
+                 rdmax_crc32c_with(RDMAX_CRC32C_TABLE, 7, b, sizeof(b)));
     cr_assert_eq(rdmax_crc32c(0, "123456789", 9), 0xe3069283u);
 }

@@ -19,8 +19,14 @@ struct sim {
 };
 
 /* Raw is cheap; zstd 1 costs ~4x and halves real content; uncached a bit cheaper than raw. */
-#define ENC {3.0, 2.0, 0.5, 0.3}
-#define RATIO {0.95, 0.95, 0.45, 0.42}
+#define ENC                                                                                        \
+    {                                                                                              \
+        3.0, 2.0, 0.5, 0.3                                                                         \
+    }
+#define RATIO                                                                                      \
+    {                                                                                              \
+        0.95, 0.95, 0.45, 0.42                                                                     \
+    }
 
 static const struct sim FAST_LINK = {ENC, RATIO, 0, 0, 0};
 static const struct sim SLOW_LINK = {ENC, RATIO, 0.1, 0, 0};

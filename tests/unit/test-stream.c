@@ -399,7 +399,8 @@ static size_t find_eof_before_vmdesc(const uint8_t *p, size_t len)
 {
     for (size_t i = len - 6; i > 6; i--) {
         if (p[i] == 0x06 && p[i - 1] == 0x00 && p[i + 5] == '{' &&
-            i + 5 + ((size_t)p[i + 1] << 24 | (size_t)p[i + 2] << 16 | (size_t)p[i + 3] << 8 |
+            i + 5 +
+                    ((size_t)p[i + 1] << 24 | (size_t)p[i + 2] << 16 | (size_t)p[i + 3] << 8 |
                      p[i + 4]) ==
                 len) {
             return i - 1;
@@ -562,8 +563,8 @@ static void assert_tail_cuts_fail(const char *name, const uint8_t *data, size_t 
         return;
     }
     cr_assert_gt(eof, 10000, "%s: EOF + VMDESC too early", name);
-    const size_t cuts[] = {eof - 5000, eof - 6, eof - 1, eof, eof + 2, eof + 4, eof + 6,
-                           eof + 1000, len - 1};
+    const size_t cuts[] = {eof - 5000, eof - 6, eof - 1,    eof,    eof + 2,
+                           eof + 4,    eof + 6, eof + 1000, len - 1};
     for (size_t i = 0; i < sizeof(cuts) / sizeof(cuts[0]); i++) {
         int r = parse_prefix(data, cuts[i], odd, sizeof(odd) / sizeof(odd[0]), err, sizeof(err));
         cr_assert_eq(r, -EBADMSG, "%s cut at %zu of %zu counted as complete", name, cuts[i], len);

@@ -420,7 +420,7 @@ Test(auth, key_files_are_checked)
     /* Short, long, passphrases, patterns: refused, saying how to make a key. */
     const char *weak[] = {
         "short\n",
-        "0123456789abcdef\n",                                                /* 16: was enough */
+        "0123456789abcdef\n",                                               /* 16: was enough */
         "correct horse battery staple abc",                                 /* 32 printable */
         "0000000000000000000000000000000000000000000000000000000000000000", /* 64 hex */
         "0123456701234567012345670123456701234567012345670123456701234567",
