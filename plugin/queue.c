@@ -104,19 +104,18 @@ bool rdmax_ring_kicked(struct rdmax_ring *r)
     return atomic_load_explicit(&r->kick, memory_order_relaxed) && atomic_exchange(&r->kick, false);
 }
 
-void *rdmax_ring_peek_wait(struct rdmax_ring *r, size_t want)
+/*
+ * Consumer: wait until `want` slots are filled, the ring is closed or
+ * aborted, or (with kicks) the producer kicked. One loop for peek and
+ * peek_wait: spin briefly, then sleep with `want` published so the
+ * producer wakes us only when it is met.
+ */
+static void wait_filled(struct rdmax_ring *r, size_t head, size_t want, bool kicks)
 {
-    size_t head = atomic_load_explicit(&r->head, memory_order_relaxed);
-
-    if (want < 1) {
-        want = 1;
-    }
-    if (want > r->cap) {
-        want = r->cap;
-    }
     for (int i = 0; atomic_load_explicit(&r->tail, memory_order_acquire) - head < want; i++) {
-        if (atomic_load(&r->closed) || atomic_load(&r->kick) || atomic_load(&r->aborted)) {
-            break;
+        if (atomic_load(&r->closed) || atomic_load(&r->aborted) ||
+            (kicks && atomic_load(&r->kick))) {
+            return;
         }
         if (i < SPINS) {
             cpu_relax();
@@ -126,14 +125,21 @@ void *rdmax_ring_peek_wait(struct rdmax_ring *r, size_t want)
         atomic_store(&r->want, want);
         atomic_store(&r->cons_sleep, true);
         while (atomic_load(&r->tail) - head < want && !atomic_load(&r->closed) &&
-               !atomic_load(&r->kick) && !atomic_load(&r->aborted)) {
+               !atomic_load(&r->aborted) && !(kicks && atomic_load(&r->kick))) {
             pthread_cond_wait(&r->cv, &r->mu);
         }
         atomic_store(&r->cons_sleep, false);
         atomic_store(&r->want, 1);
         pthread_mutex_unlock(&r->mu);
-        break;
+        return;
     }
+}
+
+void *rdmax_ring_peek_wait(struct rdmax_ring *r, size_t want)
+{
+    size_t head = atomic_load_explicit(&r->head, memory_order_relaxed);
+
+    wait_filled(r, head, want < 1 ? 1 : want > r->cap ? r->cap : want, true);
     if (atomic_load_explicit(&r->tail, memory_order_acquire) == head || atomic_load(&r->aborted)) {
         return NULL;
     }
@@ -144,28 +150,10 @@ void *rdmax_ring_peek(struct rdmax_ring *r, bool try)
 {
     size_t head = atomic_load_explicit(&r->head, memory_order_relaxed);
 
-    for (int i = 0; atomic_load_explicit(&r->tail, memory_order_acquire) == head; i++) {
-        if ((atomic_load(&r->closed) && atomic_load(&r->tail) == head) ||
-            atomic_load(&r->aborted)) {
-            return NULL;
-        }
-        if (try) {
-            return NULL;
-        }
-        if (i < SPINS) {
-            cpu_relax();
-            continue;
-        }
-        pthread_mutex_lock(&r->mu);
-        atomic_store(&r->cons_sleep, true);
-        while (atomic_load(&r->tail) == head && !atomic_load(&r->closed) &&
-               !atomic_load(&r->aborted)) {
-            pthread_cond_wait(&r->cv, &r->mu);
-        }
-        atomic_store(&r->cons_sleep, false);
-        pthread_mutex_unlock(&r->mu);
+    if (!try) {
+        wait_filled(r, head, 1, false);
     }
-    if (atomic_load_explicit(&r->aborted, memory_order_relaxed)) {
+    if (atomic_load_explicit(&r->tail, memory_order_acquire) == head || atomic_load(&r->aborted)) {
         return NULL;
     }
     return r->mem + (head % r->cap) * r->slot_size;
