@@ -19,40 +19,7 @@
 
 #include "recv.h"
 #include "send.h"
-
-static uint8_t *load_zst(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    uint8_t *data, *out;
-    long n;
-
-    if (!f) {
-        return NULL;
-    }
-    fseek(f, 0, SEEK_END);
-    n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    data = malloc((size_t)n);
-    cr_assert_eq(fread(data, 1, (size_t)n, f), (size_t)n);
-    fclose(f);
-    unsigned long long size = ZSTD_getFrameContentSize(data, (size_t)n);
-    cr_assert(size != ZSTD_CONTENTSIZE_ERROR && size != ZSTD_CONTENTSIZE_UNKNOWN);
-    out = malloc(size);
-    cr_assert_not_null(out);
-    ZSTD_DCtx *d = ZSTD_createDCtx();
-    ZSTD_DCtx_setParameter(d, ZSTD_d_windowLogMax, 27);
-    ZSTD_inBuffer in = {data, (size_t)n, 0};
-    ZSTD_outBuffer o = {out, size, 0};
-    while (in.pos < in.size) {
-        size_t r = ZSTD_decompressStream(d, &o, &in);
-        cr_assert(!ZSTD_isError(r), "%s: %s", path, ZSTD_getErrorName(r));
-    }
-    cr_assert_eq(o.pos, size);
-    ZSTD_freeDCtx(d);
-    free(data);
-    *len = size;
-    return out;
-}
+#include "stream-file.h"
 
 static int free_port(void)
 {
@@ -243,7 +210,7 @@ static uint8_t *capture(size_t *len)
     uint8_t *data;
 
     snprintf(path, sizeof(path), "%s/qemu-10.0/pc-10.0-linux-dirty.bin.zst", dir ? dir : ".");
-    data = load_zst(path, len);
+    data = load_stream(path, len);
     if (!data) {
         cr_skip_test("no QEMU capture at %s", path);
     }

@@ -13,6 +13,7 @@
 #include <zstd.h>
 
 #include "stream.h"
+#include "stream-file.h"
 
 /* ---- a growable byte buffer ---- */
 struct buf {
@@ -501,44 +502,6 @@ Test(stream, lanes_spread_and_agree)
 }
 
 /* ---- real streams ---- */
-
-static uint8_t *load_stream(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    uint8_t *data;
-    long n;
-
-    if (!f) {
-        return NULL;
-    }
-    fseek(f, 0, SEEK_END);
-    n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    data = malloc((size_t)n);
-    cr_assert_eq(fread(data, 1, (size_t)n, f), (size_t)n);
-    fclose(f);
-    if (n > 4 && strcmp(path + strlen(path) - 4, ".zst") == 0) {
-        unsigned long long size = ZSTD_getFrameContentSize(data, (size_t)n);
-        uint8_t *out;
-        ZSTD_DCtx *d = ZSTD_createDCtx();
-        cr_assert(size != ZSTD_CONTENTSIZE_ERROR && size != ZSTD_CONTENTSIZE_UNKNOWN);
-        out = malloc(size);
-        ZSTD_DCtx_setParameter(d, ZSTD_d_windowLogMax, 27);
-        ZSTD_inBuffer in = {data, (size_t)n, 0};
-        ZSTD_outBuffer o = {out, size, 0};
-        while (in.pos < in.size) {
-            size_t r = ZSTD_decompressStream(d, &o, &in);
-            cr_assert(!ZSTD_isError(r), "%s: %s", path, ZSTD_getErrorName(r));
-        }
-        cr_assert_eq(o.pos, size);
-        ZSTD_freeDCtx(d);
-        free(data);
-        *len = size;
-        return out;
-    }
-    *len = (size_t)n;
-    return data;
-}
 
 /*
  * A real stream cut inside its device tail (migrate_cancel, a crashed
