@@ -25,31 +25,14 @@ import tempfile
 import threading
 import time
 
+sys.dont_write_bytecode = True  # keep the source tree clean
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'lib'))
+from qmp import TestFailure as Fail, check, free_port, log  # noqa: E402
+
 TOP = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 RELAY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'relay.py')
 ERR_LINE = re.compile(r'^rdma-x: error: .+$', re.M)
 TIMEOUT = 3
-
-
-class Fail(Exception):
-    pass
-
-
-def check(cond, msg):
-    if not cond:
-        raise Fail(msg)
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(('127.0.0.1', 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def wait_listen(port, what):

@@ -33,32 +33,15 @@ import tempfile
 import threading
 import time
 
+sys.dont_write_bytecode = True  # keep the source tree clean
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'lib'))
+from qmp import TestFailure as Fail, check, free_port, log  # noqa: E402
+
 TOP = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 ERR_LINE = re.compile(r'^rdma-x: error: .+$', re.M)
 FD_MAX = 120          # 16 + 64 handshakes, 65 connections, stdio, listener
 HOSTILE_RSS_MIB = 24  # what hostile clients may add to an idle listener's RSS
 MIGRATION_RSS_MIB = 1024  # the whole run (page caches of a 257 MiB guest)
-
-
-class Fail(Exception):
-    pass
-
-
-def check(cond, msg):
-    if not cond:
-        raise Fail(msg)
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(('127.0.0.1', 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def hello_now():

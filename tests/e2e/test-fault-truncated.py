@@ -15,32 +15,18 @@ Usage: test-fault-truncated.py [RDMAX]
 import hashlib
 import os
 import re
-import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import time
 
+sys.dont_write_bytecode = True  # keep the source tree clean
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'lib'))
+from qmp import TestFailure as Fail, check, free_port  # noqa: E402
+
 TOP = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 ERR_LINE = re.compile(r'^rdma-x: error: .+$', re.M)
-
-
-class Fail(Exception):
-    pass
-
-
-def check(cond, msg):
-    if not cond:
-        raise Fail(msg)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(('127.0.0.1', 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def eof_before_vmdesc(data):

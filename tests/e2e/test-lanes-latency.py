@@ -18,17 +18,13 @@ import sys
 import tempfile
 import time
 
+sys.dont_write_bytecode = True  # keep the source tree clean
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'lib'))
+from qmp import free_port  # noqa: E402
+
 TOP = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 RELAY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'relay.py')
 DELAY_MS = 25
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(('127.0.0.1', 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def wait_listen(port):
