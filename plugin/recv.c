@@ -171,7 +171,7 @@ static void *lane_main(void *arg)
         } while (r == 0 && h.type == RDMAX_F_KEEPALIVE);
         if (r < 0) {
             rdmax_session_error(s, r, "lane %u from %s: %s", l->idx, w->conn->peer,
-                                rdmax_wire_strerror(r));
+                                rdmax_conn_strerror(w->conn, r));
             break;
         }
         if (h.type == RDMAX_F_PAGES) {
@@ -299,7 +299,7 @@ static void *ctrl_reader_main(void *arg)
                 break; /* the sender finished and left */
             }
             rdmax_session_error(s, r, "control connection from %s: %s", s->ctrl.conn->peer,
-                                rdmax_wire_strerror(r));
+                                rdmax_conn_strerror(s->ctrl.conn, r));
             break;
         }
         if (rdmax_session_failed(s)) {
@@ -376,14 +376,16 @@ static void *rp_main(void *arg)
             /* Mid-stream, the splice notices the closed qemu_out on its own. */
             r = rdmax_wire_send(&s->ctrl, RDMAX_F_RP_EOF, 0, 0, NULL, 0);
             if (r < 0 && !atomic_load(&p->stream_done)) {
-                rdmax_session_error(s, r, "control connection: %s", rdmax_wire_strerror(r));
+                rdmax_session_error(s, r, "control connection: %s",
+                                    rdmax_conn_strerror(s->ctrl.conn, r));
             }
             break;
         }
         atomic_fetch_add_explicit(&s->c.rp_bytes, (uint64_t)n, memory_order_relaxed);
         r = rdmax_wire_send(&s->ctrl, RDMAX_F_RP, 0, 0, buf, (size_t)n);
         if (r < 0 && !atomic_load(&p->stream_done)) {
-            rdmax_session_error(s, r, "control connection: %s", rdmax_wire_strerror(r));
+            rdmax_session_error(s, r, "control connection: %s",
+                                rdmax_conn_strerror(s->ctrl.conn, r));
             break;
         }
     }
@@ -677,7 +679,8 @@ int rdmax_recv_run(struct rdmax_recv *p)
     atomic_store(&s->finishing, true);
     r = rdmax_wire_send(&s->ctrl, RDMAX_F_FIN_ACK, 0, 0, NULL, 0);
     if (r < 0) {
-        r = rdmax_session_error(s, r, "control connection: %s", rdmax_wire_strerror(r));
+        r = rdmax_session_error(s, r, "control connection: %s",
+                                rdmax_conn_strerror(s->ctrl.conn, r));
         goto out;
     }
     /* Keep relaying the return path (QEMU's SHUT) until QEMU closes it. */

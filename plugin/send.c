@@ -111,7 +111,8 @@ static int ctrl_flush(struct rdmax_send *p)
             r = rdmax_wire_send(&p->s.ctrl, RDMAX_F_CTRL, RDMAX_FF_ZSTD, 0, p->ctrl_zbuf, out.pos);
             if (r < 0) {
                 return rdmax_session_error(&p->s, r, "control connection to %s: %s",
-                                           p->s.ctrl.conn->peer, rdmax_wire_strerror(r));
+                                           p->s.ctrl.conn->peer,
+                                           rdmax_conn_strerror(p->s.ctrl.conn, r));
             }
         }
     } while (rem != 0 || in.pos < in.size);
@@ -157,7 +158,7 @@ static int lane_send_batch(struct send_lane *l)
     atomic_fetch_add_explicit(&l->p->wire_total, (uint64_t)n, memory_order_relaxed);
     if (r < 0) {
         return rdmax_session_error(s, r, "lane %u to %s: %s", l->idx, s->lane[l->idx].conn->peer,
-                                   rdmax_wire_strerror(r));
+                                   rdmax_conn_strerror(s->lane[l->idx].conn, r));
     }
     return 0;
 }
@@ -218,7 +219,8 @@ static void *lane_main(void *arg)
     r = rdmax_wire_send(&s->lane[l->idx], RDMAX_F_LANE_EOF, 0, (uint16_t)(l->idx + 1), eof,
                         sizeof(eof));
     if (r < 0) {
-        rdmax_session_error(s, r, "lane %u: %s", l->idx, rdmax_wire_strerror(r));
+        rdmax_session_error(s, r, "lane %u: %s", l->idx,
+                            rdmax_conn_strerror(s->lane[l->idx].conn, r));
     }
     return NULL;
 }
@@ -312,7 +314,7 @@ static void *ctrl_reader_main(void *arg)
         int r = rdmax_wire_recv(&s->ctrl, &h, buf, RDMAX_FRAME_MAX, s->o.timeout_ms);
         if (r < 0) {
             rdmax_session_error(s, r, "control connection to %s: %s", s->ctrl.conn->peer,
-                                rdmax_wire_strerror(r));
+                                rdmax_conn_strerror(s->ctrl.conn, r));
             break;
         }
         if (rdmax_session_failed(s)) {

@@ -56,6 +56,15 @@ const char *rdmax_wire_strerror(int err)
     }
 }
 
+const char *rdmax_conn_strerror(const struct rdmax_conn *c, int err)
+{
+    /* A frame the wire layer rejected is about the bytes, not the link. */
+    if (c && c->why[0] && err != -EBADMSG && err != -EPROTO && err != -EKEYREJECTED) {
+        return c->why;
+    }
+    return rdmax_wire_strerror(err);
+}
+
 static void signal_fd(int fd)
 {
     uint64_t one = 1;
@@ -1433,9 +1442,21 @@ int rdmax_session_accept(struct rdmax_session *s)
             break;
         }
         if (r < 0) {
-            /* That one connection failed (or fds ran out for a moment): keep listening. */
-            fprintf(stderr, "rdma-x: note: accept on %s: %s\n", s->o.addr, strerror(-r));
-            if (++accept_errors > 100) {
+            /*
+             * That one connection failed (or fds ran out for a moment): keep
+             * listening. Turned-away clients do not count towards giving up,
+             * or a flood of foreign ones could end the receiver.
+             */
+            const char *why = l->why[0] ? l->why : strerror(-r);
+            if (as->alt_l && as->alt_l->why[0]) {
+                why = as->alt_l->why;
+            }
+            fprintf(stderr, "rdma-x: note: accept on %s: %s\n", s->o.addr, why);
+            l->why[0] = '\0';
+            if (as->alt_l) {
+                as->alt_l->why[0] = '\0';
+            }
+            if (r != -ECONNABORTED && ++accept_errors > 100) {
                 rdmax_session_error(s, r, "accept on %s keeps failing: %s", s->o.addr,
                                     strerror(-r));
                 break;

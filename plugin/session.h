@@ -187,6 +187,9 @@ int rdmax_session_finish(struct rdmax_session *s, int r);
 /* Map a wire/transport -errno to words for a reason. */
 const char *rdmax_wire_strerror(int err);
 
+/* The words for err on c: the transport's own reason when it gave one. */
+const char *rdmax_conn_strerror(const struct rdmax_conn *c, int err);
+
 /*
  * Sender: connect control then every lane, with the handshake. 0 or
  * -errno; the reason is the session's error (rdmax_session_reason).

@@ -53,10 +53,10 @@
  * already received, then -ECONNRESET.
  *
  * Errors: listen and connect say why they failed in the caller's buffer
- * (rdmax_transport_opts.why; a warning when it gives none); every other
- * verbs/cm failure is logged once (g_warning, with the verb
- * name and strerror) and returned as -errno; the first data-path error is
- * sticky on the connection.
+ * (rdmax_transport_opts.why; a warning when it gives none), accept in the
+ * listener's why, a connection's first data-path error (sticky) in its
+ * why, with the verb name and strerror; all return -errno. Nothing else is
+ * logged: the session words the messages.
  */
 #define G_LOG_DOMAIN "rdmax-rdma"
 
@@ -411,7 +411,8 @@ static size_t rdma_msg_size(void)
  * up, later connections get fewer or smaller slots; below the minimum,
  * -ENOMEM with a message.
  */
-static int rdma_pool_plan(struct rdma_conn *c, const struct rdmax_transport_opts *o)
+static int rdma_pool_plan(struct rdma_conn *c, const struct rdmax_transport_opts *o, char *why,
+                          size_t why_len)
 {
     bool explicit_bound;
     size_t budget = rdma_pinned_budget(o, &explicit_bound);
@@ -448,10 +449,11 @@ static int rdma_pool_plan(struct rdma_conn *c, const struct rdmax_transport_opts
             msg /= 2;
             continue;
         }
-        g_warning("rdma: pinned-memory budget exhausted: %zu KiB of %zu KiB registered, "
-                  "%zu KiB more needed for a connection: raise the bound (--rdma-pinned-max, "
-                  "RDMAX_RDMA_PINNED_MAX)",
-                  used / 1024, budget / 1024, need / 1024);
+        snprintf(why, why_len,
+                 "pinned-memory budget exhausted: %zu KiB of %zu KiB registered, "
+                 "%zu KiB more needed for a connection: raise the bound (--rdma-pinned-max, "
+                 "RDMAX_RDMA_PINNED_MAX)",
+                 used / 1024, budget / 1024, need / 1024);
         return -ENOMEM;
     }
     c->pinned = need;
@@ -569,9 +571,8 @@ static int rdma_conn_setup(struct rdma_conn *c, const struct rdmax_transport_opt
     char hint[320];
     int cqe, r;
 
-    r = rdma_pool_plan(c, o);
+    r = rdma_pool_plan(c, o, why, why_len);
     if (r < 0) {
-        snprintf(why, why_len, "pinned-memory budget exhausted (see above)");
         return r;
     }
     c->send_free = calloc(c->n_send, sizeof(*c->send_free));
@@ -717,7 +718,7 @@ static void rdma_name_peer(struct rdma_conn *c)
     }
 }
 
-/* Records the first error of c and logs it once. */
+/* Records the first error of c and its reason, for the owner's message. */
 static void G_GNUC_PRINTF(3, 4) rdma_fail_locked(struct rdma_conn *c, int err, const char *fmt, ...)
 {
     va_list ap;
@@ -731,7 +732,8 @@ static void G_GNUC_PRINTF(3, 4) rdma_fail_locked(struct rdma_conn *c, int err, c
     va_start(ap, fmt);
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
-    g_warning("rdma: %s: %s", rdma_peer_name(c), msg);
+    snprintf(c->base.why, sizeof(c->base.why), "rdma: %.180s", msg);
+    g_debug("rdma: %s: %s", rdma_peer_name(c), msg);
     pthread_cond_broadcast(&c->cond);
 }
 
@@ -1511,7 +1513,7 @@ static int rdma_op_accept(struct rdmax_listener *base, int timeout_ms, struct rd
             return r;
         }
         if (r < 0) {
-            g_warning("rdma: accept on %s: rdma_get_cm_event: %s", l->where, g_strerror(-r));
+            snprintf(base->why, sizeof(base->why), "rdma_get_cm_event: %s", g_strerror(-r));
             return r;
         }
         if (ev->event != RDMA_CM_EVENT_CONNECT_REQUEST) {
@@ -1519,7 +1521,7 @@ static int rdma_op_accept(struct rdmax_listener *base, int timeout_ms, struct rd
             g_debug("accept on %s: cm event %s", l->where, rdma_event_str(ev->event));
             rdma_ack_cm_event(ev);
             if (r < 0) {
-                g_warning("rdma: accept on %s: RDMA device removed", l->where);
+                snprintf(base->why, sizeof(base->why), "RDMA device removed");
                 return r;
             }
             continue;
@@ -1542,11 +1544,12 @@ static int rdma_op_accept(struct rdmax_listener *base, int timeout_ms, struct rd
         }
         /*
          * That one connection failed (not rdma-x, rejected, no memory to
-         * pin for it, never established): it is turned away and the
-         * listener keeps listening, so one bad client cannot end the
-         * receiver. Until the deadline, as for any accept.
+         * pin for it, never established): it is turned away, the caller
+         * hears why, and the listener keeps listening, so one bad client
+         * cannot end the receiver.
          */
-        g_warning("rdma: accept on %s: %s", l->where, why);
+        snprintf(base->why, sizeof(base->why), "%s", why);
+        return -ECONNABORTED;
     }
     g_debug("accepted %s: %u send slots, %u credits of %zu bytes", c->base.peer, c->n_send,
             c->credits, c->send_max);
@@ -1750,8 +1753,9 @@ static void rdma_op_close(struct rdmax_conn *base)
     deadline = rdma_now_ms() + RDMA_DRAIN_MS;
     while (c->send_inflight > 0 && c->state == RDMA_CONN_CONNECTED && !c->error) {
         if (rdma_left_ms(deadline) == 0) {
-            g_warning("rdma: %s: %u sends still unacknowledged at close", rdma_peer_name(c),
-                      c->send_inflight);
+            /* The session knows from FIN_ACK whether it mattered. */
+            g_debug("rdma: %s: %u sends still unacknowledged at close", rdma_peer_name(c),
+                    c->send_inflight);
             break;
         }
         if (c->busy_poll) {

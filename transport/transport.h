@@ -25,10 +25,19 @@ struct rdmax_transport_ops;
 struct rdmax_conn {
     const struct rdmax_transport_ops *ops; /* set by the transport, read-only */
     char peer[128];                        /* "host:port" for messages */
+    /*
+     * Why the connection failed, in words the errno cannot carry ("" until
+     * then): written once by the transport before the failing call
+     * returns, read by the owner for its reason. Transports do not log;
+     * the session words every message.
+     */
+    char why[192];
 };
 
 struct rdmax_listener {
     const struct rdmax_transport_ops *ops;
+    /* Why the last accept() turned a connection away ("" if it said nothing). */
+    char why[192];
 };
 
 /* Options given to listen/connect; set by the CLI, read-only afterwards. */
@@ -61,8 +70,9 @@ struct rdmax_transport_ops {
     /*
      * Wait up to timeout_ms (-1: forever) for one incoming connection.
      * Returns -ETIMEDOUT when none came. The connection belongs to the
-     * caller until close(). Any other error concerns that one incoming
-     * connection (turned away): the listener stays usable.
+     * caller until close(). -ECONNABORTED: one incoming connection was
+     * turned away (not rdma-x, no memory to pin for it...; l->why says
+     * why). Any error leaves the listener usable.
      */
     int (*accept)(struct rdmax_listener *l, int timeout_ms, struct rdmax_conn **out);
 

@@ -170,7 +170,8 @@ static void xfer_fail(struct xfer_job *j, const char *what, int r)
 {
     j->rc = r;
     if (!j->err[0]) {
-        snprintf(j->err, sizeof(j->err), "%s: %s", what, strerror(-r));
+        snprintf(j->err, sizeof(j->err), "%s: %s", what,
+                 j->c && j->c->why[0] ? j->c->why : strerror(-r));
     }
 }
 
@@ -256,8 +257,14 @@ static int xfer_recv_main(struct xfer_opts *o, const struct rdmax_transport_ops 
         jobs[i].ops = ops;
         jobs[i].index = i;
         r = ops->accept(l, -1, &jobs[i].c);
+        if (r == -ECONNABORTED) {
+            /* One client turned away; the listener goes on, as rdma-x recv's does. */
+            fprintf(stderr, "rdmax-xfer: note: accept: %s\n", l->why);
+            i--;
+            continue;
+        }
         if (r < 0) {
-            fprintf(stderr, "rdmax-xfer: error: accept: %s\n", strerror(-r));
+            fprintf(stderr, "rdmax-xfer: error: accept: %s\n", l->why[0] ? l->why : strerror(-r));
             return 1;
         }
         if (i == 0) {
