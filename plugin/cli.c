@@ -82,6 +82,8 @@ static void usage_sub(FILE *f, bool sender)
                 "'rdma-x: error: REASON' and exits 1.\n"
                 "\n"
                 "  --to HOST:PORT        receiver address ([IPv6]:PORT allowed)\n"
+                "  --listen-unix PATH    take the stream from QEMU's 'migrate unix:PATH'\n"
+                "                        instead of stdin/stdout (main channel only)\n"
                 "  --lanes N             parallel lanes, 1..%u (default: number of cores)\n"
                 "  --transport T         tcp, rdma or auto (default: auto)\n"
                 "  --cache-size BYTES    page cache per lane, K/M/G suffixes (default: from\n"
@@ -112,6 +114,9 @@ static void usage_sub(FILE *f, bool sender)
                    "rdma-x sender are refused with a reason and do not stop the listener.\n"
                    "\n"
                    "  --listen ADDR:PORT    address to listen on (0.0.0.0:PORT, [::]:PORT)\n"
+                   "  --connect-unix PATH   write the stream to the destination QEMU's\n"
+                   "                        '-incoming unix:PATH' instead of stdout/stdin\n"
+                   "  --connect-timeout S   keep retrying PATH for S seconds (default 10)\n"
                    "  --lanes N             refuse senders with another lane count\n"
                    "                        (default: accept the sender's)\n"
                    "  --transport T         tcp, rdma or auto (default: auto)\n"
@@ -195,9 +200,11 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
         O_CACHE_MAX,
         O_PINNED,
         O_BUSY_POLL,
+        O_UNIX,
     };
     static const struct option send_opts[] = {
         {"to", required_argument, NULL, 't'},
+        {"listen-unix", required_argument, NULL, O_UNIX},
         {"lanes", required_argument, NULL, 'l'},
         {"stats-json", required_argument, NULL, O_STATS},
         {"progress", no_argument, NULL, O_PROGRESS},
@@ -215,6 +222,8 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
     };
     static const struct option recv_opts[] = {
         {"listen", required_argument, NULL, 'L'},
+        {"connect-unix", required_argument, NULL, O_UNIX},
+        {"connect-timeout", required_argument, NULL, O_CTIMEOUT},
         {"lanes", required_argument, NULL, 'l'},
         {"stats-json", required_argument, NULL, O_STATS},
         {"progress", no_argument, NULL, O_PROGRESS},
@@ -242,6 +251,9 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
     opterr = 0;
     while ((c = getopt_long(argc, argv, "h", o->sender ? send_opts : recv_opts, NULL)) != -1) {
         switch (c) {
+        case O_UNIX:
+            o->unix_path = optarg;
+            break;
         case 't':
         case 'L':
             o->addr = optarg;

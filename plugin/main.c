@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "front-unix.h"
 #include "recv.h"
 #include "send.h"
 #include "session.h"
@@ -45,10 +46,28 @@ int main(int argc, char **argv)
     if (r != 0) {
         return r > 0 ? 0 : 2;
     }
-    o.qemu_in = STDIN_FILENO;
-    o.qemu_out = STDOUT_FILENO;
     /* A closed peer or QEMU pipe is an error to report, not a signal to die of. */
     signal(SIGPIPE, SIG_IGN);
+    o.qemu_in = STDIN_FILENO;
+    o.qemu_out = STDOUT_FILENO;
+    if (o.unix_path) {
+        /*
+         * unix: front end: one socket carries the stream one way and the
+         * return path the other, as stdin and stdout do for exec:. Two
+         * numbers for it, so the pipeline's dup2 on error closes both.
+         */
+        int fd = o.sender ? rdmax_unix_accept_main(o.unix_path)
+                          : rdmax_unix_connect(o.unix_path, o.connect_timeout_ms);
+        if (fd < 0) {
+            return 1;
+        }
+        o.qemu_in = fd;
+        o.qemu_out = dup(fd);
+        if (o.qemu_out < 0) {
+            fprintf(stderr, "rdma-x: error: dup: %m\n");
+            return 1;
+        }
+    }
     /*
      * QEMU's pipe to or from us defaults to 64 KiB: with 1 MiB both sides
      * wake each other ~16x less often per byte. 1 MiB is ~9 ms of a

@@ -23,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 #include <zstd.h>
 
@@ -259,6 +260,7 @@ static int ctrl_frame(struct rdmax_send *p, const struct rdmax_frame_hdr *h, con
         return write_all_qemu(s, buf, h->len);
     case RDMAX_F_RP_EOF:
         /* The destination QEMU closed its return path: pass that on. */
+        shutdown(s->o.qemu_out, SHUT_WR); /* a unix: socket (a pipe: ENOTSOCK) */
         dup2(s->null_fd, s->o.qemu_out);
         return 0;
     case RDMAX_F_FIN_ACK:

@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""e2e: faults through the unix: front end; the source QEMU fails cleanly.
+
+1. recv --connect-unix to a socket that is not a QEMU (it accepts and
+   closes at once): the migration fails, the source guest keeps running,
+   both rdma-x halves exit nonzero with one 'rdma-x: error:' line.
+2. recv killed (SIGKILL) mid-migration with a real destination QEMU: the
+   migration fails, the source guest keeps running, send exits nonzero.
+Usage: test-unix-fault.py [RDMAX]
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+sys.dont_write_bytecode = True     # keep the source tree clean
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'lib'))
+from qmp import (check, free_port, is_listening, log, run_test,  # noqa
+                 set_caps, set_params, wait_for, wait_migration)
+
+WORKLOAD = {'mode': 'sparse-random', 'mib': 32, 'rate': 30, 'report': 0.5}
+
+
+def not_qemu(path):
+    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ls.bind(path)
+    ls.listen(4)
+
+    def run():
+        while True:
+            try:
+                c, _ = ls.accept()
+            except OSError:
+                return
+            c.close()
+    threading.Thread(target=run, daemon=True).start()
+    return ls
+
+
+def body(rig):
+    p = rig.path
+    procs = []
+
+    def bg(argv, err):
+        pr = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL,
+                              stderr=open(p(err), 'w'))
+        procs.append(pr)
+        return pr
+
+    def one_error_line(name):
+        lines = [l for l in open(p(name)).read().splitlines()
+                 if l.startswith('rdma-x: error:')]
+        check(len(lines) == 1, '%s: expected one error line, got %r' %
+              (name, lines))
+        log('%s: %s' % (name, lines[0]))
+
+    try:
+        src = rig.guest('src', workload=WORKLOAD)
+        src.wait_reports(2, timeout=40)
+        set_caps(src.qmp, {'return-path': True})
+        set_params(src.qmp, {'max-bandwidth': 16 << 20})
+
+        # 1. the destination socket is not a QEMU
+        port = free_port()
+        ls = not_qemu(p('notqemu.sock'))
+        recv = bg([rig.rdmax, 'recv', '--listen', '127.0.0.1:%d' % port,
+                   '--connect-unix', p('notqemu.sock')], 'recv1.err')
+        # recv may already have failed (the socket closed on it): no wait
+        # for its listener here; send then gives up after 3 s.
+        send = bg([rig.rdmax, 'send', '--listen-unix', p('send1.sock'),
+                   '--to', '127.0.0.1:%d' % port, '--connect-timeout', '3'],
+                  'send1.err')
+        wait_for(lambda: os.path.exists(p('send1.sock')), 10, 'send socket')
+        src.qmp.cmd('migrate', uri='unix:' + p('send1.sock'))
+        info, _ = wait_migration(src.qmp, 40)
+        check(info['status'] == 'failed', 'migration 1: ' + info['status'])
+        for n, pr in (('send1', send), ('recv1', recv)):
+            rc = pr.wait(timeout=20)
+            check(rc != 0, 'rdma-x %s exited 0' % n)
+            one_error_line(n + '.err')
+        ls.close()
+        r0 = src.reports()[-1]['passes']
+        wait_for(lambda: src.reports()[-1]['passes'] > r0, 20,
+                 'source guest to keep running')
+        check(src.status() == 'running', 'source status ' + src.status())
+        log('1: failed cleanly, source guest running')
+
+        # 2. recv killed mid-migration
+        dst = rig.guest('dst', workload=WORKLOAD, incoming='defer')
+        set_caps(dst.qmp, {'return-path': True})
+        dst.qmp.cmd('migrate-incoming', uri='unix:' + p('qemu-dst.sock'))
+        port = free_port()
+        recv = bg([rig.rdmax, 'recv', '--listen', '127.0.0.1:%d' % port,
+                   '--connect-unix', p('qemu-dst.sock')], 'recv2.err')
+        wait_for(lambda: is_listening(port), 15, 'rdma-x recv to listen')
+        send = bg([rig.rdmax, 'send', '--listen-unix', p('send2.sock'),
+                   '--to', '127.0.0.1:%d' % port], 'send2.err')
+        wait_for(lambda: os.path.exists(p('send2.sock')), 10, 'send socket')
+        src.qmp.cmd('migrate', uri='unix:' + p('send2.sock'))
+        time.sleep(1.0)
+        recv.send_signal(signal.SIGKILL)
+        info, _ = wait_migration(src.qmp, 40)
+        check(info['status'] == 'failed', 'migration 2: ' + info['status'])
+        rc = send.wait(timeout=20)
+        check(rc != 0, 'rdma-x send exited 0')
+        one_error_line('send2.err')
+        r0 = src.reports()[-1]['passes']
+        wait_for(lambda: src.reports()[-1]['passes'] > r0, 20,
+                 'source guest to keep running')
+        check(src.status() == 'running', 'source status ' + src.status())
+        log('2: failed cleanly, source guest running')
+    finally:
+        for pr in procs:
+            if pr.poll() is None:
+                pr.kill()
+                pr.wait()
+
+
+if __name__ == '__main__':
+    sys.exit(run_test('unix-fault', body))
