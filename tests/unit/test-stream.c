@@ -573,14 +573,34 @@ static int roundtrip_dir(const char *dir, const char *suffix)
     return checked;
 }
 
+/* The two small QEMU 10.0 captures live in the repository (tests/data). */
+Test(stream, qemu_10_0_repo_captures_roundtrip, .timeout = 300)
+{
+    const char *dir = getenv("RDMAX_REPO_TESTDATA");
+    char path[4096];
+
+    cr_assert_not_null(dir, "RDMAX_REPO_TESTDATA is not set (meson sets it)");
+    snprintf(path, sizeof(path), "%s/qemu-10.0", dir);
+    cr_assert_eq(roundtrip_dir(path, ".bin.zst"), 2, "expected the 2 QEMU 10.0 captures in %s",
+                 path);
+}
+
+/* All four, the 11 MiB Linux ones included, from ../shared/testdata if present. */
 Test(stream, qemu_10_0_captures_roundtrip, .timeout = 300)
 {
     const char *root = getenv("RDMAX_TESTDATA");
     char dir[4096];
+    int n;
 
     cr_assert_not_null(root, "RDMAX_TESTDATA is not set (meson sets it)");
     snprintf(dir, sizeof(dir), "%s/qemu-10.0", root);
-    cr_assert_eq(roundtrip_dir(dir, ".bin.zst"), 4, "expected the 4 QEMU 10.0 captures in %s", dir);
+    n = roundtrip_dir(dir, ".bin.zst");
+    if (n < 0) {
+        cr_skip_test("no %s: the 4 QEMU 10.0 captures are not in this checkout "
+                     "(the 2 small ones in tests/data still ran); see docs/testing.md",
+                     dir);
+    }
+    cr_assert_eq(n, 4, "expected the 4 QEMU 10.0 captures in %s", dir);
 }
 
 Test(stream, qemu_7_2_captures_roundtrip, .timeout = 300)

@@ -920,13 +920,29 @@ def print_summary(doc):
             print('%s: rdma-x vs %s: %s%s%s' % (
                 wl, CONTENDER_LABEL[q['contender']], t, w, d))
     for t in doc.get('targets') or []:
-        print('target %-18s %-10s <= %.2fx %s: %s (%s)' % (
+        print('target %-18s %-10s <= %.2fx the fastest QEMU mode in this run (%s): %s, %s' % (
             t['workload'], t['what'], t['limit'], CONTENDER_LABEL[t['best']],
-            fmt(t['ratio'], '%.2fx'), 'met' if t['met'] else 'MISSED'))
+            fmt(t['ratio'], '%.2fx'), 'met' if t['met'] else 'not met'))
     sys.stdout.flush()
 
 
 # ------------------------------------------------------------ main
+
+REPO_TOP = os.path.realpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', '..'))
+
+
+def portable_arg(a):
+    """An argument as the generator line records it: no local paths. A path
+    inside the repository becomes relative to its top, any other absolute
+    path is cut to its file name, so the line can be rerun from a checkout."""
+    if not a.startswith('/'):
+        return a
+    r = os.path.realpath(a)
+    for top in {REPO_TOP, os.path.realpath(os.getcwd())}:
+        if r == top or r.startswith(top + os.sep):
+            return os.path.relpath(r, top)
+    return os.path.basename(r)
+
 
 def parse_size(s):
     m = re.fullmatch(r'(\d+)([KMG]?)', s)
@@ -1019,7 +1035,7 @@ def main():
         args.rdmax_orig, args.rdmax = args.rdmax, snap
         args.rdmax_sha256 = Q.sha256_file(snap)
     runs = []
-    doc = dict(command=' '.join(['scripts/bench'] + sys.argv[1:]),
+    doc = dict(command=' '.join(['scripts/bench'] + [portable_arg(a) for a in sys.argv[1:]]),
                date=datetime.datetime.utcnow().strftime('%Y-%m-%d %H:%M UTC'),
                machine=machine_info(args), config=config_of(args), runs=runs)
     ncells = args.reps * len(args.workloads) * len(args.contenders)
