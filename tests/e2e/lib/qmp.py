@@ -524,7 +524,9 @@ class Rig:
 
     def guest(self, name, **kw):
         g = Guest(self, name, **kw)
-        log('started %s (pid %d)' % (name, g.proc.pid))
+        v = g.qmp.cmd('query-version')['qemu']
+        log('started %s (pid %d, QEMU %d.%d.%d)' % (name, g.proc.pid,
+            v['major'], v['minor'], v['micro']))
         return g
 
     # exec: commands. The tee sits on the forward stream only, so the return
