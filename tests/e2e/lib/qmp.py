@@ -294,8 +294,14 @@ class Guest:
 
     def __init__(self, rig, name, workload=None, mem=SMALL_MEM, machine='pc',
                  incoming=None, extra_args=(), extra_append='', kernel=True,
-                 wrapper=()):
+                 wrapper=(), qemu=None):
         self.rig = rig
+        # per side: RDMAX_QEMU_SRC / RDMAX_QEMU_DST (e.g. scripts/qemu10) and
+        # RDMAX_MACHINE_SRC / _DST (e.g. pc-i440fx-7.2) override for the
+        # guests named src / dst, so any migration test runs cross-version
+        side = name.upper()
+        qemu = qemu or os.environ.get('RDMAX_QEMU_' + side) or QEMU
+        machine = os.environ.get('RDMAX_MACHINE_' + side) or machine
         self.name = name
         self.mem = mem
         self.serial = os.path.join(rig.dir, name + '-serial.log')
@@ -310,7 +316,7 @@ class Guest:
             words.append('rdmax.%s=%s' % (k, v))
         if extra_append:
             words.append(extra_append)
-        argv = [QEMU, '-name', name, '-machine', machine, '-accel', 'tcg',
+        argv = [qemu, '-name', name, '-machine', machine, '-accel', 'tcg',
                 '-m', mem, '-smp', '1', '-display', 'none', '-vga', 'none',
                 '-nic', 'none', '-no-reboot', '-monitor', 'none',
                 '-serial', 'file:' + self.serial,
@@ -518,7 +524,9 @@ class Rig:
 
     def guest(self, name, **kw):
         g = Guest(self, name, **kw)
-        log('started %s (pid %d)' % (name, g.proc.pid))
+        v = g.qmp.cmd('query-version')['qemu']
+        log('started %s (pid %d, QEMU %d.%d.%d)' % (name, g.proc.pid,
+            v['major'], v['minor'], v['micro']))
         return g
 
     # exec: commands. The tee sits on the forward stream only, so the return
