@@ -11,7 +11,6 @@ Usage: test-unix-fault.py [RDMAX]
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -42,14 +41,7 @@ def not_qemu(path):
 
 def body(rig):
     p = rig.path
-    procs = []
-
-    def bg(argv, err):
-        pr = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL,
-                              stderr=open(p(err), 'w'))
-        procs.append(pr)
-        return pr
+    bg = rig.spawn
 
     def one_error_line(name):
         lines = [l for l in open(p(name)).read().splitlines()
@@ -58,66 +50,60 @@ def body(rig):
               (name, lines))
         log('%s: %s' % (name, lines[0]))
 
-    try:
-        src = rig.guest('src', workload=WORKLOAD)
-        src.wait_reports(2, timeout=40)
-        set_caps(src.qmp, {'return-path': True})
-        set_params(src.qmp, {'max-bandwidth': 16 << 20})
+    src = rig.guest('src', workload=WORKLOAD)
+    src.wait_reports(2, timeout=40)
+    set_caps(src.qmp, {'return-path': True})
+    set_params(src.qmp, {'max-bandwidth': 16 << 20})
 
-        # 1. the destination socket is not a QEMU
-        port = free_port()
-        ls = not_qemu(p('notqemu.sock'))
-        recv = bg([rig.rdmax, 'recv', '--listen', '127.0.0.1:%d' % port,
-                   '--connect-unix', p('notqemu.sock')], 'recv1.err')
-        # recv may already have failed (the socket closed on it): no wait
-        # for its listener here; send then gives up after 3 s.
-        send = bg([rig.rdmax, 'send', '--listen-unix', p('send1.sock'),
-                   '--to', '127.0.0.1:%d' % port, '--connect-timeout', '3'],
-                  'send1.err')
-        wait_for(lambda: os.path.exists(p('send1.sock')), 10, 'send socket')
-        src.qmp.cmd('migrate', uri='unix:' + p('send1.sock'))
-        info, _ = wait_migration(src.qmp, 40)
-        check(info['status'] == 'failed', 'migration 1: ' + info['status'])
-        for n, pr in (('send1', send), ('recv1', recv)):
-            rc = pr.wait(timeout=20)
-            check(rc != 0, 'rdma-x %s exited 0' % n)
-            one_error_line(n + '.err')
-        ls.close()
-        r0 = src.reports()[-1]['passes']
-        wait_for(lambda: src.reports()[-1]['passes'] > r0, 20,
-                 'source guest to keep running')
-        check(src.status() == 'running', 'source status ' + src.status())
-        log('1: failed cleanly, source guest running')
+    # 1. the destination socket is not a QEMU
+    port = free_port()
+    ls = not_qemu(p('notqemu.sock'))
+    recv = bg([rig.rdmax, 'recv', '--listen', '127.0.0.1:%d' % port,
+               '--connect-unix', p('notqemu.sock')], 'recv1.err')
+    # recv may already have failed (the socket closed on it): no wait
+    # for its listener here; send then gives up after 3 s.
+    send = bg([rig.rdmax, 'send', '--listen-unix', p('send1.sock'),
+               '--to', '127.0.0.1:%d' % port, '--connect-timeout', '3'],
+              'send1.err')
+    wait_for(lambda: os.path.exists(p('send1.sock')), 10, 'send socket')
+    src.qmp.cmd('migrate', uri='unix:' + p('send1.sock'))
+    info, _ = wait_migration(src.qmp, 40)
+    check(info['status'] == 'failed', 'migration 1: ' + info['status'])
+    for n, pr in (('send1', send), ('recv1', recv)):
+        rc = pr.wait(timeout=20)
+        check(rc != 0, 'rdma-x %s exited 0' % n)
+        one_error_line(n + '.err')
+    ls.close()
+    r0 = src.reports()[-1]['passes']
+    wait_for(lambda: src.reports()[-1]['passes'] > r0, 20,
+             'source guest to keep running')
+    check(src.status() == 'running', 'source status ' + src.status())
+    log('1: failed cleanly, source guest running')
 
-        # 2. recv killed mid-migration
-        dst = rig.guest('dst', workload=WORKLOAD, incoming='defer')
-        set_caps(dst.qmp, {'return-path': True})
-        dst.qmp.cmd('migrate-incoming', uri='unix:' + p('qemu-dst.sock'))
-        port = free_port()
-        recv = bg([rig.rdmax, 'recv', '--listen', '127.0.0.1:%d' % port,
-                   '--connect-unix', p('qemu-dst.sock')], 'recv2.err')
-        wait_for(lambda: is_listening(port), 15, 'rdma-x recv to listen')
-        send = bg([rig.rdmax, 'send', '--listen-unix', p('send2.sock'),
-                   '--to', '127.0.0.1:%d' % port], 'send2.err')
-        wait_for(lambda: os.path.exists(p('send2.sock')), 10, 'send socket')
-        src.qmp.cmd('migrate', uri='unix:' + p('send2.sock'))
-        time.sleep(1.0)
-        recv.send_signal(signal.SIGKILL)
-        info, _ = wait_migration(src.qmp, 40)
-        check(info['status'] == 'failed', 'migration 2: ' + info['status'])
-        rc = send.wait(timeout=20)
-        check(rc != 0, 'rdma-x send exited 0')
-        one_error_line('send2.err')
-        r0 = src.reports()[-1]['passes']
-        wait_for(lambda: src.reports()[-1]['passes'] > r0, 20,
-                 'source guest to keep running')
-        check(src.status() == 'running', 'source status ' + src.status())
-        log('2: failed cleanly, source guest running')
-    finally:
-        for pr in procs:
-            if pr.poll() is None:
-                pr.kill()
-                pr.wait()
+    # 2. recv killed mid-migration
+    dst = rig.guest('dst', workload=WORKLOAD, incoming='defer')
+    set_caps(dst.qmp, {'return-path': True})
+    dst.qmp.cmd('migrate-incoming', uri='unix:' + p('qemu-dst.sock'))
+    port = free_port()
+    recv = bg([rig.rdmax, 'recv', '--listen', '127.0.0.1:%d' % port,
+               '--connect-unix', p('qemu-dst.sock')], 'recv2.err')
+    wait_for(lambda: is_listening(port), 15, 'rdma-x recv to listen')
+    send = bg([rig.rdmax, 'send', '--listen-unix', p('send2.sock'),
+               '--to', '127.0.0.1:%d' % port], 'send2.err')
+    wait_for(lambda: os.path.exists(p('send2.sock')), 10, 'send socket')
+    src.qmp.cmd('migrate', uri='unix:' + p('send2.sock'))
+    time.sleep(1.0)
+    recv.send_signal(signal.SIGKILL)
+    info, _ = wait_migration(src.qmp, 40)
+    check(info['status'] == 'failed', 'migration 2: ' + info['status'])
+    rc = send.wait(timeout=20)
+    check(rc != 0, 'rdma-x send exited 0')
+    one_error_line('send2.err')
+    r0 = src.reports()[-1]['passes']
+    wait_for(lambda: src.reports()[-1]['passes'] > r0, 20,
+             'source guest to keep running')
+    check(src.status() == 'running', 'source status ' + src.status())
+    log('2: failed cleanly, source guest running')
 
 
 if __name__ == '__main__':

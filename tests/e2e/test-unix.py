@@ -28,62 +28,49 @@ def body(rig):
     cap_src, cap_dst = p('cap-src.bin'), p('cap-dst.bin')
     src_sock, send_sock = p('qemu-src.sock'), p('send.sock')
     recv_sock, dst_sock = p('recv.sock'), p('qemu-dst.sock')
-    procs = []
+    bg = rig.spawn
 
-    def bg(argv, err):
-        pr = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL,
-                              stderr=open(p(err), 'w'))
-        procs.append(pr)
-        return pr
-
-    try:
-        dst = rig.guest('dst', workload=WORKLOAD, incoming='defer')
-        src = rig.guest('src', workload=WORKLOAD)
-        src.wait_reports(3, timeout=40)
-        for g in (src, dst):
-            set_caps(g.qmp, {'return-path': True})
-        set_params(src.qmp, {'max-bandwidth': 64 << 20})
-        dst.qmp.cmd('migrate-incoming', uri='unix:' + dst_sock)
-        wait_for(lambda: os.path.exists(dst_sock), 15, 'destination QEMU')
-        bg(['socat', '-b65536', '-r', cap_dst,
-            'UNIX-LISTEN:' + recv_sock, 'UNIX-CONNECT:' + dst_sock],
-           'socat-dst.err')
-        wait_for(lambda: os.path.exists(recv_sock), 10, 'socat dst')
-        recv = bg([rig.rdmax, 'recv', '--listen', '127.0.0.1:%d' % port,
-                   '--connect-unix', recv_sock, '--lanes', '2'], 'recv.err')
-        wait_for(lambda: is_listening(port), 15, 'rdma-x recv to listen')
-        send = bg([rig.rdmax, 'send', '--listen-unix', send_sock,
-                   '--to', '127.0.0.1:%d' % port, '--lanes', '2'], 'send.err')
-        wait_for(lambda: os.path.exists(send_sock), 10, 'rdma-x send socket')
-        bg(['socat', '-b65536', '-r', cap_src,
-            'UNIX-LISTEN:' + src_sock, 'UNIX-CONNECT:' + send_sock],
-           'socat-src.err')
-        wait_for(lambda: os.path.exists(src_sock), 10, 'socat src')
-        src.qmp.cmd('migrate', uri='unix:' + src_sock)
-        info, _ = wait_migration(src.qmp, 60)
-        check(info['status'] == 'completed', 'source migration %s: %s' %
-              (info['status'], info.get('error-desc', '')))
-        log('migrated: total %s ms, %s bytes' % (
-            info.get('total-time'), info.get('ram', {}).get('transferred')))
-        wait_status(dst, ('running',))
-        check(src.status() == 'postmigrate', 'source status ' + src.status())
-        for name, pr in (('send', send), ('recv', recv)):
-            rc = pr.wait(timeout=20)
-            check(rc == 0, 'rdma-x %s exit %d: %s' %
-                  (name, rc, open(p(name + '.err')).read()))
-        for pr in procs:
-            try:
-                pr.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        check_identical(cap_src, cap_dst)
-        check_dst_verifies(src, dst)
-    finally:
-        for pr in procs:
-            if pr.poll() is None:
-                pr.kill()
-                pr.wait()
+    dst = rig.guest('dst', workload=WORKLOAD, incoming='defer')
+    src = rig.guest('src', workload=WORKLOAD)
+    src.wait_reports(3, timeout=40)
+    for g in (src, dst):
+        set_caps(g.qmp, {'return-path': True})
+    set_params(src.qmp, {'max-bandwidth': 64 << 20})
+    dst.qmp.cmd('migrate-incoming', uri='unix:' + dst_sock)
+    wait_for(lambda: os.path.exists(dst_sock), 15, 'destination QEMU')
+    bg(['socat', '-b65536', '-r', cap_dst,
+        'UNIX-LISTEN:' + recv_sock, 'UNIX-CONNECT:' + dst_sock],
+       'socat-dst.err')
+    wait_for(lambda: os.path.exists(recv_sock), 10, 'socat dst')
+    recv = bg([rig.rdmax, 'recv', '--listen', '127.0.0.1:%d' % port,
+               '--connect-unix', recv_sock, '--lanes', '2'], 'recv.err')
+    wait_for(lambda: is_listening(port), 15, 'rdma-x recv to listen')
+    send = bg([rig.rdmax, 'send', '--listen-unix', send_sock,
+               '--to', '127.0.0.1:%d' % port, '--lanes', '2'], 'send.err')
+    wait_for(lambda: os.path.exists(send_sock), 10, 'rdma-x send socket')
+    bg(['socat', '-b65536', '-r', cap_src,
+        'UNIX-LISTEN:' + src_sock, 'UNIX-CONNECT:' + send_sock],
+       'socat-src.err')
+    wait_for(lambda: os.path.exists(src_sock), 10, 'socat src')
+    src.qmp.cmd('migrate', uri='unix:' + src_sock)
+    info, _ = wait_migration(src.qmp, 60)
+    check(info['status'] == 'completed', 'source migration %s: %s' %
+          (info['status'], info.get('error-desc', '')))
+    log('migrated: total %s ms, %s bytes' % (
+        info.get('total-time'), info.get('ram', {}).get('transferred')))
+    wait_status(dst, ('running',))
+    check(src.status() == 'postmigrate', 'source status ' + src.status())
+    for name, pr in (('send', send), ('recv', recv)):
+        rc = pr.wait(timeout=20)
+        check(rc == 0, 'rdma-x %s exit %d: %s' %
+              (name, rc, open(p(name + '.err')).read()))
+    for pr in rig.procs:
+        try:
+            pr.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+    check_identical(cap_src, cap_dst)
+    check_dst_verifies(src, dst)
 
 
 if __name__ == '__main__':

@@ -510,6 +510,7 @@ class Rig:
         base = os.environ.get('E2E_TMPDIR') or None
         self.dir = tempfile.mkdtemp(prefix='rdmax-%s-' % name, dir=base)
         self.guests = []
+        self.procs = []
         self.rdmax = rdmax
         self._image = None
         self.failed = True
@@ -594,7 +595,20 @@ class Rig:
         except OSError:
             return ''
 
+    def spawn(self, argv, err):
+        """A helper process (rdma-x, socat...) with its stderr in the file
+        err of the rig's directory; killed in close()."""
+        pr = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL,
+                              stderr=open(self.path(err), 'w'))
+        self.procs.append(pr)
+        return pr
+
     def close(self):
+        for pr in self.procs:
+            if pr.poll() is None:
+                pr.kill()
+                pr.wait()
         for g in self.guests:
             g.kill()
         if self.failed or os.environ.get('KEEP'):
