@@ -260,7 +260,14 @@ static int ctrl_frame(struct rdmax_send *p, const struct rdmax_frame_hdr *h, con
         return write_all_qemu(s, buf, h->len);
     case RDMAX_F_RP_EOF:
         /* The destination QEMU closed its return path: pass that on. */
-        shutdown(s->o.qemu_out, SHUT_WR); /* a unix: socket (a pipe: ENOTSOCK) */
+        if (s->o.unix_path) {
+            /*
+             * Our own unix: socket carries both directions: half-close it.
+             * Not an inherited one (exec:socat gives stdin and stdout one
+             * socket): socat takes that EOF as the end and kills us.
+             */
+            shutdown(s->o.qemu_out, SHUT_WR);
+        }
         dup2(s->null_fd, s->o.qemu_out);
         return 0;
     case RDMAX_F_FIN_ACK:

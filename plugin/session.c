@@ -252,8 +252,10 @@ static void wake_locked(struct rdmax_session *s)
 {
     /* QEMU first: its pipes close (the numbers stay valid), so it notices at once. */
     if (s->null_fd >= 0) {
-        /* A unix: socket has two numbers here: shut it, not just one of them. */
-        shutdown(s->o.qemu_in, SHUT_RDWR);
+        if (s->o.unix_path) {
+            /* Our unix: socket has two numbers here: shut it, not just one of them. */
+            shutdown(s->o.qemu_in, SHUT_RDWR);
+        }
         dup2(s->null_fd, s->o.qemu_in);
         dup2(s->null_fd, s->o.qemu_out);
     }
