@@ -43,6 +43,7 @@
 #define DOWN_LINK_NEEDS 1.5 /* ... 50% more when the link pushed back at the lower level */
 #define REVISIT 30u         /* windows (~3 s) before a neighbour's figure is stale */
 #define DWELL 6u            /* windows at a level before trying a stale neighbour */
+#define FIRST_DWELL 2u      /* ... from the start level: a slow link shows at once */
 #define UNCACHED_AFTER 10u  /* windows in a row at raw, the link idle, before trying uncached */
 
 void rdmax_level_ctl_init(struct rdmax_level_ctl *c, int level, int lo, int hi)
@@ -134,7 +135,8 @@ int rdmax_level_ctl_window(struct rdmax_level_ctl *c, const struct rdmax_level_w
         }
         if (best != c->level) {
             c->level = best;
-        } else if (explore != c->level && c->level_windows >= DWELL) {
+        } else if (explore != c->level &&
+                   c->level_windows >= (c->changes == 0 ? FIRST_DWELL : DWELL)) {
             c->level = explore;
             trial = true;
         }

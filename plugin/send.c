@@ -546,7 +546,7 @@ static int pump(struct rdmax_send *p, struct rdmax_in_block *blk, size_t len, ui
     uint64_t win_start = 0, win_total = 0, win_link = 0, win_wire = 0;
     int r = 0;
 
-    rdmax_level_ctl_init(&ctl, 1, s->codec.cache_bytes ? RDMAX_LEVEL_MIN : 0, RDMAX_LEVEL_MAX);
+    rdmax_level_ctl_init(&ctl, 0, s->codec.cache_bytes ? RDMAX_LEVEL_MIN : 0, RDMAX_LEVEL_MAX);
     atomic_store(&p->pipe_level, ctl.level);
     /*
      * Parse in place: control bytes are copied into the control stream,

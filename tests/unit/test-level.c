@@ -211,3 +211,31 @@ Test(level, range_is_respected)
     rdmax_level_ctl_init(&c, 1, 0, RDMAX_LEVEL_MAX); /* no page cache: no uncached */
     cr_assert_eq(run(&c, &FAST_LINK, 400), 0);
 }
+
+/* send starts at raw: a fast link never pays for zstd, a slow one leaves raw within windows. */
+Test(level, from_raw_a_slow_link_compresses_within_a_few_windows)
+{
+    struct rdmax_level_ctl c;
+    unsigned k;
+
+    rdmax_level_ctl_init(&c, 0, RDMAX_LEVEL_MIN, RDMAX_LEVEL_MAX);
+    for (k = 0; k < 4 && c.level <= 0; k++) {
+        struct rdmax_level_window w = sim_window(&SLOW_LINK, c.level);
+        rdmax_level_ctl_window(&c, &w);
+    }
+    cr_assert_gt(c.level, 0, "still raw after %u windows on a link zstd beats", k);
+    cr_assert_eq(run(&c, &SLOW_LINK, 400), 2);
+}
+
+Test(level, from_raw_an_unlimited_link_never_compresses)
+{
+    struct rdmax_level_ctl c;
+
+    rdmax_level_ctl_init(&c, 0, RDMAX_LEVEL_MIN, RDMAX_LEVEL_MAX);
+    for (unsigned k = 0; k < 400; k++) {
+        struct rdmax_level_window w = sim_window(&FAST_LINK, c.level);
+        rdmax_level_ctl_window(&c, &w);
+        cr_assert_leq(c.level, 0, "window %u tried zstd on a link that never pushed back", k);
+    }
+    cr_assert_eq(c.level, -1);
+}
