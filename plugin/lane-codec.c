@@ -52,6 +52,7 @@
  * part did not compress makes the next 1, 2, 4 or 8 batches skip the try.
  */
 #include "lane-codec.h"
+#include "page-copy.h"
 #include "be.h"
 
 #include <errno.h>
@@ -230,17 +231,9 @@ static bool page_is_zero(const uint8_t *p)
     return true;
 }
 
-/*
- * GCC inlines a 4 KiB memcpy as `rep movsq`, which measured 10-25% slower
- * on this machine's AMD EPYC than libc's vector copy for pages not in cache
- * (the usual case: a page from QEMU's pipe, an old cache slot); calling
- * through a volatile pointer keeps the libc call.
- */
-static void *(*volatile const page_copy_fn)(void *, const void *, size_t) = memcpy;
-
 static inline void page_copy(uint8_t *dst, const uint8_t *src)
 {
-    page_copy_fn(dst, src, PS);
+    rdmax_page_copy(dst, src);
 }
 
 /* ---- encoder ------------------------------------------------------------ */

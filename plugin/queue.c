@@ -8,7 +8,8 @@
 
 int rdmax_ring_init(struct rdmax_ring *r, size_t slot_size, size_t cap)
 {
-    r->mem = malloc(slot_size * cap);
+    /* Cache-line aligned, so a slot type with aligned members keeps them aligned. */
+    r->mem = aligned_alloc(64, (slot_size * cap + 63) & ~(size_t)63);
     if (!r->mem) {
         return -ENOMEM;
     }

@@ -29,6 +29,7 @@
 #include <unistd.h>
 #include <zstd.h>
 
+#include "page-copy.h"
 #include "queue.h"
 #include "session.h"
 #include "stream.h"
@@ -40,7 +41,8 @@
 
 struct page_slot {
     struct rdmax_page_key key;
-    uint8_t data[RDMAX_PAGE_SIZE];
+    _Alignas(
+        64) uint8_t data[RDMAX_PAGE_SIZE]; /* whole cache lines: the copy in and the writev out */
 };
 
 struct ctrl_chunk {
@@ -106,7 +108,7 @@ static int lane_page(void *arg, struct rdmax_page_key key, const uint8_t *page)
         return -ECANCELED; /* aborted: the session failed */
     }
     s->key = key;
-    memcpy(s->data, page, RDMAX_PAGE_SIZE);
+    rdmax_page_copy(s->data, page);
     rdmax_ring_commit(&l->ring);
     l->pages++;
     return 0;
