@@ -99,6 +99,9 @@ static void usage_sub(FILE *f, bool sender)
                 "                        (default: fits RLIMIT_MEMLOCK; see docs/rdma.md)\n"
                 "  --busy-poll           rdma: poll completions instead of sleeping (dedicated\n"
                 "                        cores only)\n"
+                "  --no-pace             take QEMU's stream as fast as it comes; by default\n"
+                "                        bursts are held to 1.25x the recent rate, so QEMU's\n"
+                "                        downtime estimate holds (docs/architecture.md)\n"
                 "  --stats-json FILE     write figures as JSON at exit, also on failure\n"
                 "  --progress            a live status line on stderr\n"
                 "  -h, --help            this help\n",
@@ -201,6 +204,7 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
         O_PINNED,
         O_BUSY_POLL,
         O_UNIX,
+        O_NO_PACE,
     };
     static const struct option send_opts[] = {
         {"to", required_argument, NULL, 't'},
@@ -217,6 +221,7 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
         {"encrypt", no_argument, NULL, O_ENCRYPT},
         {"rdma-pinned-max", required_argument, NULL, O_PINNED},
         {"busy-poll", no_argument, NULL, O_BUSY_POLL},
+        {"no-pace", no_argument, NULL, O_NO_PACE},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -329,6 +334,9 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
             break;
         case O_BUSY_POLL:
             o->busy_poll = true;
+            break;
+        case O_NO_PACE:
+            o->no_pace = true;
             break;
         case 'h':
             usage_sub(stdout, o->sender);

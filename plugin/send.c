@@ -24,11 +24,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 #include <zstd.h>
 
 #include "intake.h"
 #include "level.h"
+#include "pace.h"
 #include "page-cache.h"
 #include "queue.h"
 #include "session.h"
@@ -71,6 +73,8 @@ struct send_lane {
 
 /* The pipe's codec level (level.h): chosen by the main thread, applied by the lanes. */
 #define LEVEL_WINDOW_NS 100000000ull
+/* The longest nap of the pace: errors and the window's end are looked at in between. */
+#define PACE_SLEEP_MAX 10000000ull
 
 struct rdmax_send {
     struct rdmax_session s;
@@ -544,6 +548,8 @@ static int pump(struct rdmax_send *p, struct rdmax_in_block *blk, size_t len, ui
     struct rdmax_level_ctl ctl;
     struct rdmax_level_window win = {0};
     uint64_t win_start = 0, win_total = 0, win_link = 0, win_wire = 0;
+    struct rdmax_pace pace = {0};
+    uint64_t paced_ns = 0; /* of win.wait_ns: held off by the pace, not waiting for QEMU */
     int r = 0;
 
     rdmax_level_ctl_init(&ctl, 0, s->codec.cache_bytes ? RDMAX_LEVEL_MIN : 0, RDMAX_LEVEL_MAX);
@@ -605,7 +611,7 @@ static int pump(struct rdmax_send *p, struct rdmax_in_block *blk, size_t len, ui
             blk = next;
         }
         uint64_t now = (uint64_t)(rdmax_now() * 1e9);
-        if (s->codec.zstd_level == 0 && now - win_start >= LEVEL_WINDOW_NS) {
+        if (now - win_start >= LEVEL_WINDOW_NS) {
             uint64_t link = atomic_load_explicit(&p->link_ns_total, memory_order_relaxed);
             uint64_t wire = atomic_load_explicit(&p->wire_total, memory_order_relaxed);
             win.wall_ns = win_start ? now - win_start : 0;
@@ -619,13 +625,37 @@ static int pump(struct rdmax_send *p, struct rdmax_in_block *blk, size_t len, ui
                     atomic_exchange_explicit(&p->lanes[i].peer_bound_seen, false,
                                              memory_order_relaxed);
             }
-            atomic_store_explicit(&p->pipe_level, rdmax_level_ctl_window(&ctl, &win),
-                                  memory_order_relaxed);
+            rdmax_pace_window(&pace, win.bytes, win.wall_ns, win.wait_ns - paced_ns);
+            if (s->codec.zstd_level == 0) {
+                atomic_store_explicit(&p->pipe_level, rdmax_level_ctl_window(&ctl, &win),
+                                      memory_order_relaxed);
+            }
             win = (struct rdmax_level_window){0};
+            paced_ns = 0;
             win_start = now;
             win_total = total;
             win_link = link;
             win_wire = wire;
+        }
+        if (!s->o.no_pace && win_start) {
+            uint64_t d = rdmax_pace_delay(&pace, total - win_total, now - win_start);
+            if (d) {
+                /*
+                 * Ahead of the pace: let QEMU's pipe fill. Counted as
+                 * waiting, so the level controller does not measure a
+                 * window the pace, not the level, limited.
+                 */
+                struct timespec ts = {.tv_nsec = (long)(d < PACE_SLEEP_MAX ? d : PACE_SLEEP_MAX)};
+                r = before_waiting(p);
+                if (r < 0) {
+                    break;
+                }
+                nanosleep(&ts, NULL);
+                d = (uint64_t)(rdmax_now() * 1e9) - now;
+                paced_ns += d;
+                win.wait_ns += d;
+                continue;
+            }
         }
         if (poll(&pfd, 1, 0) == 0) {
             r = before_waiting(p); /* about to block on QEMU */

@@ -29,6 +29,7 @@ struct rdmax_opts {
     int zstd_level;         /* --zstd-level: 0 adaptive, -1 off */
     uint64_t pinned_max;    /* --rdma-pinned-max, 0 = transport default */
     bool busy_poll;         /* --busy-poll */
+    bool no_pace;           /* send --no-pace: take QEMU's stream unpaced (pace.h) */
     const char *psk_file;   /* --psk-file: mutual authentication */
     bool encrypt;           /* --encrypt: AES-256-GCM frames (needs a PSK) */
     uint64_t cache_max;     /* recv --cache-max: cap on lanes x cache, 0 = default */

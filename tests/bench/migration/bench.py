@@ -355,6 +355,10 @@ def run_one(args, link, wl_name, contender, rep, port):
                     'remaining': ram_a.get('remaining'),
                     'dirty_pages_rate': ram_a.get('dirty-pages-rate'),
                     'dirty_sync_count': ram_a.get('dirty-sync-count')}
+                # QEMU's bandwidth estimate over time: what its switch-over used
+                r.setdefault('qemu_trace', []).append(
+                    [r['last_active']['t_ms'], ram_a.get('mbps'), ram_a.get('remaining'),
+                     ram_a.get('transferred'), ram_a.get('dirty-sync-count')])
             ssamp.poll()
             dsamp.poll()
             if st == 'completed' and not info.get('total-time'):
