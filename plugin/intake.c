@@ -79,11 +79,11 @@ struct rdmax_in_block *rdmax_intake_get(struct rdmax_intake *in, bool try)
     return b;
 }
 
-void rdmax_in_block_drop(struct rdmax_in_block *b)
+void rdmax_in_block_drop_n(struct rdmax_in_block *b, unsigned n)
 {
     struct rdmax_intake *in = b->pool;
 
-    if (atomic_fetch_sub(&b->refs, 1) == 1 && atomic_load(&in->waiting)) {
+    if (atomic_fetch_sub(&b->refs, n) == n && atomic_load(&in->waiting)) {
         pthread_mutex_lock(&in->mu);
         pthread_cond_broadcast(&in->cv);
         pthread_mutex_unlock(&in->mu);

@@ -63,7 +63,13 @@ static inline void rdmax_in_block_hold(struct rdmax_in_block *b)
     atomic_fetch_add_explicit(&b->refs, 1, memory_order_relaxed);
 }
 
-/* Drop a reference; the last one returns the block to the pool. Any thread. */
-void rdmax_in_block_drop(struct rdmax_in_block *b);
+/* Drop n references (n >= 1); the last one returns the block to the pool. Any thread. */
+void rdmax_in_block_drop_n(struct rdmax_in_block *b, unsigned n);
+
+/* Drop a reference. */
+static inline void rdmax_in_block_drop(struct rdmax_in_block *b)
+{
+    rdmax_in_block_drop_n(b, 1);
+}
 
 #endif
