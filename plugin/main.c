@@ -14,6 +14,7 @@
 #include "send.h"
 #include "session.h"
 #include "transport.h"
+#include "version.h"
 
 int main(int argc, char **argv)
 {
@@ -29,9 +30,13 @@ int main(int argc, char **argv)
         rdmax_cli_usage(stdout);
         return 0;
     }
-    if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "-V") == 0) {
-        printf("rdma-x %s (wire protocol v%u; transports: %s)\n", RDMAX_VERSION, RDMAX_WIRE_VERSION,
-               rdmax_transport_list());
+    if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "-V") == 0 ||
+        strcmp(argv[1], "version") == 0) {
+        rdmax_version_print(stdout);
+        if (fflush(stdout) != 0) {
+            fprintf(stderr, "rdma-x: error: writing the version: %m\n");
+            return 1;
+        }
         return 0;
     }
     if (strcmp(argv[1], "keygen") == 0) {

@@ -697,11 +697,11 @@ def markdown(doc):
              'to destination (MiB), not QEMU\'s counters; CPU = CPU seconds '
              'spent migrating on each side: QEMU minus its vCPU thread, plus its '
              '`exec:` children (sh, rdma-x); conv = converged runs / runs; '
-             'ok = runs whose destination verified. x best = rdma-x time over '
-             'QEMU\'s best mode for that workload.')
+             'ok = runs whose destination verified. x fastest = rdma-x time over '
+             'that of the fastest QEMU mode for that workload in this run.')
     L.append('')
     L.append('| workload | MB/s | contender | time s | down ms | setup ms | '
-             'wire MiB | src CPU s | dst CPU s | conv | ok | x best |')
+             'wire MiB | src CPU s | dst CPU s | conv | ok | x fastest |')
     L.append('|---|---|---|---|---|---|---|---|---|---|---|---|')
     for wl in cfg['workloads']:
         mode, rate = parse_workload(wl)
@@ -720,7 +720,7 @@ def markdown(doc):
                 ratio = 'n.c.'
             name = CONTENDER_LABEL[c]
             if best and best['contender'] == c:
-                name += ' (best QEMU)'
+                name += ' (fastest QEMU here)'
             if c == 'rdma-x':
                 name = '**rdma-x**'
                 t = '**%s**' % t
@@ -735,7 +735,7 @@ def markdown(doc):
     if tg:
         L.append('## Targets')
         L.append('')
-        L.append('| workload | target | QEMU best | rdma-x | ratio | met |')
+        L.append('| workload | target | fastest QEMU here | rdma-x | ratio | met |')
         L.append('|---|---|---|---|---|---|')
         for t in tg:
             unit = 's' if t['what'] == 'total time' else 'ms'
@@ -877,7 +877,7 @@ def print_summary(doc):
     print()
     print('%-20s %-18s %9s %8s %8s %9s %8s %8s %5s %4s %7s' % (
         'workload', 'contender', 'time s', 'down ms', 'setup', 'wire MiB',
-        'srcCPU', 'dstCPU', 'conv', 'ok', 'x best'))
+        'srcCPU', 'dstCPU', 'conv', 'ok', 'x fastest'))
     for wl in doc['config']['workloads']:
         best = best_qemu(cells, wl)
         for x in (x for x in cells if x['workload'] == wl):
@@ -886,7 +886,7 @@ def print_summary(doc):
                 ratio = ('%.2f' % (x['total_ms'] / best['total_ms'])
                          if x['total_ms'] is not None else 'n.c.')
             elif best and best is x:
-                ratio = '(best)'
+                ratio = '(fastest)'
             print('%-20s %-18s %9s %8s %8s %9s %8s %8s %5s %4s %7s' % (
                 wl, CONTENDER_LABEL[x['contender']],
                 fmt_s(x['total_ms']) if x['total_ms'] is not None else
