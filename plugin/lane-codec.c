@@ -231,11 +231,6 @@ static bool page_is_zero(const uint8_t *p)
     return true;
 }
 
-static inline void page_copy(uint8_t *dst, const uint8_t *src)
-{
-    rdmax_page_copy(dst, src);
-}
-
 /* ---- encoder ------------------------------------------------------------ */
 
 static void enc_reset_batch(struct rdmax_lane_encoder *e)
@@ -362,7 +357,7 @@ int rdmax_lane_encoder_add(struct rdmax_lane_encoder *e, struct rdmax_page_key k
                     varint_put(d + h, (uint64_t)n);
                     h += 2 + (size_t)n;
                 }
-                page_copy(rdmax_page_cache_store(e->cache, key, NULL), page);
+                rdmax_page_copy(rdmax_page_cache_store(e->cache, key, NULL), page);
             }
         }
         if (tier == RDMAX_TIER_FULL) {
@@ -374,10 +369,10 @@ int rdmax_lane_encoder_add(struct rdmax_lane_encoder *e, struct rdmax_page_key k
             } else if (e->cache) {
                 slot = rdmax_page_cache_store(e->cache, key, NULL);
             }
-            page_copy(e->full + (size_t)e->nfull * PS, page);
+            rdmax_page_copy(e->full + (size_t)e->nfull * PS, page);
             e->nfull++;
             if (slot) { /* NULL: a cache of capacity 0 */
-                page_copy(slot, page);
+                rdmax_page_copy(slot, page);
             }
         }
     }

@@ -19,7 +19,6 @@
 #ifndef RDMAX_PACE_H
 #define RDMAX_PACE_H
 
-#include <stdbool.h>
 #include <stdint.h>
 
 #define RDMAX_PACE_BURST 1.25         /* a window may move this much more than the recent ones */

@@ -41,8 +41,8 @@
 
 struct page_slot {
     struct rdmax_page_key key;
-    _Alignas(
-        64) uint8_t data[RDMAX_PAGE_SIZE]; /* whole cache lines: the copy in and the writev out */
+    /* Whole cache lines: the copy in and the writev out. */
+    _Alignas(64) uint8_t data[RDMAX_PAGE_SIZE];
 };
 
 struct ctrl_chunk {

@@ -26,29 +26,23 @@
 static void print_cpu(FILE *f)
 {
 #if defined(__x86_64__)
-    struct flag {
-        const char *name;
-        int have;
-    };
-    struct flag flags[6];
-    size_t i, n = 0;
     int any = 0;
 
     __builtin_cpu_init();
-    /* __builtin_cpu_supports takes a string literal, hence one line each. */
-    flags[n++] = (struct flag){"sse2", __builtin_cpu_supports("sse2")};
-    flags[n++] = (struct flag){"sse4.2", __builtin_cpu_supports("sse4.2")};
-    flags[n++] = (struct flag){"pclmul", __builtin_cpu_supports("pclmul")};
-    flags[n++] = (struct flag){"avx2", __builtin_cpu_supports("avx2")};
-    flags[n++] = (struct flag){"avx512f", __builtin_cpu_supports("avx512f")};
-    flags[n++] = (struct flag){"avx512bw", __builtin_cpu_supports("avx512bw")};
     fputs("simd (this CPU):", f);
-    for (i = 0; i < n; i++) {
-        if (flags[i].have) {
-            fprintf(f, " %s", flags[i].name);
-            any = 1;
-        }
+    /* __builtin_cpu_supports takes a string literal, hence a macro. */
+#define SIMD_FLAG(name)                                                                            \
+    if (__builtin_cpu_supports(name)) {                                                            \
+        fputs(" " name, f);                                                                        \
+        any = 1;                                                                                   \
     }
+    SIMD_FLAG("sse2")
+    SIMD_FLAG("sse4.2")
+    SIMD_FLAG("pclmul")
+    SIMD_FLAG("avx2")
+    SIMD_FLAG("avx512f")
+    SIMD_FLAG("avx512bw")
+#undef SIMD_FLAG
     fputs(any ? "\n" : " none\n", f);
 #else
     fputs("simd (this CPU): none used (not x86-64)\n", f);
