@@ -13,16 +13,15 @@ and both halves must exit 0 having written their --stats-json, the
 streams must be identical and the destination guest must verify.
 Usage: test-exec-socket.py [RDMAX]   (or env RDMAX; default build/rdma-x)
 """
-import json
 import os
 import shutil
 import sys
 
 sys.dont_write_bytecode = True     # keep the source tree clean
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'lib'))
-from qmp import (check_dst_verifies, check_identical, check, free_port,  # noqa
-                 is_listening, log, run_test, set_caps, set_params,
-                 sh_quote, wait_for, wait_migration)
+from qmp import (check_dst_verifies, check_identical, check,  # noqa
+                 check_rdmax_stats, free_port, is_listening, log, run_test,
+                 set_caps, set_params, sh_quote, wait_for, wait_migration)
 
 WORKLOAD = {'mode': 'sparse-real', 'mib': 32, 'rate': 40, 'report': 0.5}
 
@@ -62,19 +61,8 @@ def body(rig):
           (info['status'], info.get('error-desc', '')))
     log('migrated: total %s ms, downtime %s ms' % (info.get('total-time'),
                                                    info.get('downtime')))
-
-    def stats(path):
-        try:
-            with open(path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
-    for name, path in (('send', sj), ('recv', rj)):
-        j = wait_for(lambda: stats(path), 15, 'rdma-x %s --stats-json' % name)
-        err = open(rig.path(name + '.err'), errors='replace').read().strip()
-        check(j['result'] == 'ok', 'rdma-x %s: %s (%s)' % (name, j['result'], err))
-        log('rdma-x %s: result ok, %d stream bytes' % (name, j['bytes_in']))
-    check_identical(cap_src, cap_dst)
+    a = check_identical(cap_src, cap_dst)
+    check_rdmax_stats(rig, {'send': sj, 'recv': rj}, a)
     check_dst_verifies(src, dst)
 
 

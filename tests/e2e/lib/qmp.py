@@ -695,6 +695,25 @@ def check_rdmax_ok(rig):
               (w, rig.rc(w), rig.stderr_of(w)))
 
 
+def check_rdmax_stats(rig, paths, stream_bytes, timeout=15):
+    """Each {side: path} --stats-json says result ok and bytes_in equal to
+    the stream's size. A half writes it as it exits: wait for it."""
+    def read(path):
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+    for w, path in paths.items():
+        st = wait_for(lambda: read(path), timeout, 'rdma-x %s --stats-json' % w)
+        log('%s stats: %s' % (w, json.dumps(st)[:300]))
+        check(st.get('result') == 'ok', '%s stats: result %s (%s)' %
+              (w, st.get('result'), rig.stderr_of(w).strip()))
+        check(st.get('bytes_in', stream_bytes) == stream_bytes,
+              '%s stats: bytes_in %s, the stream has %d' %
+              (w, st.get('bytes_in'), stream_bytes))
+
+
 def check_identical(cap_src, cap_dst):
     """What the source QEMU wrote is what the destination QEMU read; its size."""
     a, b = os.path.getsize(cap_src), os.path.getsize(cap_dst)
