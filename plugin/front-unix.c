@@ -7,10 +7,9 @@
  * to the existing pipeline as both qemu_in and qemu_out (main.c dups it);
  * everything after that, including the failure rules, is the pipeline's.
  *
- * This slice accepts the main channel only: the listener is closed once
- * QEMU's first connection is in, so a multifd or postcopy-preempt channel
- * (a second connection to PATH) is refused and QEMU fails the migration
- * cleanly. See docs/unix.md.
+ * QEMU's first connection is its main channel; the listener stays open
+ * for its further ones (multifd, postcopy preempt), which channels.c
+ * carries each on a connection of its own. See docs/unix.md.
  */
 #define _GNU_SOURCE
 #include "front-unix.h"
@@ -37,11 +36,11 @@ static int fill_addr(struct sockaddr_un *a, const char *path)
     return 0;
 }
 
-int rdmax_unix_accept_main(const char *path)
+int rdmax_unix_listen(const char *path)
 {
     struct sockaddr_un a;
     struct stat st;
-    int l, c;
+    int l;
 
     if (fill_addr(&a, path) < 0) {
         return -1;
@@ -63,41 +62,51 @@ int rdmax_unix_accept_main(const char *path)
         }
         unlink(path);
     }
+    /*
+     * The backlog holds QEMU's multifd channels, which it opens all at once
+     * while we may still be connecting to the receiver.
+     */
     l = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (l < 0 || bind(l, (struct sockaddr *)&a, sizeof(a)) < 0 || listen(l, 4) < 0) {
+    if (l < 0 || bind(l, (struct sockaddr *)&a, sizeof(a)) < 0 || listen(l, 128) < 0) {
         fprintf(stderr, "rdma-x: error: listen on unix:%s: %s\n", path, strerror(errno));
         if (l >= 0) {
             close(l);
         }
         return -1;
     }
+    return l;
+}
+
+int rdmax_unix_accept(int l, const char *path)
+{
+    int c;
+
     do {
         c = accept4(l, NULL, NULL, SOCK_CLOEXEC);
     } while (c < 0 && errno == EINTR);
     if (c < 0) {
         fprintf(stderr, "rdma-x: error: accept on unix:%s: %s\n", path, strerror(errno));
     }
-    /* Main channel only (this slice): later connections are refused. */
-    close(l);
-    unlink(path);
     return c;
 }
 
-int rdmax_unix_connect(const char *path, int timeout_ms)
+int rdmax_unix_dial(const char *path, int timeout_ms)
 {
     struct sockaddr_un a;
     struct timespec t0, t;
     int err;
 
-    if (fill_addr(&a, path) < 0) {
-        return -1;
+    memset(&a, 0, sizeof(a));
+    a.sun_family = AF_UNIX;
+    if (strlen(path) >= sizeof(a.sun_path)) {
+        return -ENAMETOOLONG;
     }
+    strcpy(a.sun_path, path);
     clock_gettime(CLOCK_MONOTONIC, &t0);
     for (;;) {
         int c = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
         if (c < 0) {
-            err = errno;
-            break;
+            return -errno;
         }
         if (connect(c, (struct sockaddr *)&a, sizeof(a)) == 0) {
             return c;
@@ -105,16 +114,30 @@ int rdmax_unix_connect(const char *path, int timeout_ms)
         err = errno;
         close(c);
         if (err != ENOENT && err != ECONNREFUSED && err != EINTR) {
-            break;
+            return -err;
         }
         clock_gettime(CLOCK_MONOTONIC, &t);
         long ms = (t.tv_sec - t0.tv_sec) * 1000 + (t.tv_nsec - t0.tv_nsec) / 1000000;
         if (ms >= timeout_ms) {
-            break;
+            return -err;
         }
         usleep(50 * 1000);
     }
-    fprintf(stderr, "rdma-x: error: connect to destination QEMU at unix:%s: %s\n", path,
-            strerror(err));
-    return -1;
+}
+
+int rdmax_unix_connect(const char *path, int timeout_ms)
+{
+    struct sockaddr_un a;
+    int c;
+
+    if (fill_addr(&a, path) < 0) {
+        return -1;
+    }
+    c = rdmax_unix_dial(path, timeout_ms);
+    if (c < 0) {
+        fprintf(stderr, "rdma-x: error: connect to destination QEMU at unix:%s: %s\n", path,
+                strerror(-c));
+        return -1;
+    }
+    return c;
 }

@@ -4,11 +4,13 @@
 
 /*
  * Source side: listen on PATH (a stale socket file is removed; a path a
- * live listener holds is refused), accept QEMU's main channel, close the
- * listener and remove PATH. Returns the connected socket, or -1 after
- * printing one 'rdma-x: error:' line.
+ * live listener holds is refused). Returns the listening socket, or -1
+ * after printing one 'rdma-x: error:' line.
  */
-int rdmax_unix_accept_main(const char *path);
+int rdmax_unix_listen(const char *path);
+
+/* Accept QEMU's main channel on l: the socket, or -1 after one error line. */
+int rdmax_unix_accept(int l, const char *path);
 
 /*
  * Destination side: connect to the socket the destination QEMU listens on
@@ -16,5 +18,8 @@ int rdmax_unix_accept_main(const char *path);
  * Returns the connected socket, or -1 after printing one error line.
  */
 int rdmax_unix_connect(const char *path, int timeout_ms);
+
+/* The same without the message: the socket or -errno. */
+int rdmax_unix_dial(const char *path, int timeout_ms);
 
 #endif

@@ -61,10 +61,23 @@ int main(int argc, char **argv)
          * return path the other, as stdin and stdout do for exec:. Two
          * numbers for it, so the pipeline's dup2 on error closes both.
          */
-        int fd = o.sender ? rdmax_unix_accept_main(o.unix_path)
-                          : rdmax_unix_connect(o.unix_path, o.connect_timeout_ms);
-        if (fd < 0) {
-            return 1;
+        int fd;
+        if (o.sender) {
+            /* The listener stays: QEMU's multifd and preempt channels come to it too. */
+            o.unix_listen_fd = rdmax_unix_listen(o.unix_path);
+            if (o.unix_listen_fd < 0) {
+                return 1;
+            }
+            fd = rdmax_unix_accept(o.unix_listen_fd, o.unix_path);
+            if (fd < 0) {
+                unlink(o.unix_path);
+                return 1;
+            }
+        } else {
+            fd = rdmax_unix_connect(o.unix_path, o.connect_timeout_ms);
+            if (fd < 0) {
+                return 1;
+            }
         }
         o.qemu_in = fd;
         o.qemu_out = dup(fd);

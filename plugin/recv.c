@@ -29,6 +29,8 @@
 #include <unistd.h>
 #include <zstd.h>
 
+#include "be.h"
+#include "channels.h"
 #include "page-copy.h"
 #include "queue.h"
 #include "session.h"
@@ -91,6 +93,8 @@ struct rdmax_recv {
     struct rdmax_ring ctrl_ring;
     bool ctrl_ring_ok;
     uint64_t eof_stream_bytes, eof_pages; /* from EOF; read after ctrl_ring closes */
+    unsigned eof_channels;                /* from EOF: QEMU channels besides the main one */
+    struct rdmax_channels *ch;            /* --connect-unix: those channels */
     _Atomic bool stream_done;             /* splice finished, FIN_ACK sent */
     uint64_t out_total;                   /* splice */
     struct out_gather og;                 /* splice */
@@ -320,14 +324,15 @@ static void *ctrl_reader_main(void *arg)
             ctrl_bytes(p, z, zout, buf, h.len);
             break;
         case RDMAX_F_EOF:
-            if (h.len != 16 || eof) {
+            /* 20 bytes when the sender carried QEMU channels: their count. */
+            if ((h.len != 16 && h.len != 20) || eof ||
+                (h.len == 20 && rdmax_get_be32(buf + 16) > RDMAX_CHAN_MAX)) {
                 rdmax_session_error(s, -EPROTO, "sender broke the protocol (EOF frame)");
                 break;
             }
-            for (int i = 0; i < 8; i++) {
-                p->eof_stream_bytes = p->eof_stream_bytes << 8 | buf[i];
-                p->eof_pages = p->eof_pages << 8 | buf[8 + i];
-            }
+            p->eof_stream_bytes = rdmax_get_be64(buf);
+            p->eof_pages = rdmax_get_be64(buf + 8);
+            p->eof_channels = h.len == 20 ? rdmax_get_be32(buf + 16) : 0;
             eof = true;
             rdmax_ring_close(&p->ctrl_ring);
             break;
@@ -639,6 +644,12 @@ int rdmax_recv_run(struct rdmax_recv *p)
     struct rdmax_session *s = &p->s;
     int r, fl = -1;
 
+    if (s->o.unix_path && !rdmax_session_failed(s)) {
+        p->ch = rdmax_channels_recv_create(s, s->o.unix_path);
+        if (!p->ch) {
+            return rdmax_session_error(s, -ENOMEM, "out of memory");
+        }
+    }
     r = rdmax_session_accept(s);
     if (r == 0) {
         r = lanes_start(p);
@@ -677,6 +688,15 @@ int rdmax_recv_run(struct rdmax_recv *p)
     if (r < 0) {
         goto out;
     }
+    /* Every QEMU channel too must have reached the destination QEMU before we say so. */
+    if (p->ch) {
+        r = rdmax_channels_recv_wait(p->ch, p->eof_channels);
+    } else if (p->eof_channels) {
+        r = rdmax_session_error(s, -EPROTO, "sender announced QEMU channels it never opened");
+    }
+    if (r < 0) {
+        goto out;
+    }
     atomic_store(&p->stream_done, true);
     atomic_store(&s->finishing, true);
     r = rdmax_wire_send(&s->ctrl, RDMAX_F_FIN_ACK, 0, 0, NULL, 0);
@@ -709,6 +729,8 @@ out:
         pthread_join(p->reader, NULL);
         p->reader_started = false;
     }
+    rdmax_channels_destroy(p->ch);
+    p->ch = NULL;
     return r < 0 ? r : rdmax_session_failed(s);
 }
 
@@ -727,6 +749,7 @@ void rdmax_recv_destroy(struct rdmax_recv *p)
     if (p->ctrl_ring_ok) {
         rdmax_ring_destroy(&p->ctrl_ring);
     }
+    rdmax_channels_destroy(p->ch);
     rdmax_stream_destroy(p->st);
     rdmax_session_destroy(&p->s);
     free(p);

@@ -28,6 +28,8 @@
 #include <unistd.h>
 #include <zstd.h>
 
+#include "be.h"
+#include "channels.h"
 #include "intake.h"
 #include "level.h"
 #include "pace.h"
@@ -94,6 +96,7 @@ struct rdmax_send {
     struct rdmax_stream *st;
     pthread_t reader;
     bool reader_started;
+    struct rdmax_channels *ch; /* --listen-unix: QEMU's further channels */
 };
 
 static int ctrl_flush(struct rdmax_send *p)
@@ -431,14 +434,16 @@ static int lanes_start(struct rdmax_send *p)
 
 static int send_eof(struct rdmax_send *p, uint64_t stream_bytes, uint64_t pages)
 {
-    uint8_t b[16];
+    uint8_t b[20];
     int r;
 
-    for (int i = 0; i < 8; i++) {
-        b[i] = (uint8_t)(stream_bytes >> (56 - 8 * i));
-        b[8 + i] = (uint8_t)(pages >> (56 - 8 * i));
+    rdmax_put_be64(b, stream_bytes);
+    rdmax_put_be64(b + 8, pages);
+    /* With QEMU channels: how many, so the receiver waits for each to end. */
+    if (p->ch) {
+        rdmax_put_be32(b + 16, rdmax_channels_send_close(p->ch));
     }
-    r = rdmax_wire_send(&p->s.ctrl, RDMAX_F_EOF, 0, 0, b, sizeof(b));
+    r = rdmax_wire_send(&p->s.ctrl, RDMAX_F_EOF, 0, 0, b, p->ch ? 20 : 16);
     if (r < 0) {
         return rdmax_session_error(&p->s, r, "control connection to %s: %s", p->s.ctrl.conn->peer,
                                    rdmax_wire_strerror(r));
@@ -548,6 +553,13 @@ int rdmax_send_create(const struct rdmax_opts *o, struct rdmax_send **out)
     }
     ZSTD_CCtx_setParameter(p->ctrl_z, ZSTD_c_compressionLevel, 1);
     rdmax_session_set_intake(&p->s, p->intake);
+    if (o->unix_path) {
+        p->ch = rdmax_channels_send_create(&p->s, o->unix_listen_fd, o->unix_path);
+        if (!p->ch) {
+            rdmax_send_destroy(p);
+            return -ENOMEM;
+        }
+    }
     *out = p;
     return 0;
 }
@@ -742,6 +754,9 @@ int rdmax_send_run(struct rdmax_send *p)
             p->reader_started = true;
         }
     }
+    if (r == 0 && p->ch) {
+        r = rdmax_channels_send_start(p->ch);
+    }
     if (r < 0 || rdmax_session_failed(s)) {
         rdmax_in_block_drop(blk);
         r = rdmax_session_failed(s);
@@ -804,6 +819,8 @@ out:
         pthread_join(p->reader, NULL);
         p->reader_started = false;
     }
+    rdmax_channels_destroy(p->ch);
+    p->ch = NULL;
     return r < 0 ? r : rdmax_session_failed(s);
 }
 
@@ -826,6 +843,7 @@ void rdmax_send_destroy(struct rdmax_send *p)
         }
         rdmax_lane_encoder_destroy(l->enc);
     }
+    rdmax_channels_destroy(p->ch);
     rdmax_intake_destroy(p->intake);
     rdmax_stream_destroy(p->st);
     ZSTD_freeCStream(p->ctrl_z);

@@ -86,6 +86,9 @@ int rdmax_session_init(struct rdmax_session *s, const struct rdmax_opts *o)
     s->err_fd = eventfd(0, EFD_CLOEXEC);
     s->stop_fd = eventfd(0, EFD_CLOEXEC);
     s->null_fd = open("/dev/null", O_RDWR | O_CLOEXEC);
+    for (unsigned k = 0; k < RDMAX_CHAN_MAX; k++) {
+        s->chan_qemu_fd[k] = -1;
+    }
     if (s->err_fd < 0 || s->stop_fd < 0 || s->null_fd < 0) {
         int r = -errno;
         rdmax_session_destroy(s);
@@ -143,6 +146,11 @@ void rdmax_session_destroy(struct rdmax_session *s)
             rdmax_wire_destroy(&s->lane[i]);
         }
     }
+    for (unsigned k = 0; k < RDMAX_CHAN_MAX; k++) {
+        if (s->chan[k].conn) {
+            rdmax_wire_destroy(&s->chan[k]);
+        }
+    }
     for (int *fd = &s->err_fd; fd <= &s->null_fd; fd++) {
         if (*fd >= 0) {
             close(*fd);
@@ -170,6 +178,33 @@ void rdmax_session_shutdown_all(struct rdmax_session *s)
             s->lane[i].conn->ops->shutdown(s->lane[i].conn);
         }
     }
+    for (unsigned k = 0; k < RDMAX_CHAN_MAX; k++) {
+        if (s->chan[k].conn) {
+            s->chan[k].conn->ops->shutdown(s->chan[k].conn);
+        }
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
+int rdmax_session_add_qemu_fd(struct rdmax_session *s, unsigned k, int fd)
+{
+    int r;
+
+    pthread_mutex_lock(&s->mu);
+    r = atomic_load(&s->err);
+    if (r == 0) {
+        s->chan_qemu_fd[k] = fd;
+    } else {
+        shutdown(fd, SHUT_RDWR);
+    }
+    pthread_mutex_unlock(&s->mu);
+    return r;
+}
+
+void rdmax_session_drop_qemu_fd(struct rdmax_session *s, unsigned k)
+{
+    pthread_mutex_lock(&s->mu);
+    s->chan_qemu_fd[k] = -1;
     pthread_mutex_unlock(&s->mu);
 }
 
@@ -258,6 +293,12 @@ static void wake_locked(struct rdmax_session *s)
         }
         dup2(s->null_fd, s->o.qemu_in);
         dup2(s->null_fd, s->o.qemu_out);
+    }
+    /* QEMU's other channels (multifd, preempt): their threads own the numbers. */
+    for (unsigned k = 0; k < RDMAX_CHAN_MAX; k++) {
+        if (s->chan_qemu_fd[k] >= 0) {
+            shutdown(s->chan_qemu_fd[k], SHUT_RDWR);
+        }
     }
     signal_fd(s->err_fd);
     signal_fd(s->stop_fd);
@@ -400,6 +441,11 @@ void rdmax_session_stop(struct rdmax_session *s)
     if (s->progress_started) {
         pthread_join(s->progress, NULL);
         s->progress_started = false;
+    }
+    if (s->late_started) {
+        pthread_join(s->late_thread, NULL);
+        s->late_started = false;
+        s->late = NULL;
     }
     pthread_mutex_lock(&s->mu);
     if (s->farewell_started) {
@@ -605,6 +651,8 @@ static int connect_one(struct rdmax_session *s, struct rdmax_wire *w, const char
     /* Messages name the connection: "dst:7070", or "dst:7070 (lane 3)". */
     if (role == RDMAX_ROLE_LANE) {
         snprintf(who, sizeof(who), "%s:%s (lane %u)", host, port, lane);
+    } else if (role == RDMAX_ROLE_CHANNEL) {
+        snprintf(who, sizeof(who), "%s:%s (QEMU channel %u)", host, port, lane + 1);
     } else {
         snprintf(who, sizeof(who), "%s:%s", host, port);
     }
@@ -804,6 +852,22 @@ int rdmax_session_connect(struct rdmax_session *s)
     return rdmax_session_failed(s);
 }
 
+int rdmax_session_connect_channel(struct rdmax_session *s, unsigned k)
+{
+    char host[256], port[32], err[600];
+    int r;
+
+    if (rdmax_addr_split(s->o.addr, host, sizeof(host), port, sizeof(port), err, sizeof(err)) < 0) {
+        return rdmax_session_error(s, -EINVAL, "%s", err);
+    }
+    r = connect_one(s, &s->chan[k], host, port, RDMAX_ROLE_CHANNEL, (uint16_t)k, NULL, err,
+                    sizeof(err));
+    if (r < 0) {
+        return rdmax_session_error(s, r, "%s", err);
+    }
+    return rdmax_session_failed(s);
+}
+
 /* Refuse a connection with a reason, without letting it stall the listener. */
 static void refuse(struct rdmax_conn *c, const char *reason)
 {
@@ -958,6 +1022,7 @@ struct accept_state {
     struct rdmax_listener *alt_l;
     const struct rdmax_transport_ops *alt_tp;
     bool last_from_alt; /* the last accepted connection came over alt_tp */
+    struct rdmax_listener *l; /* after the lanes: the late accept thread's */
 };
 
 /*
@@ -1102,6 +1167,28 @@ static int admit(struct accept_state *as, const struct rdmax_conn *c, const stru
         }
         return 0;
     }
+    if (h->role == RDMAX_ROLE_CHANNEL) {
+        if (!as->have_ctrl || h->session != s->session_id || !s->peer_channels) {
+            snprintf(err, err_len, "QEMU channel connection for no migration in progress");
+            return -EINVAL;
+        }
+        if (!s->on_channel) {
+            snprintf(err, err_len,
+                     "the source QEMU opened a further channel (multifd or postcopy-preempt): "
+                     "that needs recv --connect-unix, this receiver writes to one stream");
+            return -EINVAL;
+        }
+        if (c->ops != as->ctrl_tp) {
+            snprintf(err, err_len, "QEMU channel connection over %s, the migration came over %s",
+                     c->ops->name, as->ctrl_tp->name);
+            return -EINVAL;
+        }
+        if (s->chan[h->lane].conn) {
+            snprintf(err, err_len, "QEMU channel %u connected twice", h->lane + 1);
+            return -EINVAL;
+        }
+        return 0;
+    }
     if (!as->have_ctrl || h->session != s->session_id) {
         snprintf(err, err_len, "lane connection for no migration in progress");
         return -EINVAL;
@@ -1228,9 +1315,13 @@ static void *handshake_main(void *arg)
             s->codec.zstd_level = h.zstd_level;
             s->ctrl = w;
             into = &s->ctrl;
+            s->peer_channels = (h.features & RDMAX_FEAT_CHANNELS) != 0;
             as->have_ctrl = true;
             as->ctrl_tp = c->ops;
             pthread_cond_broadcast(&as->ctrl_cv);
+        } else if (h.role == RDMAX_ROLE_CHANNEL) {
+            s->chan[h.lane] = w;
+            into = &s->chan[h.lane];
         } else {
             s->lane[h.lane] = w;
             into = &s->lane[h.lane];
@@ -1240,7 +1331,11 @@ static void *handshake_main(void *arg)
         /* The lanes' deadline runs from what arrived last, not from the start. */
         as->lane_deadline = rdmax_now() + s->o.timeout_ms / 1000.0;
         pthread_mutex_unlock(&as->mu);
-        server_accept_ok(s, into, h.nonce, nonce, h.role == RDMAX_ROLE_LANE ? h.lane : 0);
+        if (server_accept_ok(s, into, h.nonce, nonce, h.role == RDMAX_ROLE_LANE ? h.lane : 0) ==
+                0 &&
+            h.role == RDMAX_ROLE_CHANNEL) {
+            s->on_channel(s->on_channel_arg, h.lane);
+        }
         atomic_store(&p->done, true);
         return NULL;
     }
@@ -1360,6 +1455,9 @@ static void handshake_start(struct accept_state *as, struct rdmax_conn *c, unsig
     pthread_attr_destroy(&a);
 }
 
+static void accept_end(struct accept_state *as, struct rdmax_listener *l);
+static void *late_accept_main(void *arg);
+
 int rdmax_session_accept(struct rdmax_session *s)
 {
     char host[256], port[32], err[700];
@@ -1472,6 +1570,31 @@ int rdmax_session_accept(struct rdmax_session *s)
         accept_errors = 0;
         handshake_start(as, c, have_ctrl ? PENDING_UNAUTH + (nlanes - have_lanes) : PENDING_UNAUTH);
     }
+    if (!rdmax_session_failed(s) && s->peer_channels) {
+        /* QEMU's further channels connect later, while the stream flows. */
+        as->l = l;
+        s->late = as;
+        if (pthread_create(&s->late_thread, NULL, late_accept_main, as) == 0) {
+            s->late_started = true;
+            return 0;
+        }
+        s->late = NULL;
+        rdmax_session_error(s, -EAGAIN, "cannot start the thread that accepts QEMU channels");
+    }
+    accept_end(as, l);
+    return rdmax_session_failed(s);
+out:
+    pthread_mutex_destroy(&as->mu);
+    pthread_cond_destroy(&as->ctrl_cv);
+    free(as);
+    return r;
+}
+
+/* Stop accepting: close the listeners, cut unfinished handshakes off, free as. */
+static void accept_end(struct accept_state *as, struct rdmax_listener *l)
+{
+    struct rdmax_session *s = as->s;
+
     /* One migration per process: nobody else may connect now. */
     s->tp->listener_close(l);
     if (as->alt_l) {
@@ -1491,12 +1614,51 @@ int rdmax_session_accept(struct rdmax_session *s)
             as->pend[i].used = false;
         }
     }
-    r = rdmax_session_failed(s);
-out:
     pthread_mutex_destroy(&as->mu);
     pthread_cond_destroy(&as->ctrl_cv);
     free(as);
-    return r;
+}
+
+/*
+ * After the lanes, for a sender that announced QEMU channels: the same
+ * accept loop and handshakes (and the same limits on strangers), admitting
+ * channel connections only, until every channel ended or the run stops.
+ */
+static void *late_accept_main(void *arg)
+{
+    struct accept_state *as = arg;
+    struct rdmax_session *s = as->s;
+    unsigned accept_errors = 0;
+
+    while (!rdmax_session_failed(s) && !atomic_load(&s->chan_closed) && !stop_wait(s, 0)) {
+        struct rdmax_conn *c;
+        int r;
+
+        pthread_mutex_lock(&as->mu);
+        expire_locked(as, rdmax_now());
+        pthread_mutex_unlock(&as->mu);
+        reap(as);
+        r = s->tp->accept(as->l, 100, &c);
+        if (r == -ETIMEDOUT) {
+            continue;
+        }
+        if (r < 0) {
+            fprintf(stderr, "rdma-x: note: accept on %s: %s\n", s->o.addr,
+                    as->l->why[0] ? as->l->why : strerror(-r));
+            as->l->why[0] = '\0';
+            if (r != -ECONNABORTED && ++accept_errors > 100) {
+                rdmax_session_error(s, r, "accept on %s keeps failing: %s", s->o.addr,
+                                    strerror(-r));
+                break;
+            }
+            usleep(20 * 1000);
+            continue;
+        }
+        accept_errors = 0;
+        handshake_start(as, c, PENDING_UNAUTH);
+    }
+    accept_end(as, as->l);
+    return NULL;
 }
 
 /* Several keep-alives per --timeout, so one late one is no failure. */

@@ -42,6 +42,13 @@ struct rdmax_opts {
      * QEMU sees its pipes close while the numbers stay valid.
      */
     int qemu_in, qemu_out;
+    /*
+     * Sender with unix_path: the listening socket QEMU connects its main
+     * channel to (main.c accepted that one already); its further channels
+     * (multifd, postcopy preempt) are accepted from it (channels.c).
+     * Owned by the pipeline from create on.
+     */
+    int unix_listen_fd;
 };
 
 /* Counters: written by the data threads, read by stats/progress (relaxed). */
@@ -51,10 +58,13 @@ struct rdmax_counters {
     _Atomic uint64_t ctrl_bytes; /* control bytes (stream minus page payloads) */
     _Atomic uint64_t rp_bytes;   /* return-path bytes relayed */
     _Atomic uint64_t zero_pages; /* QEMU ZERO records seen */
+    _Atomic uint64_t chan_bytes; /* bytes of QEMU's further channels (multifd, preempt) */
+    _Atomic uint32_t channels;   /* how many of those channels */
 };
 
 struct rdmax_ring;
 struct rdmax_intake;
+struct accept_state;
 
 #define RDMAX_REASON_MAX 512
 
@@ -108,6 +118,22 @@ struct rdmax_session {
     unsigned lane_keepalives;
     double prog_last_t;    /* progress thread only */
     uint64_t prog_last_in; /* progress thread only */
+
+    /*
+     * QEMU's further channels (multifd, postcopy preempt; unix front end
+     * only), one connection each, so a channel QEMU's destination reads
+     * slowly never holds up another (channels.c). Under mu unless marked.
+     */
+    struct rdmax_wire chan[RDMAX_CHAN_MAX]; /* conn set under mu */
+    int chan_qemu_fd[RDMAX_CHAN_MAX];       /* QEMU's socket of channel k or -1: shut on error */
+    bool peer_channels; /* receiver: the sender may open channels (set with the control conn) */
+    /* Receiver: channel k's connection is in (called from a handshake thread). */
+    void (*on_channel)(void *arg, unsigned k);
+    void *on_channel_arg;
+    struct accept_state *late; /* receiver: still accepting channels after the lanes */
+    pthread_t late_thread;
+    bool late_started;
+    _Atomic bool chan_closed; /* receiver: every channel ended, accept no more (any thread) */
 };
 
 /*
@@ -197,8 +223,25 @@ const char *rdmax_conn_strerror(const struct rdmax_conn *c, int err);
  * -errno; the reason is the session's error (rdmax_session_reason).
  */
 int rdmax_session_connect(struct rdmax_session *s);
-/* Receiver: accept one migration (control + lanes); refuse everything else. As connect. */
+/*
+ * Receiver: accept one migration (control + lanes); refuse everything else. As connect.
+ * When the sender announced QEMU channels, accepting goes on in the
+ * background for their connections (on_channel is called for each) until
+ * chan_closed is set or the run stops.
+ */
 int rdmax_session_accept(struct rdmax_session *s);
+
+/* Sender: connect QEMU channel k (its own connection, s->chan[k]). 0 or the session's error. */
+int rdmax_session_connect_channel(struct rdmax_session *s, unsigned k);
+
+/*
+ * QEMU's socket of channel k: shut down at once (both ways) if the session
+ * fails, so QEMU sees the failure on every channel. Add returns the
+ * session's error (fd shut already) if it failed before; drop before
+ * closing fd.
+ */
+int rdmax_session_add_qemu_fd(struct rdmax_session *s, unsigned k, int fd);
+void rdmax_session_drop_qemu_fd(struct rdmax_session *s, unsigned k);
 
 /*
  * Route glib log messages (the transports' warnings) to stderr as

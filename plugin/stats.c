@@ -34,6 +34,9 @@ static uint64_t wire_bytes(const struct rdmax_session *s)
     for (unsigned i = 0; i < s->nlanes; i++) {
         n += s->lane[i].bytes_sent + s->lane[i].bytes_received;
     }
+    for (unsigned k = 0; k < RDMAX_CHAN_MAX; k++) {
+        n += s->chan[k].bytes_sent + s->chan[k].bytes_received;
+    }
     return n;
 }
 
@@ -117,6 +120,9 @@ void rdmax_stats_write(struct rdmax_session *s, const char *result)
     fprintf(f, "  \"zero_pages\": %llu,\n", (unsigned long long)atomic_load(&c->zero_pages));
     fprintf(f, "  \"control_bytes\": %llu,\n", (unsigned long long)atomic_load(&c->ctrl_bytes));
     fprintf(f, "  \"return_path_bytes\": %llu,\n", (unsigned long long)atomic_load(&c->rp_bytes));
+    /* QEMU's further channels (multifd, postcopy preempt): carried beside the main stream. */
+    fprintf(f, "  \"qemu_channels\": %u,\n", (unsigned)atomic_load(&c->channels));
+    fprintf(f, "  \"channel_bytes\": %llu,\n", (unsigned long long)atomic_load(&c->chan_bytes));
     fprintf(f, "  \"cache_bytes_per_lane\": %llu,\n", (unsigned long long)s->codec.cache_bytes);
     if (s->o.sender) {
         struct rdmax_lane_stats t = lanes_total(s);

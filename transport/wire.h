@@ -38,7 +38,15 @@
 /* Feature bits: each must be set on both sides or the handshake is refused. */
 #define RDMAX_FEAT_PSK 0x1u     /* --psk-file: mutual challenge-response */
 #define RDMAX_FEAT_ENCRYPT 0x2u /* --encrypt: AES-256-GCM frames */
-#define RDMAX_FEAT_KNOWN (RDMAX_FEAT_PSK | RDMAX_FEAT_ENCRYPT)
+/*
+ * The sender may open QEMU channel connections (role CHANNEL: multifd,
+ * postcopy preempt; send --listen-unix). Sender only and not matched: it
+ * tells the receiver to keep listening for them after the lanes.
+ */
+#define RDMAX_FEAT_CHANNELS 0x4u
+#define RDMAX_FEAT_KNOWN (RDMAX_FEAT_PSK | RDMAX_FEAT_ENCRYPT | RDMAX_FEAT_CHANNELS)
+/* QEMU channels besides the main one (multifd channels + the preempt channel). */
+#define RDMAX_CHAN_MAX 64u
 
 enum rdmax_frame_type {
     RDMAX_F_HELLO = 1,      /* client -> server, first frame of a connection */
@@ -55,7 +63,9 @@ enum rdmax_frame_type {
     RDMAX_F_AUTH = 12,      /* client -> server: its PSK proof (32 bytes) */
     RDMAX_F_AUTH_OK = 13,   /* server -> client: proof accepted */
     RDMAX_F_LANE_LOAD = 14, /* receiver, on control: lane k's decoding is (not) the bottleneck */
-    RDMAX_F_TYPE_MAX = 14,
+    RDMAX_F_CHAN_DATA = 15, /* QEMU channel connection: the next bytes of that channel */
+    RDMAX_F_CHAN_EOF = 16,  /* QEMU channel connection: the channel closed, be64 bytes */
+    RDMAX_F_TYPE_MAX = 16,
 };
 
 #define RDMAX_FF_ZSTD 0x01 /* payload is (part of) a zstd stream */
@@ -63,6 +73,7 @@ enum rdmax_frame_type {
 enum rdmax_role {
     RDMAX_ROLE_CONTROL = 0,
     RDMAX_ROLE_LANE = 1,
+    RDMAX_ROLE_CHANNEL = 2, /* lane field: the QEMU channel's index, in the source's accept order */
 };
 
 struct rdmax_frame_hdr {

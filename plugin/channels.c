@@ -1,0 +1,578 @@
+/*
+ * rdma-x: QEMU's further migration channels (multifd, postcopy preempt)
+ * through the unix front end; see channels.h.
+ *
+ * One thread per channel on each side, one rdma-x connection per channel:
+ * a destination QEMU that reads one multifd channel slowly (its thread
+ * waits for a SYNC on the main channel) must never stall another channel
+ * or the main stream, which a shared connection would. The sender never
+ * writes to these sockets and the receiver never reads from them: QEMU
+ * sends nothing back on them.
+ */
+#define _GNU_SOURCE
+#include "channels.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+#include <zstd.h>
+
+#include "be.h"
+#include "front-unix.h"
+
+#define CHAN_CHUNK (256u << 10) /* bytes per CHAN_DATA frame at most */
+#define CHAN_ZSTD_LEVEL 1       /* the encoder must keep up with QEMU's own threads */
+#define CHAN_ZSTD_BACKOFF 16    /* frames sent raw after one that did not compress */
+#define CHAN_STACK (256u << 10)
+
+struct chan {
+    struct rdmax_channels *ch;
+    unsigned k;  /* index among the further channels, in the source's accept order */
+    int qemu_fd; /* owned by the channel's thread */
+    pthread_t thread;
+    bool started; /* under ch->mu */
+    bool done;    /* receiver: delivered to its end (ch->mu) */
+};
+
+struct rdmax_channels {
+    struct rdmax_session *s;
+    const char *path;
+    int listen_fd; /* sender */
+    int stop_fd;   /* sender: eventfd, ends the acceptor */
+    pthread_t acceptor;
+    bool acceptor_started;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    unsigned n;         /* channels started */
+    unsigned connected; /* receiver: connected to the destination QEMU, in order */
+    unsigned done;      /* receiver: delivered to their end */
+    struct chan c[RDMAX_CHAN_MAX];
+};
+
+static struct rdmax_channels *channels_new(struct rdmax_session *s, const char *path)
+{
+    struct rdmax_channels *ch = calloc(1, sizeof(*ch));
+
+    if (!ch) {
+        return NULL;
+    }
+    ch->s = s;
+    ch->path = path;
+    ch->listen_fd = -1;
+    ch->stop_fd = eventfd(0, EFD_CLOEXEC);
+    if (ch->stop_fd < 0) {
+        free(ch);
+        return NULL;
+    }
+    pthread_mutex_init(&ch->mu, NULL);
+    pthread_cond_init(&ch->cv, NULL);
+    return ch;
+}
+
+static int start_thread(struct chan *c, void *(*fn)(void *))
+{
+    pthread_attr_t a;
+    int r;
+
+    pthread_attr_init(&a);
+    pthread_attr_setstacksize(&a, CHAN_STACK);
+    r = pthread_create(&c->thread, &a, fn, c);
+    pthread_attr_destroy(&a);
+    c->started = r == 0;
+    return r == 0 ? 0 : -EAGAIN;
+}
+
+/* --- sender ----------------------------------------------------------- */
+
+static int chan_send(struct rdmax_session *s, unsigned k, uint8_t type, uint8_t flags,
+                     const void *b, size_t n)
+{
+    int r = rdmax_wire_send(&s->chan[k], type, flags, 0, b, n);
+
+    if (r < 0) {
+        return rdmax_session_error(s, r, "QEMU channel %u to %s: %s", k + 1,
+                                   s->chan[k].conn->peer, rdmax_conn_strerror(s->chan[k].conn, r));
+    }
+    return 0;
+}
+
+static void *send_chan_main(void *arg)
+{
+    struct chan *c = arg;
+    struct rdmax_session *s = c->ch->s;
+    uint8_t *buf = malloc(CHAN_CHUNK);
+    size_t zcap = ZSTD_compressBound(CHAN_CHUNK);
+    uint8_t *zbuf = malloc(zcap);
+    ZSTD_CCtx *z = ZSTD_createCCtx();
+    bool compress = s->codec.zstd_level >= 0;
+    unsigned backoff = 0;
+    uint64_t total = 0;
+    int r;
+
+    if (!buf || !zbuf || !z) {
+        rdmax_session_error(s, -ENOMEM, "out of memory");
+        goto out;
+    }
+    if (rdmax_session_connect_channel(s, c->k) < 0) {
+        goto out;
+    }
+    for (;;) {
+        ssize_t n = read(c->qemu_fd, buf, CHAN_CHUNK);
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (rdmax_session_failed(s)) {
+            goto out; /* our shutdown on error ended the read */
+        }
+        if (n < 0) {
+            rdmax_session_error(s, -errno, "reading QEMU channel %u: %s", c->k + 1,
+                                strerror(errno));
+            goto out;
+        }
+        if (n == 0) {
+            break;
+        }
+        total += (uint64_t)n;
+        atomic_fetch_add_explicit(&s->c.chan_bytes, (uint64_t)n, memory_order_relaxed);
+        /*
+         * Multifd with compression=none is raw guest pages, which zstd
+         * shrinks; channels QEMU compresses itself do not shrink, and are
+         * sent raw, with only one try every CHAN_ZSTD_BACKOFF frames.
+         */
+        if (compress && backoff == 0) {
+            size_t zn = ZSTD_compressCCtx(z, zbuf, zcap, buf, (size_t)n, CHAN_ZSTD_LEVEL);
+            if (!ZSTD_isError(zn) && zn < (size_t)n - (size_t)n / 10) {
+                r = chan_send(s, c->k, RDMAX_F_CHAN_DATA, RDMAX_FF_ZSTD, zbuf, zn);
+                if (r < 0) {
+                    goto out;
+                }
+                continue;
+            }
+            backoff = CHAN_ZSTD_BACKOFF;
+        } else if (backoff) {
+            backoff--;
+        }
+        r = chan_send(s, c->k, RDMAX_F_CHAN_DATA, 0, buf, (size_t)n);
+        if (r < 0) {
+            goto out;
+        }
+    }
+    {
+        uint8_t eof[8];
+        rdmax_put_be64(eof, total);
+        chan_send(s, c->k, RDMAX_F_CHAN_EOF, 0, eof, sizeof(eof));
+    }
+out:
+    rdmax_session_drop_qemu_fd(s, c->k);
+    close(c->qemu_fd);
+    c->qemu_fd = -1;
+    ZSTD_freeCCtx(z);
+    free(zbuf);
+    free(buf);
+    return NULL;
+}
+
+/* A connection QEMU made: channel n, on a thread of its own. ch->mu held. */
+static int send_chan_add(struct rdmax_channels *ch, int fd)
+{
+    struct rdmax_session *s = ch->s;
+    struct chan *c;
+
+    if (ch->n == RDMAX_CHAN_MAX) {
+        close(fd);
+        return rdmax_session_error(s, -EMFILE, "QEMU opened more than %u channels besides its main one",
+                                   RDMAX_CHAN_MAX);
+    }
+    c = &ch->c[ch->n];
+    c->ch = ch;
+    c->k = ch->n;
+    c->qemu_fd = fd;
+    if (rdmax_session_add_qemu_fd(s, c->k, fd) < 0) {
+        close(fd);
+        return rdmax_session_failed(s);
+    }
+    if (start_thread(c, send_chan_main) < 0) {
+        rdmax_session_drop_qemu_fd(s, c->k);
+        close(fd);
+        return rdmax_session_error(s, -EAGAIN, "cannot start the thread of QEMU channel %u",
+                                   c->k + 1);
+    }
+    ch->n++;
+    atomic_store_explicit(&s->c.channels, ch->n, memory_order_relaxed);
+    return 0;
+}
+
+static void *acceptor_main(void *arg)
+{
+    struct rdmax_channels *ch = arg;
+    struct rdmax_session *s = ch->s;
+
+    for (;;) {
+        struct pollfd p[3] = {
+            {.fd = ch->listen_fd, .events = POLLIN},
+            {.fd = ch->stop_fd, .events = POLLIN},
+            {.fd = s->err_fd, .events = POLLIN},
+        };
+        if (poll(p, 3, -1) < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            rdmax_session_error(s, -errno, "waiting for QEMU channels: %s", strerror(errno));
+            break;
+        }
+        if (p[1].revents || p[2].revents) {
+            break;
+        }
+        /* The listener is non-blocking, the socket accepted from it blocks. */
+        int fd = accept4(ch->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EAGAIN || errno == EINTR || errno == ECONNABORTED) {
+                continue;
+            }
+            rdmax_session_error(s, -errno, "accept on unix:%s: %s", ch->path, strerror(errno));
+            break;
+        }
+        pthread_mutex_lock(&ch->mu);
+        int r = send_chan_add(ch, fd);
+        pthread_mutex_unlock(&ch->mu);
+        if (r < 0) {
+            break;
+        }
+    }
+    return NULL;
+}
+
+struct rdmax_channels *rdmax_channels_send_create(struct rdmax_session *s, int listen_fd,
+                                                  const char *path)
+{
+    struct rdmax_channels *ch = channels_new(s, path);
+
+    if (!ch) {
+        close(listen_fd);
+        unlink(path);
+        return NULL;
+    }
+    ch->listen_fd = listen_fd;
+    fcntl(listen_fd, F_SETFL, fcntl(listen_fd, F_GETFL) | O_NONBLOCK);
+    /* Unaccepted channels wait in the backlog until the session is connected. */
+    s->features |= RDMAX_FEAT_CHANNELS;
+    return ch;
+}
+
+int rdmax_channels_send_start(struct rdmax_channels *ch)
+{
+    if (pthread_create(&ch->acceptor, NULL, acceptor_main, ch) != 0) {
+        return rdmax_session_error(ch->s, -EAGAIN, "cannot start the thread for QEMU channels");
+    }
+    ch->acceptor_started = true;
+    return 0;
+}
+
+static void acceptor_stop(struct rdmax_channels *ch)
+{
+    if (ch->acceptor_started) {
+        uint64_t one = 1;
+        if (write(ch->stop_fd, &one, sizeof(one)) < 0) {
+            /* an eventfd write fails only on overflow: it is readable anyway */
+        }
+        pthread_join(ch->acceptor, NULL);
+        ch->acceptor_started = false;
+    }
+}
+
+unsigned rdmax_channels_send_close(struct rdmax_channels *ch)
+{
+    unsigned n;
+
+    acceptor_stop(ch);
+    /* A channel QEMU connected just before it ended the main stream is still carried. */
+    while (!rdmax_session_failed(ch->s)) {
+        int fd = accept4(ch->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+        if (fd < 0) {
+            break;
+        }
+        pthread_mutex_lock(&ch->mu);
+        int r = send_chan_add(ch, fd);
+        pthread_mutex_unlock(&ch->mu);
+        if (r < 0) {
+            break;
+        }
+    }
+    close(ch->listen_fd);
+    ch->listen_fd = -1;
+    unlink(ch->path);
+    pthread_mutex_lock(&ch->mu);
+    n = ch->n;
+    pthread_mutex_unlock(&ch->mu);
+    return n;
+}
+
+/* --- receiver --------------------------------------------------------- */
+
+static int write_all(int fd, const uint8_t *b, size_t n)
+{
+    while (n) {
+        ssize_t w = write(fd, b, n);
+        if (w < 0 && errno == EINTR) {
+            continue;
+        }
+        if (w < 0) {
+            return -errno;
+        }
+        b += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* Wait until the channels before c are connected to QEMU: 0, or the session's error. */
+static int wait_turn(struct chan *c)
+{
+    struct rdmax_channels *ch = c->ch;
+    int r = 0;
+
+    pthread_mutex_lock(&ch->mu);
+    while (ch->connected < c->k && (r = rdmax_session_failed(ch->s)) == 0) {
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_nsec += 50 * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&ch->cv, &ch->mu, &until);
+    }
+    pthread_mutex_unlock(&ch->mu);
+    return r;
+}
+
+static void *recv_chan_main(void *arg)
+{
+    struct chan *c = arg;
+    struct rdmax_channels *ch = c->ch;
+    struct rdmax_session *s = ch->s;
+    struct rdmax_wire *w = &s->chan[c->k];
+    uint8_t *buf = malloc(RDMAX_FRAME_MAX);
+    uint8_t *out = malloc(CHAN_CHUNK);
+    ZSTD_DCtx *z = ZSTD_createDCtx();
+    uint64_t total = 0;
+    bool ended = false;
+    int r;
+
+    c->qemu_fd = -1;
+    if (!buf || !out || !z) {
+        rdmax_session_error(s, -ENOMEM, "out of memory");
+        goto out;
+    }
+    if (wait_turn(c) < 0) {
+        goto out;
+    }
+    r = rdmax_unix_dial(ch->path, s->o.connect_timeout_ms);
+    if (r < 0) {
+        rdmax_session_error(s, r, "connecting QEMU channel %u to the destination QEMU at unix:%s: %s",
+                            c->k + 1, ch->path, strerror(-r));
+        goto out;
+    }
+    c->qemu_fd = r;
+    if (rdmax_session_add_qemu_fd(s, c->k, c->qemu_fd) < 0) {
+        goto out;
+    }
+    pthread_mutex_lock(&ch->mu);
+    ch->connected++;
+    pthread_cond_broadcast(&ch->cv);
+    pthread_mutex_unlock(&ch->mu);
+    while (!ended) {
+        struct rdmax_frame_hdr h;
+        const uint8_t *data = buf;
+        size_t len;
+
+        /* No timeout of its own: a preempt channel idles for long; the control keep-alives watch the peer. */
+        r = rdmax_wire_recv(w, &h, buf, RDMAX_FRAME_MAX, -1);
+        if (rdmax_session_failed(s)) {
+            goto out;
+        }
+        if (r < 0) {
+            rdmax_session_error(s, r, "QEMU channel %u from %s: %s", c->k + 1, w->conn->peer,
+                                rdmax_conn_strerror(w->conn, r));
+            goto out;
+        }
+        switch (h.type) {
+        case RDMAX_F_CHAN_DATA:
+            len = h.len;
+            if (h.flags & RDMAX_FF_ZSTD) {
+                size_t dn = ZSTD_decompressDCtx(z, out, CHAN_CHUNK, buf, h.len);
+                if (ZSTD_isError(dn)) {
+                    rdmax_session_error(s, -EPROTO, "QEMU channel %u: undecodable frame (%s)",
+                                        c->k + 1, ZSTD_getErrorName(dn));
+                    goto out;
+                }
+                data = out;
+                len = dn;
+            }
+            r = write_all(c->qemu_fd, data, len);
+            if (r < 0) {
+                if (!rdmax_session_failed(s)) {
+                    rdmax_session_error(s, r, "writing QEMU channel %u to the destination QEMU: %s",
+                                        c->k + 1, strerror(-r));
+                }
+                goto out;
+            }
+            total += len;
+            atomic_fetch_add_explicit(&s->c.chan_bytes, len, memory_order_relaxed);
+            break;
+        case RDMAX_F_CHAN_EOF:
+            if (h.len != 8 || rdmax_get_be64(buf) != total) {
+                rdmax_session_error(s, -EPROTO,
+                                    "QEMU channel %u ended after %llu bytes, the sender read %llu",
+                                    c->k + 1, (unsigned long long)total,
+                                    h.len == 8 ? (unsigned long long)rdmax_get_be64(buf) : 0ull);
+                goto out;
+            }
+            /* QEMU sees the channel end as the source QEMU ended it. */
+            shutdown(c->qemu_fd, SHUT_WR);
+            ended = true;
+            break;
+        case RDMAX_F_ERROR: {
+            char txt[RDMAX_PEER_TEXT_BUF];
+            rdmax_session_peer_error(s, -ECONNABORTED, "sender: %s",
+                                     rdmax_peer_text(txt, sizeof(txt), buf, h.len));
+            goto out;
+        }
+        case RDMAX_F_KEEPALIVE:
+            break;
+        default:
+            rdmax_session_error(s, -EPROTO, "sender sent an unexpected %s frame on QEMU channel %u",
+                                rdmax_frame_type_name(h.type), c->k + 1);
+            goto out;
+        }
+    }
+    pthread_mutex_lock(&ch->mu);
+    c->done = true;
+    ch->done++;
+    pthread_cond_broadcast(&ch->cv);
+    pthread_mutex_unlock(&ch->mu);
+out:
+    if (c->qemu_fd >= 0) {
+        rdmax_session_drop_qemu_fd(s, c->k);
+        close(c->qemu_fd);
+        c->qemu_fd = -1;
+    }
+    ZSTD_freeDCtx(z);
+    free(out);
+    free(buf);
+    return NULL;
+}
+
+/* Channel k's connection is in (a handshake thread): deliver it. */
+static void on_channel(void *arg, unsigned k)
+{
+    struct rdmax_channels *ch = arg;
+    struct chan *c = &ch->c[k];
+
+    pthread_mutex_lock(&ch->mu);
+    c->ch = ch;
+    c->k = k;
+    if (start_thread(c, recv_chan_main) < 0) {
+        pthread_mutex_unlock(&ch->mu);
+        rdmax_session_error(ch->s, -EAGAIN, "cannot start the thread of QEMU channel %u", k + 1);
+        return;
+    }
+    ch->n++;
+    atomic_store_explicit(&ch->s->c.channels, ch->n, memory_order_relaxed);
+    pthread_cond_broadcast(&ch->cv);
+    pthread_mutex_unlock(&ch->mu);
+}
+
+struct rdmax_channels *rdmax_channels_recv_create(struct rdmax_session *s, const char *path)
+{
+    struct rdmax_channels *ch = channels_new(s, path);
+
+    if (ch) {
+        s->on_channel = on_channel;
+        s->on_channel_arg = ch;
+    }
+    return ch;
+}
+
+int rdmax_channels_recv_wait(struct rdmax_channels *ch, unsigned n)
+{
+    struct rdmax_session *s = ch->s;
+    uint64_t last_bytes = UINT64_MAX;
+    unsigned last_n = 0, last_done = 0;
+    double last_change = rdmax_now();
+    int r = 0;
+
+    pthread_mutex_lock(&ch->mu);
+    while ((r = rdmax_session_failed(s)) == 0 && (ch->n < n || ch->done < n)) {
+        uint64_t bytes = atomic_load_explicit(&s->c.chan_bytes, memory_order_relaxed);
+        struct timespec until;
+
+        if (ch->n > n) {
+            pthread_mutex_unlock(&ch->mu);
+            return rdmax_session_error(s, -EPROTO, "sender carried %u QEMU channels, announced %u",
+                                       ch->n, n);
+        }
+        if (bytes != last_bytes || ch->n != last_n || ch->done != last_done) {
+            last_bytes = bytes;
+            last_n = ch->n;
+            last_done = ch->done;
+            last_change = rdmax_now();
+        } else if (rdmax_now() - last_change > s->o.timeout_ms / 1000.0) {
+            unsigned k = ch->n < n ? ch->n : 0;
+            for (unsigned i = 0; ch->n >= n && i < n; i++) {
+                if (!ch->c[i].done) {
+                    k = i;
+                    break;
+                }
+            }
+            pthread_mutex_unlock(&ch->mu);
+            return rdmax_session_error(s, -ETIMEDOUT,
+                                       ch->n < n ? "QEMU channel %u of %u never arrived (none for %d s)"
+                                                 : "QEMU channel %u of %u did not end (silent for %d s)",
+                                       k + 1, n, s->o.timeout_ms / 1000);
+        }
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_nsec += 100 * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&ch->cv, &ch->mu, &until);
+    }
+    pthread_mutex_unlock(&ch->mu);
+    atomic_store(&s->chan_closed, true);
+    return r;
+}
+
+void rdmax_channels_destroy(struct rdmax_channels *ch)
+{
+    if (!ch) {
+        return;
+    }
+    acceptor_stop(ch);
+    for (unsigned k = 0; k < RDMAX_CHAN_MAX; k++) {
+        if (ch->c[k].started) {
+            pthread_join(ch->c[k].thread, NULL);
+            ch->c[k].started = false;
+        }
+    }
+    if (ch->listen_fd >= 0) {
+        close(ch->listen_fd);
+        unlink(ch->path);
+    }
+    if (ch->s->on_channel_arg == ch) {
+        ch->s->on_channel = NULL;
+        ch->s->on_channel_arg = NULL;
+    }
+    close(ch->stop_fd);
+    pthread_mutex_destroy(&ch->mu);
+    pthread_cond_destroy(&ch->cv);
+    free(ch);
+}
