@@ -83,7 +83,7 @@ static void usage_sub(FILE *f, bool sender)
                 "\n"
                 "  --to HOST:PORT        receiver address ([IPv6]:PORT allowed)\n"
                 "  --listen-unix PATH    take the stream from QEMU's 'migrate unix:PATH'\n"
-                "                        instead of stdin/stdout (main channel only)\n"
+                "                        instead of stdin/stdout (multifd, preempt too)\n"
                 "  --lanes N             parallel lanes, 1..%u (default: number of cores)\n"
                 "  --transport T         tcp, rdma or auto (default: auto)\n"
                 "  --cache-size BYTES    page cache per lane, K/M/G suffixes (default: from\n"

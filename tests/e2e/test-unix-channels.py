@@ -8,6 +8,7 @@ Scenarios (argv[2]):
   multifd2      multifd, 2 channels, compression=none
   multifd4      multifd, 4 channels, compression=none
   multifd-zstd  multifd, 2 channels, QEMU's own zstd (carried opaque)
+  multifd-zpd   multifd, 2 channels, zero-page-detection=multifd (QEMU 9.0+)
   preempt       postcopy with the postcopy-preempt channel (no multifd)
 
 The relays (lib/unixcap.py) record every connection on its own, so each
@@ -39,6 +40,11 @@ SCENARIOS = {
     'multifd-zstd': {'caps': {'multifd': True},
                      'params': {'multifd-channels': 2, 'multifd-compression': 'zstd'},
                      'channels': 2},
+    # 9.0+: zero pages are announced in the multifd packets, none on main.
+    'multifd-zpd': {'caps': {'multifd': True},
+                    'params': {'multifd-channels': 2, 'multifd-compression': 'none',
+                               'zero-page-detection': 'multifd'},
+                    'channels': 2},
     'preempt': {'caps': {'postcopy-ram': True, 'postcopy-preempt': True},
                 'params': {}, 'channels': 1, 'postcopy': True},
 }
