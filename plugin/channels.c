@@ -255,12 +255,9 @@ struct rdmax_channels *rdmax_channels_send_create(struct rdmax_session *s, int l
     struct rdmax_channels *ch = channels_new(s, path);
 
     if (!ch) {
-        close(listen_fd);
-        unlink(path);
         return NULL;
     }
-    ch->listen_fd = listen_fd;
-    fcntl(listen_fd, F_SETFL, fcntl(listen_fd, F_GETFL) | O_NONBLOCK);
+    ch->listen_fd = listen_fd; /* non-blocking (front-unix.c): accepts here never hang */
     /* Unaccepted channels wait in the backlog until the session is connected. */
     s->features |= RDMAX_FEAT_CHANNELS;
     return ch;
@@ -292,8 +289,12 @@ unsigned rdmax_channels_send_close(struct rdmax_channels *ch)
     unsigned n;
 
     acceptor_stop(ch);
-    /* A channel QEMU connected just before it ended the main stream is still carried. */
-    while (!rdmax_session_failed(ch->s)) {
+    /*
+     * A channel QEMU connected just before it ended the main stream is
+     * still carried; with --serve the backlog holds the next migration's
+     * main channel instead, so it is left alone.
+     */
+    while (!ch->s->o.serve && !rdmax_session_failed(ch->s)) {
         int fd = accept4(ch->listen_fd, NULL, NULL, SOCK_CLOEXEC);
         if (fd < 0) {
             break;
@@ -305,9 +306,6 @@ unsigned rdmax_channels_send_close(struct rdmax_channels *ch)
             break;
         }
     }
-    close(ch->listen_fd);
-    ch->listen_fd = -1;
-    unlink(ch->path);
     pthread_mutex_lock(&ch->mu);
     n = ch->n;
     pthread_mutex_unlock(&ch->mu);
@@ -562,10 +560,6 @@ void rdmax_channels_destroy(struct rdmax_channels *ch)
             pthread_join(ch->c[k].thread, NULL);
             ch->c[k].started = false;
         }
-    }
-    if (ch->listen_fd >= 0) {
-        close(ch->listen_fd);
-        unlink(ch->path);
     }
     if (ch->s->on_channel_arg == ch) {
         ch->s->on_channel = NULL;

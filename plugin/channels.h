@@ -16,8 +16,9 @@
 struct rdmax_channels;
 
 /*
- * Sender: takes listen_fd (the listener QEMU's main channel came from;
- * closed, and path removed, by destroy). NULL when out of memory.
+ * Sender: QEMU's further channels come to listen_fd (the listener its main
+ * channel came from, rdmax_unix_listen; the caller's, open until destroy).
+ * NULL when out of memory.
  */
 struct rdmax_channels *rdmax_channels_send_create(struct rdmax_session *s, int listen_fd,
                                                   const char *path);

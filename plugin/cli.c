@@ -84,6 +84,10 @@ static void usage_sub(FILE *f, bool sender)
                 "  --to HOST:PORT        receiver address ([IPv6]:PORT allowed)\n"
                 "  --listen-unix PATH    take the stream from QEMU's 'migrate unix:PATH'\n"
                 "                        instead of stdin/stdout (multifd, preempt too)\n"
+                "  --serve               with --listen-unix: carry migration after migration\n"
+                "                        (one at a time) instead of exiting after one\n"
+                "  --config FILE         options from FILE, one 'name = value' (or 'name')\n"
+                "                        per line, '#' comments; the command line wins\n"
                 "  --lanes N             parallel lanes, 1..%u (default: number of cores)\n"
                 "  --transport T         tcp, rdma or auto (default: auto)\n"
                 "  --cache-size BYTES    page cache per lane, K/M/G suffixes (default: from\n"
@@ -120,6 +124,11 @@ static void usage_sub(FILE *f, bool sender)
                    "  --connect-unix PATH   write the stream to the destination QEMU's\n"
                    "                        '-incoming unix:PATH' instead of stdout/stdin\n"
                    "  --connect-timeout S   keep retrying PATH for S seconds (default 10)\n"
+                   "  --serve               with --connect-unix: carry migration after\n"
+                   "                        migration (one at a time); PATH is connected\n"
+                   "                        once a sender is in\n"
+                   "  --config FILE         options from FILE, one 'name = value' (or 'name')\n"
+                   "                        per line, '#' comments; the command line wins\n"
                    "  --lanes N             refuse senders with another lane count\n"
                    "                        (default: accept the sender's)\n"
                    "  --transport T         tcp, rdma or auto (default: auto)\n"
@@ -188,6 +197,129 @@ static int parse_int(const char *s, long lo, long hi, long *out)
     return 0;
 }
 
+/*
+ * --config FILE: each line 'name = value' or 'name' becomes '--name value'
+ * or '--name', put before the command line's own options so that those win
+ * (getopt keeps the last). The strings live as long as the process: the
+ * options point into them.
+ */
+static int config_args(const char *path, char ***out, int *n)
+{
+    FILE *f = fopen(path, "r");
+    char line[4096];
+    int cap = 16, lineno = 0;
+    char **v;
+
+    if (!f) {
+        fprintf(stderr, "rdma-x: error: --config %s: %s\n", path, strerror(errno));
+        return -1;
+    }
+    v = malloc(sizeof(*v) * (size_t)cap);
+    *n = 0;
+    while (v && fgets(line, sizeof(line), f)) {
+        char *s = line, *e, *val = NULL;
+        lineno++;
+        if (!strchr(line, '\n') && !feof(f)) {
+            fprintf(stderr, "rdma-x: error: %s:%d: line too long\n", path, lineno);
+            goto fail;
+        }
+        s += strspn(s, " \t");
+        e = s + strcspn(s, "#\r\n");
+        while (e > s && (e[-1] == ' ' || e[-1] == '\t')) {
+            e--;
+        }
+        *e = '\0';
+        if (!*s) {
+            continue;
+        }
+        char *eq = strchr(s, '=');
+        if (eq) {
+            char *k = eq;
+            while (k > s && (k[-1] == ' ' || k[-1] == '\t')) {
+                k--;
+            }
+            *k = '\0';
+            val = eq + 1 + strspn(eq + 1, " \t");
+        }
+        if (!*s || strspn(s, "abcdefghijklmnopqrstuvwxyz-") != strlen(s) ||
+            strcmp(s, "config") == 0) {
+            fprintf(stderr, "rdma-x: error: %s:%d: expected 'option = value' or 'option'\n", path,
+                    lineno);
+            goto fail;
+        }
+        if (*n + 2 > cap) {
+            char **nv = realloc(v, sizeof(*v) * (size_t)(cap *= 2));
+            if (!nv) {
+                goto fail;
+            }
+            v = nv;
+        }
+        v[*n] = malloc(strlen(s) + 3);
+        if (!v[*n]) {
+            goto fail;
+        }
+        sprintf(v[(*n)++], "--%s", s);
+        if (val) {
+            v[(*n)++] = strdup(val);
+            if (!v[*n - 1]) {
+                goto fail;
+            }
+        }
+    }
+    fclose(f);
+    if (!v) {
+        fprintf(stderr, "rdma-x: error: out of memory\n");
+        return -1;
+    }
+    *out = v;
+    return 0;
+fail:
+    fclose(f);
+    if (!v) {
+        fprintf(stderr, "rdma-x: error: out of memory\n");
+    }
+    free(v);
+    return -1;
+}
+
+/* Splice --config FILE's options in after argv[0]. */
+static int with_config(int *argc, char ***argv)
+{
+    const char *path = NULL;
+    char **cv, **nv;
+    int n;
+
+    for (int i = 1; i < *argc; i++) {
+        if (strcmp((*argv)[i], "--") == 0) {
+            break;
+        }
+        if (strcmp((*argv)[i], "--config") == 0 && i + 1 < *argc) {
+            path = (*argv)[i + 1];
+        } else if (strncmp((*argv)[i], "--config=", 9) == 0) {
+            path = (*argv)[i] + 9;
+        }
+    }
+    if (!path) {
+        return 0;
+    }
+    if (config_args(path, &cv, &n) < 0) {
+        return -1;
+    }
+    nv = malloc(sizeof(*nv) * (size_t)(*argc + n + 1));
+    if (!nv) {
+        fprintf(stderr, "rdma-x: error: out of memory\n");
+        return -1;
+    }
+    nv[0] = (*argv)[0];
+    memcpy(nv + 1, cv, sizeof(*nv) * (size_t)n);
+    memcpy(nv + 1 + n, *argv + 1, sizeof(*nv) * (size_t)(*argc - 1));
+    nv[*argc + n] = NULL;
+    free(cv);
+    *argc += n;
+    *argv = nv;
+    return 0;
+}
+
 int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
 {
     enum {
@@ -205,6 +337,8 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
         O_BUSY_POLL,
         O_UNIX,
         O_NO_PACE,
+        O_SERVE,
+        O_CONFIG,
     };
     static const struct option send_opts[] = {
         {"to", required_argument, NULL, 't'},
@@ -222,6 +356,8 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
         {"rdma-pinned-max", required_argument, NULL, O_PINNED},
         {"busy-poll", no_argument, NULL, O_BUSY_POLL},
         {"no-pace", no_argument, NULL, O_NO_PACE},
+        {"serve", no_argument, NULL, O_SERVE},
+        {"config", required_argument, NULL, O_CONFIG},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -239,6 +375,8 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
         {"cache-max", required_argument, NULL, O_CACHE_MAX},
         {"rdma-pinned-max", required_argument, NULL, O_PINNED},
         {"busy-poll", no_argument, NULL, O_BUSY_POLL},
+        {"serve", no_argument, NULL, O_SERVE},
+        {"config", required_argument, NULL, O_CONFIG},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -252,10 +390,18 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
     o->timeout_ms = 5000;
     o->connect_timeout_ms = 10000;
     o->cache_bytes = UINT64_MAX; /* "not given" */
+    if (with_config(&argc, &argv) < 0) {
+        return -1;
+    }
     optind = 1;
     opterr = 0;
     while ((c = getopt_long(argc, argv, "h", o->sender ? send_opts : recv_opts, NULL)) != -1) {
         switch (c) {
+        case O_SERVE:
+            o->serve = true;
+            break;
+        case O_CONFIG:
+            break; /* read by with_config */
         case O_UNIX:
             o->unix_path = optarg;
             break;
@@ -355,6 +501,11 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
     if (!o->addr) {
         fprintf(stderr, "rdma-x: error: 'rdma-x %s' needs %s (see --help)\n", sub,
                 o->sender ? "--to HOST:PORT" : "--listen ADDR:PORT");
+        return -1;
+    }
+    if (o->serve && !o->unix_path) {
+        fprintf(stderr, "rdma-x: error: --serve needs %s (QEMU's stdin/stdout last one migration)\n",
+                o->sender ? "--listen-unix PATH" : "--connect-unix PATH");
         return -1;
     }
     if (o->encrypt && !o->psk_file) {

@@ -15,6 +15,8 @@
 #include "front-unix.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -74,6 +76,8 @@ int rdmax_unix_listen(const char *path)
         }
         return -1;
     }
+    /* Non-blocking, so no accept hangs when a connection goes away first. */
+    fcntl(l, F_SETFL, fcntl(l, F_GETFL) | O_NONBLOCK);
     return l;
 }
 
@@ -81,9 +85,18 @@ int rdmax_unix_accept(int l, const char *path)
 {
     int c;
 
-    do {
+    for (;;) {
+        struct pollfd p = {.fd = l, .events = POLLIN};
+        if (poll(&p, 1, -1) < 0 && errno != EINTR) {
+            c = -1;
+            break;
+        }
+        /* The socket accepted blocks: the listener's O_NONBLOCK is not inherited. */
         c = accept4(l, NULL, NULL, SOCK_CLOEXEC);
-    } while (c < 0 && errno == EINTR);
+        if (c >= 0 || (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED)) {
+            break;
+        }
+    }
     if (c < 0) {
         fprintf(stderr, "rdma-x: error: accept on unix:%s: %s\n", path, strerror(errno));
     }

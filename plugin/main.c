@@ -16,6 +16,83 @@
 #include "transport.h"
 #include "version.h"
 
+/*
+ * One migration: open QEMU's side, run the pipeline, close it again. The
+ * exit status, 0 or 1 (the error line is printed).
+ */
+static int run_one(struct rdmax_opts o)
+{
+    int r, status;
+
+    o.qemu_in = STDIN_FILENO;
+    o.qemu_out = STDOUT_FILENO;
+    if (o.unix_path) {
+        /*
+         * unix: front end: one socket carries the stream one way and the
+         * return path the other, as stdin and stdout do for exec:. Two
+         * numbers for it, so the pipeline's dup2 on error closes both.
+         * With --serve, recv connects to QEMU once a sender is in (recv.c):
+         * the next destination QEMU may not exist yet.
+         */
+        int fd;
+        if (o.sender) {
+            fd = rdmax_unix_accept(o.unix_listen_fd, o.unix_path);
+        } else if (o.serve) {
+            fd = -2;
+        } else {
+            fd = rdmax_unix_connect(o.unix_path, o.connect_timeout_ms);
+        }
+        if (fd == -1) {
+            return 1;
+        }
+        o.qemu_in = fd < 0 ? -1 : fd;
+        o.qemu_out = fd < 0 ? -1 : dup(fd);
+        if (fd >= 0 && o.qemu_out < 0) {
+            fprintf(stderr, "rdma-x: error: dup: %m\n");
+            close(fd);
+            return 1;
+        }
+    }
+    /*
+     * QEMU's pipe to or from us defaults to 64 KiB: with 1 MiB both sides
+     * wake each other ~16x less often per byte. 1 MiB is ~9 ms of a
+     * 1 Gbit/s link, so QEMU's bandwidth estimate stays honest. A file or
+     * a socket simply refuses, which is fine.
+     */
+    if (!o.unix_path) {
+        fcntl(o.sender ? o.qemu_in : o.qemu_out, F_SETPIPE_SZ, 1 << 20);
+    }
+    /*
+     * The one exit path: run returns 0 or -errno once every thread ended
+     * (on error QEMU's pipes were closed at once and the peer told);
+     * finish prints the reason and writes the stats.
+     */
+    if (o.sender) {
+        struct rdmax_send *p;
+        if (rdmax_send_create(&o, &p) < 0) {
+            fprintf(stderr, "rdma-x: error: out of memory\n");
+            return 1;
+        }
+        r = rdmax_send_run(p);
+        status = rdmax_session_finish(rdmax_send_session(p), r);
+        rdmax_send_destroy(p);
+    } else {
+        struct rdmax_recv *p;
+        if (rdmax_recv_create(&o, &p) < 0) {
+            fprintf(stderr, "rdma-x: error: out of memory\n");
+            return 1;
+        }
+        r = rdmax_recv_run(p);
+        status = rdmax_session_finish(rdmax_recv_session(p), r);
+        rdmax_recv_destroy(p);
+    }
+    if (o.unix_path && o.qemu_in >= 0) {
+        close(o.qemu_in);
+        close(o.qemu_out);
+    }
+    return status;
+}
+
 int main(int argc, char **argv)
 {
     struct rdmax_opts o = {0};
@@ -53,70 +130,29 @@ int main(int argc, char **argv)
     }
     /* A closed peer or QEMU pipe is an error to report, not a signal to die of. */
     signal(SIGPIPE, SIG_IGN);
-    o.qemu_in = STDIN_FILENO;
-    o.qemu_out = STDOUT_FILENO;
-    if (o.unix_path) {
+    rdmax_log_init();
+    if (o.unix_path && o.sender) {
         /*
-         * unix: front end: one socket carries the stream one way and the
-         * return path the other, as stdin and stdout do for exec:. Two
-         * numbers for it, so the pipeline's dup2 on error closes both.
+         * The listener lives as long as we do: QEMU's multifd and preempt
+         * channels come to it too, and with --serve the next migration's
+         * main channel waits in its backlog while one runs.
          */
-        int fd;
-        if (o.sender) {
-            /* The listener stays: QEMU's multifd and preempt channels come to it too. */
-            o.unix_listen_fd = rdmax_unix_listen(o.unix_path);
-            if (o.unix_listen_fd < 0) {
-                return 1;
-            }
-            fd = rdmax_unix_accept(o.unix_listen_fd, o.unix_path);
-            if (fd < 0) {
-                unlink(o.unix_path);
-                return 1;
-            }
-        } else {
-            fd = rdmax_unix_connect(o.unix_path, o.connect_timeout_ms);
-            if (fd < 0) {
-                return 1;
-            }
-        }
-        o.qemu_in = fd;
-        o.qemu_out = dup(fd);
-        if (o.qemu_out < 0) {
-            fprintf(stderr, "rdma-x: error: dup: %m\n");
+        o.unix_listen_fd = rdmax_unix_listen(o.unix_path);
+        if (o.unix_listen_fd < 0) {
             return 1;
         }
     }
-    /*
-     * QEMU's pipe to or from us defaults to 64 KiB: with 1 MiB both sides
-     * wake each other ~16x less often per byte. 1 MiB is ~9 ms of a
-     * 1 Gbit/s link, so QEMU's bandwidth estimate stays honest. A file or
-     * a socket simply refuses, which is fine.
-     */
-    fcntl(o.sender ? o.qemu_in : o.qemu_out, F_SETPIPE_SZ, 1 << 20);
-    rdmax_log_init();
-    /*
-     * The one exit path: run returns 0 or -errno once every thread ended
-     * (on error QEMU's pipes were closed at once and the peer told);
-     * finish prints the reason and writes the stats.
-     */
-    if (o.sender) {
-        struct rdmax_send *p;
-        if (rdmax_send_create(&o, &p) < 0) {
-            fprintf(stderr, "rdma-x: error: out of memory\n");
-            return 1;
+    for (unsigned n = 1;; n++) {
+        status = run_one(o);
+        if (!o.serve) {
+            break;
         }
-        r = rdmax_send_run(p);
-        status = rdmax_session_finish(rdmax_send_session(p), r);
-        rdmax_send_destroy(p);
-    } else {
-        struct rdmax_recv *p;
-        if (rdmax_recv_create(&o, &p) < 0) {
-            fprintf(stderr, "rdma-x: error: out of memory\n");
-            return 1;
-        }
-        r = rdmax_recv_run(p);
-        status = rdmax_session_finish(rdmax_recv_session(p), r);
-        rdmax_recv_destroy(p);
+        fprintf(stderr, "rdma-x: note: migration %u %s; ready for the next one\n", n,
+                status == 0 ? "done" : "failed");
+    }
+    if (o.unix_path && o.sender) {
+        close(o.unix_listen_fd);
+        unlink(o.unix_path);
     }
     return status;
 }

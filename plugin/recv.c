@@ -31,6 +31,7 @@
 
 #include "be.h"
 #include "channels.h"
+#include "front-unix.h"
 #include "page-copy.h"
 #include "queue.h"
 #include "session.h"
@@ -95,6 +96,7 @@ struct rdmax_recv {
     uint64_t eof_stream_bytes, eof_pages; /* from EOF; read after ctrl_ring closes */
     unsigned eof_channels;                /* from EOF: QEMU channels besides the main one */
     struct rdmax_channels *ch;            /* --connect-unix: those channels */
+    bool own_qemu_fds;                    /* --serve: s.o.qemu_in/out are ours to close */
     _Atomic bool stream_done;             /* splice finished, FIN_ACK sent */
     uint64_t out_total;                   /* splice */
     struct out_gather og;                 /* splice */
@@ -639,6 +641,38 @@ static int lanes_start(struct rdmax_recv *p)
     return 0;
 }
 
+/*
+ * --serve: the destination QEMU is connected once a sender is in (the
+ * next one may be started long after the previous migration ended).
+ */
+static int connect_qemu(struct rdmax_recv *p)
+{
+    struct rdmax_session *s = &p->s;
+    int fd = rdmax_unix_dial(s->o.unix_path, s->o.connect_timeout_ms), fd2;
+
+    if (fd < 0) {
+        return rdmax_session_error(s, fd, "connect to destination QEMU at unix:%s: %s",
+                                   s->o.unix_path, strerror(-fd));
+    }
+    fd2 = dup(fd);
+    if (fd2 < 0) {
+        close(fd);
+        return rdmax_session_error(s, -errno, "dup: %s", strerror(errno));
+    }
+    pthread_mutex_lock(&s->mu);
+    if (rdmax_session_failed(s)) {
+        pthread_mutex_unlock(&s->mu);
+        close(fd);
+        close(fd2);
+        return rdmax_session_failed(s);
+    }
+    s->o.qemu_in = fd;
+    s->o.qemu_out = fd2;
+    p->own_qemu_fds = true;
+    pthread_mutex_unlock(&s->mu);
+    return 0;
+}
+
 int rdmax_recv_run(struct rdmax_recv *p)
 {
     struct rdmax_session *s = &p->s;
@@ -651,6 +685,9 @@ int rdmax_recv_run(struct rdmax_recv *p)
         }
     }
     r = rdmax_session_accept(s);
+    if (r == 0 && s->o.qemu_out < 0) {
+        r = connect_qemu(p);
+    }
     if (r == 0) {
         r = lanes_start(p);
     }
@@ -751,6 +788,10 @@ void rdmax_recv_destroy(struct rdmax_recv *p)
     }
     rdmax_channels_destroy(p->ch);
     rdmax_stream_destroy(p->st);
+    if (p->own_qemu_fds) {
+        close(p->s.o.qemu_in);
+        close(p->s.o.qemu_out);
+    }
     rdmax_session_destroy(&p->s);
     free(p);
 }

@@ -19,6 +19,7 @@ struct rdmax_opts {
     bool sender;
     const char *addr;       /* --to / --listen */
     const char *unix_path;  /* send --listen-unix / recv --connect-unix */
+    bool serve;             /* --serve: migration after migration (main.c) */
     unsigned lanes;         /* 0: sender = cores, receiver = take the sender's */
     const char *stats_json; /* --stats-json */
     bool progress;          /* --progress */
