@@ -26,6 +26,7 @@
 
 #include "be.h"
 #include "front-unix.h"
+#include "multifd.h"
 
 #define CHAN_CHUNK (256u << 10) /* bytes per CHAN_DATA frame at most */
 #define CHAN_ZSTD_LEVEL 1       /* the encoder must keep up with QEMU's own threads */
@@ -37,6 +38,8 @@ struct chan {
     unsigned k;  /* index among the further channels, in the source's accept order */
     int qemu_fd; /* owned by the channel's thread */
     pthread_t thread;
+    struct rdmax_lane_encoder *enc; /* sender: freed with ch (the stats point into it) */
+    struct rdmax_lane_decoder *dec; /* receiver */
     bool started; /* under ch->mu */
     bool done;    /* receiver: delivered to its end (ch->mu) */
 };
@@ -103,23 +106,135 @@ static int chan_send(struct rdmax_session *s, unsigned k, uint8_t type, uint8_t 
     return 0;
 }
 
+/*
+ * One channel's sending side: the parser (multifd.h) splits what QEMU
+ * writes into pages, which go through a lane encoder of the channel's own
+ * (its page cache mirrors the receiver's channel decoder: same pages, same
+ * order), and the rest, sent as CHAN_DATA. Order is kept: pending pages go
+ * out before later bytes and the other way round.
+ */
+struct chan_tx {
+    struct rdmax_session *s;
+    unsigned k;
+    struct rdmax_lane_encoder *enc;
+    uint8_t *obuf; /* opaque bytes not sent yet */
+    size_t olen;
+    uint8_t *zbuf;
+    size_t zcap;
+    ZSTD_CCtx *z;
+    bool compress;
+    unsigned backoff;
+};
+
+static int tx_flush_opaque(struct chan_tx *t)
+{
+    size_t n = t->olen;
+
+    if (n == 0) {
+        return 0;
+    }
+    t->olen = 0;
+    /*
+     * Packet headers and payloads QEMU did not compress shrink; channels
+     * QEMU compresses itself do not, and are sent raw, with only one try
+     * every CHAN_ZSTD_BACKOFF frames.
+     */
+    if (t->compress && t->backoff == 0) {
+        size_t zn = ZSTD_compressCCtx(t->z, t->zbuf, t->zcap, t->obuf, n, CHAN_ZSTD_LEVEL);
+        if (!ZSTD_isError(zn) && zn < n - n / 10) {
+            return chan_send(t->s, t->k, RDMAX_F_CHAN_DATA, RDMAX_FF_ZSTD, t->zbuf, zn);
+        }
+        t->backoff = CHAN_ZSTD_BACKOFF;
+    } else if (t->backoff) {
+        t->backoff--;
+    }
+    return chan_send(t->s, t->k, RDMAX_F_CHAN_DATA, 0, t->obuf, n);
+}
+
+static int tx_flush_pages(struct chan_tx *t)
+{
+    struct iovec iov[2];
+    int cnt, r;
+    ssize_t n;
+
+    if (!t->enc || rdmax_lane_encoder_pending(t->enc) == 0) {
+        return 0;
+    }
+    n = rdmax_lane_encoder_flush_iov(t->enc, iov, &cnt);
+    if (n <= 0) {
+        return n == 0 ? 0 : rdmax_session_error(t->s, (int)n, "QEMU channel %u: encoding failed",
+                                                t->k + 1);
+    }
+    r = rdmax_wire_sendv(&t->s->chan[t->k], RDMAX_F_CHAN_PAGES, 0, 0, iov, cnt);
+    if (r < 0) {
+        return rdmax_session_error(t->s, r, "QEMU channel %u to %s: %s", t->k + 1,
+                                   t->s->chan[t->k].conn->peer,
+                                   rdmax_conn_strerror(t->s->chan[t->k].conn, r));
+    }
+    return 0;
+}
+
+static int tx_bytes(void *arg, const uint8_t *b, size_t n)
+{
+    struct chan_tx *t = arg;
+    int r = tx_flush_pages(t);
+
+    while (r == 0 && n) {
+        size_t take = CHAN_CHUNK - t->olen < n ? CHAN_CHUNK - t->olen : n;
+        memcpy(t->obuf + t->olen, b, take);
+        t->olen += take;
+        b += take;
+        n -= take;
+        if (t->olen == CHAN_CHUNK) {
+            r = tx_flush_opaque(t);
+        }
+    }
+    return r;
+}
+
+static int tx_page(void *arg, struct rdmax_page_key key, const uint8_t *page)
+{
+    struct chan_tx *t = arg;
+    int r = tx_flush_opaque(t);
+
+    if (r < 0) {
+        return r;
+    }
+    if (!t->enc) {
+        return tx_bytes(t, page, RDMAX_PAGE_SIZE);
+    }
+    r = rdmax_lane_encoder_add(t->enc, key, page);
+    if (r < 0) {
+        return rdmax_session_error(t->s, r, "QEMU channel %u: encoding failed", t->k + 1);
+    }
+    return rdmax_lane_encoder_pending(t->enc) == RDMAX_BATCH_MAX_PAGES ? tx_flush_pages(t) : 0;
+}
+
+static const struct rdmax_mfd_sink tx_sink = {.bytes = tx_bytes, .page = tx_page};
+
 static void *send_chan_main(void *arg)
 {
     struct chan *c = arg;
     struct rdmax_session *s = c->ch->s;
     uint8_t *buf = malloc(CHAN_CHUNK);
-    size_t zcap = ZSTD_compressBound(CHAN_CHUNK);
-    uint8_t *zbuf = malloc(zcap);
-    ZSTD_CCtx *z = ZSTD_createCCtx();
-    bool compress = s->codec.zstd_level >= 0;
-    unsigned backoff = 0;
+    struct rdmax_mfd_parser *mfd = rdmax_mfd_create();
+    struct chan_tx t = {
+        .s = s,
+        .k = c->k,
+        .obuf = malloc(CHAN_CHUNK),
+        .zcap = ZSTD_compressBound(CHAN_CHUNK),
+        .z = ZSTD_createCCtx(),
+        .compress = s->codec.zstd_level >= 0,
+    };
     uint64_t total = 0;
-    int r;
 
-    if (!buf || !zbuf || !z) {
+    t.zbuf = malloc(t.zcap);
+    if (!buf || !mfd || !t.obuf || !t.zbuf || !t.z ||
+        rdmax_lane_encoder_create(&s->codec, &t.enc) < 0) {
         rdmax_session_error(s, -ENOMEM, "out of memory");
         goto out;
     }
+    atomic_store(&s->chan_stats[c->k], rdmax_lane_encoder_stats(t.enc));
     if (rdmax_session_connect_channel(s, c->k) < 0) {
         goto out;
     }
@@ -141,26 +256,9 @@ static void *send_chan_main(void *arg)
         }
         total += (uint64_t)n;
         atomic_fetch_add_explicit(&s->c.chan_bytes, (uint64_t)n, memory_order_relaxed);
-        /*
-         * Multifd with compression=none is raw guest pages, which zstd
-         * shrinks; channels QEMU compresses itself do not shrink, and are
-         * sent raw, with only one try every CHAN_ZSTD_BACKOFF frames.
-         */
-        if (compress && backoff == 0) {
-            size_t zn = ZSTD_compressCCtx(z, zbuf, zcap, buf, (size_t)n, CHAN_ZSTD_LEVEL);
-            if (!ZSTD_isError(zn) && zn < (size_t)n - (size_t)n / 10) {
-                r = chan_send(s, c->k, RDMAX_F_CHAN_DATA, RDMAX_FF_ZSTD, zbuf, zn);
-                if (r < 0) {
-                    goto out;
-                }
-                continue;
-            }
-            backoff = CHAN_ZSTD_BACKOFF;
-        } else if (backoff) {
-            backoff--;
-        }
-        r = chan_send(s, c->k, RDMAX_F_CHAN_DATA, 0, buf, (size_t)n);
-        if (r < 0) {
+        /* What QEMU wrote goes out now: a preempt channel's page is urgent. */
+        if (rdmax_mfd_feed(mfd, buf, (size_t)n, &tx_sink, &t) < 0 || tx_flush_pages(&t) < 0 ||
+            tx_flush_opaque(&t) < 0) {
             goto out;
         }
     }
@@ -173,8 +271,12 @@ out:
     rdmax_session_drop_qemu_fd(s, c->k);
     close(c->qemu_fd);
     c->qemu_fd = -1;
-    ZSTD_freeCCtx(z);
-    free(zbuf);
+    /* The stats stay readable until the session is written out: the encoder goes with ch. */
+    c->enc = t.enc;
+    ZSTD_freeCCtx(t.z);
+    free(t.zbuf);
+    free(t.obuf);
+    rdmax_mfd_destroy(mfd);
     free(buf);
     return NULL;
 }
@@ -351,6 +453,25 @@ static int wait_turn(struct chan *c)
     return r;
 }
 
+/* Decoded pages gather in out, in order, and go to QEMU in one write per batch. */
+struct chan_rx {
+    uint8_t *out;
+    size_t len;
+};
+
+static int rx_page(void *arg, struct rdmax_page_key key, const uint8_t *page)
+{
+    struct chan_rx *x = arg;
+
+    (void)key;
+    if (x->len + RDMAX_PAGE_SIZE > CHAN_CHUNK) {
+        return -EMSGSIZE; /* a batch holds at most RDMAX_BATCH_MAX_PAGES */
+    }
+    memcpy(x->out + x->len, page, RDMAX_PAGE_SIZE);
+    x->len += RDMAX_PAGE_SIZE;
+    return 0;
+}
+
 static void *recv_chan_main(void *arg)
 {
     struct chan *c = arg;
@@ -365,7 +486,7 @@ static void *recv_chan_main(void *arg)
     int r;
 
     c->qemu_fd = -1;
-    if (!buf || !out || !z) {
+    if (!buf || !out || !z || rdmax_lane_decoder_create(&s->codec, &c->dec) < 0) {
         rdmax_session_error(s, -ENOMEM, "out of memory");
         goto out;
     }
@@ -402,6 +523,18 @@ static void *recv_chan_main(void *arg)
             goto out;
         }
         switch (h.type) {
+        case RDMAX_F_CHAN_PAGES: {
+            struct chan_rx x = {.out = out};
+            int np = rdmax_lane_decoder_decode(c->dec, buf, h.len, rx_page, &x);
+            if (np < 0) {
+                rdmax_session_error(s, -EPROTO, "QEMU channel %u: undecodable page batch",
+                                    c->k + 1);
+                goto out;
+            }
+            data = out;
+            len = x.len;
+            goto write;
+        }
         case RDMAX_F_CHAN_DATA:
             len = h.len;
             if (h.flags & RDMAX_FF_ZSTD) {
@@ -414,6 +547,7 @@ static void *recv_chan_main(void *arg)
                 data = out;
                 len = dn;
             }
+        write:
             r = write_all(c->qemu_fd, data, len);
             if (r < 0) {
                 if (!rdmax_session_failed(s)) {
@@ -549,7 +683,7 @@ int rdmax_channels_recv_wait(struct rdmax_channels *ch, unsigned n)
     return r;
 }
 
-void rdmax_channels_destroy(struct rdmax_channels *ch)
+void rdmax_channels_join(struct rdmax_channels *ch)
 {
     if (!ch) {
         return;
@@ -560,6 +694,19 @@ void rdmax_channels_destroy(struct rdmax_channels *ch)
             pthread_join(ch->c[k].thread, NULL);
             ch->c[k].started = false;
         }
+    }
+}
+
+void rdmax_channels_destroy(struct rdmax_channels *ch)
+{
+    if (!ch) {
+        return;
+    }
+    rdmax_channels_join(ch);
+    for (unsigned k = 0; k < RDMAX_CHAN_MAX; k++) {
+        atomic_store(&ch->s->chan_stats[k], NULL);
+        rdmax_lane_encoder_destroy(ch->c[k].enc);
+        rdmax_lane_decoder_destroy(ch->c[k].dec);
     }
     if (ch->s->on_channel_arg == ch) {
         ch->s->on_channel = NULL;

@@ -43,7 +43,9 @@ struct rdmax_channels *rdmax_channels_recv_create(struct rdmax_session *s, const
  */
 int rdmax_channels_recv_wait(struct rdmax_channels *ch, unsigned n);
 
-/* Join every channel thread (the session stopped or they all ended) and free ch. */
+/* Join every channel thread (the session stopped or they all ended). */
+void rdmax_channels_join(struct rdmax_channels *ch);
+/* Join, then free ch; the stats of its channels (s->chan_stats) go with it. */
 void rdmax_channels_destroy(struct rdmax_channels *ch);
 
 #endif

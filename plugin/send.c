@@ -819,8 +819,7 @@ out:
         pthread_join(p->reader, NULL);
         p->reader_started = false;
     }
-    rdmax_channels_destroy(p->ch);
-    p->ch = NULL;
+    rdmax_channels_join(p->ch);
     return r < 0 ? r : rdmax_session_failed(s);
 }
 

@@ -127,6 +127,8 @@ struct rdmax_session {
      */
     struct rdmax_wire chan[RDMAX_CHAN_MAX]; /* conn set under mu */
     int chan_qemu_fd[RDMAX_CHAN_MAX];       /* QEMU's socket of channel k or -1: shut on error */
+    /* Sender: channel k's page encoder counters, once it has one (channels.c). */
+    _Atomic(const struct rdmax_lane_stats *) chan_stats[RDMAX_CHAN_MAX];
     bool peer_channels; /* receiver: the sender may open channels (set with the control conn) */
     /* Receiver: channel k's connection is in (called from a handshake thread). */
     void (*on_channel)(void *arg, unsigned k);

@@ -42,13 +42,13 @@ static uint64_t wire_bytes(const struct rdmax_session *s)
 
 static const char *const tier_names[RDMAX_TIER_COUNT] = {"unchanged", "zero", "delta", "full"};
 
-/* Sum of the lanes' encoder counters (sender only; zero on the receiver). */
-static struct rdmax_lane_stats lanes_total(struct rdmax_session *s)
+/* Sum of n encoders' counters (sender only; zero on the receiver). */
+static struct rdmax_lane_stats stats_total(_Atomic(const struct rdmax_lane_stats *) *v, unsigned n)
 {
     struct rdmax_lane_stats t = {0};
 
-    for (unsigned i = 0; i < s->nlanes; i++) {
-        const struct rdmax_lane_stats *ls = atomic_load(&s->lane_stats[i]);
+    for (unsigned i = 0; i < n; i++) {
+        const struct rdmax_lane_stats *ls = atomic_load(&v[i]);
         if (!ls) {
             continue;
         }
@@ -69,6 +69,11 @@ static struct rdmax_lane_stats lanes_total(struct rdmax_session *s)
         t.uncached_pages += ls->uncached_pages;
     }
     return t;
+}
+
+static struct rdmax_lane_stats lanes_total(struct rdmax_session *s)
+{
+    return stats_total(s->lane_stats, s->nlanes);
 }
 
 static void json_tiers(FILE *f, const struct rdmax_lane_stats *t)
@@ -134,6 +139,14 @@ void rdmax_stats_write(struct rdmax_session *s, const char *result)
                 "  \"batches\": %llu,\n  \"level_changes\": %llu,\n  \"uncached_pages\": %llu,\n",
                 (unsigned long long)t.batches, (unsigned long long)t.level_changes,
                 (unsigned long long)t.uncached_pages);
+        /* Multifd pages, encoded on their channel's own connection (channels.c). */
+        t = stats_total(s->chan_stats, RDMAX_CHAN_MAX);
+        fprintf(f, "  \"channel_codec\": {\"pages\": %llu, \"page_bytes\": %llu, "
+                   "\"batch_bytes\": %llu, ",
+                (unsigned long long)t.pages, (unsigned long long)t.bytes_raw,
+                (unsigned long long)t.bytes_wire);
+        json_tiers(f, &t);
+        fprintf(f, "},\n");
     }
     fprintf(f, "  \"lane\": [");
     for (unsigned i = 0; i < s->nlanes; i++) {

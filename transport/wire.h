@@ -65,7 +65,8 @@ enum rdmax_frame_type {
     RDMAX_F_LANE_LOAD = 14, /* receiver, on control: lane k's decoding is (not) the bottleneck */
     RDMAX_F_CHAN_DATA = 15, /* QEMU channel connection: the next bytes of that channel */
     RDMAX_F_CHAN_EOF = 16,  /* QEMU channel connection: the channel closed, be64 bytes */
-    RDMAX_F_TYPE_MAX = 16,
+    RDMAX_F_CHAN_PAGES = 17, /* QEMU channel connection: the next pages, one lane batch */
+    RDMAX_F_TYPE_MAX = 17,
 };
 
 #define RDMAX_FF_ZSTD 0x01 /* payload is (part of) a zstd stream */

@@ -129,6 +129,15 @@ def body(rig, name):
         check(st.get('channel_bytes') == sum(cap_src.sizes()[1:]),
               '%s stats: %s channel bytes, captured %d' %
               (who, st.get('channel_bytes'), sum(cap_src.sizes()[1:])))
+    # compression=none: the pages go through rdma-x's codec; QEMU-compressed
+    # channels and the preempt channel are carried opaque.
+    codec = json.load(open(p('send.json')))['channel_codec']
+    coded = sc['params'].get('multifd-compression') == 'none'
+    check((codec['pages'] > 0) == coded,
+          'channel codec pages %d with %s' % (codec['pages'], sc['params']))
+    log('channel codec: %d pages, %d -> %d bytes, hit rate %.3f, tiers %s' % (
+        codec['pages'], codec['page_bytes'], codec['batch_bytes'], codec['cache_hit_rate'],
+        {k: v['pages'] for k, v in codec['tiers'].items()}))
     for pr in rig.procs:
         try:
             pr.wait(timeout=10)
