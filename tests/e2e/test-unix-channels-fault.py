@@ -8,12 +8,17 @@ QEMU 7.2, multifd with 2 channels on both sides, return-path on:
    never runs a guest from the broken stream.
 2. recv killed mid-migration: the same seen from the other end; send exits
    nonzero with one error line.
-3. A retry of the same guest through a fresh pair succeeds and the
+3. A multifd channel that never reaches the destination QEMU (a relay in
+   front of it takes the main channel, then refuses every connection):
+   recv gives up after --connect-timeout with one error line naming the
+   channel, the source QEMU fails the migration, its guest keeps running.
+4. A retry of the same guest through a fresh pair succeeds and the
    destination guest verifies.
 Usage: test-unix-channels-fault.py [RDMAX]
 """
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -22,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'lib'))
 from qmp import (check, check_dst_verifies, free_port, is_listening, log,  # noqa
                  run_test, set_caps, set_params, wait_for, wait_migration,
                  wait_status)
+from unixcap import UnixCapture  # noqa
 
 WORKLOAD = {'mode': 'page-real', 'mib': 32, 'rate': 30, 'report': 0.5}
 CAPS = {'return-path': True, 'multifd': True}
@@ -45,6 +51,19 @@ def body(rig):
                  'source guest to keep running')
         check(src.status() == 'running', 'source status ' + src.status())
 
+    relays = []
+
+    def runs_guest(g):
+        # QEMU 7.2 exits when the load fails; while it exits, QMP may not answer.
+        try:
+            g.proc.wait(timeout=10)
+            return False
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            return g.status() == 'running'
+        except Exception:
+            return False
     src = rig.guest('src', workload=WORKLOAD)
     src.wait_reports(2, timeout=40)
     set_caps(src.qmp, CAPS)
@@ -52,16 +71,22 @@ def body(rig):
     # Slow enough that the kill lands while the channels carry pages.
     set_params(src.qmp, {'max-bandwidth': 8 << 20})
 
-    def attempt(i):
+    def attempt(i, front=None):
         dst = rig.guest('dst%d' % i, workload=WORKLOAD, incoming='defer')
         set_caps(dst.qmp, CAPS)
         set_params(dst.qmp, PARAMS)
         dsock = p('qemu-dst%d.sock' % i)
         dst.qmp.cmd('migrate-incoming', uri='unix:' + dsock)
         wait_for(lambda: os.path.exists(dsock), 15, 'destination QEMU')
+        extra = []
+        if front:
+            # Only the first `front` connections get through to the destination QEMU.
+            relays.append(UnixCapture(p('front%d.sock' % i), dsock, p('front%d' % i), front))
+            dsock = p('front%d.sock' % i)
+            extra = ['--connect-timeout', '2']
         port = free_port()
         recv = bg([rig.rdmax, 'recv', '--listen', '127.0.0.1:%d' % port,
-                   '--connect-unix', dsock], 'recv%d.err' % i)
+                   '--connect-unix', dsock] + extra, 'recv%d.err' % i)
         wait_for(lambda: is_listening(port), 15, 'rdma-x recv to listen')
         ssock = p('send%d.sock' % i)
         send = bg([rig.rdmax, 'send', '--listen-unix', ssock,
@@ -87,23 +112,37 @@ def body(rig):
         one_error_line('%s%d.err' % (name, i))
         source_keeps_running()
         time.sleep(0.5)
-        check(not (dst.alive() and dst.status() == 'running'),
-              'destination %d runs a guest from a broken stream' % i)
+        check(not runs_guest(dst), 'destination %d runs a guest from a broken stream' % i)
         dst.kill()
         log('%d: %s killed: failed cleanly, source guest running' % (i, victim))
 
-    # 3. the same guest, again, through a fresh pair
+    # 3. a channel that never connects
+    dst, send, recv = attempt(3, front=1)
+    info, _ = wait_migration(src.qmp, 60)
+    check(info['status'] == 'failed', 'migration 3: ' + info['status'])
+    for name, pr in (('recv', recv), ('send', send)):
+        rc = pr.wait(timeout=20)
+        check(rc != 0, 'rdma-x %s exited 0' % name)
+        one_error_line('%s3.err' % name)
+    err = open(p('recv3.err')).read()
+    check('QEMU channel 1' in err and 'destination QEMU' in err,
+          'recv does not name the channel: ' + err)
+    source_keeps_running()
+    dst.kill()
+    log('3: a channel that never connects: failed cleanly, source guest running')
+
+    # 4. the same guest, again, through a fresh pair
     set_params(src.qmp, {'max-bandwidth': 64 << 20})
-    dst, send, recv = attempt(3)
+    dst, send, recv = attempt(4)
     info, _ = wait_migration(src.qmp, 90)
     check(info['status'] == 'completed', 'retry: %s: %s' %
           (info['status'], info.get('error-desc', '')))
     wait_status(dst, ('running',))
     for name, pr in (('send', send), ('recv', recv)):
         rc = pr.wait(timeout=30)
-        check(rc == 0, 'rdma-x %s exit %d: %s' % (name, rc, open(p(name + '3.err')).read()))
+        check(rc == 0, 'rdma-x %s exit %d: %s' % (name, rc, open(p(name + '4.err')).read()))
     check_dst_verifies(src, dst)
-    log('3: retry completed and verified')
+    log('4: retry completed and verified')
 
 
 if __name__ == '__main__':

@@ -9,6 +9,7 @@ Scenarios (argv[2]):
   multifd4      multifd, 4 channels, compression=none
   multifd-zstd  multifd, 2 channels, QEMU's own zstd (carried opaque)
   multifd-zpd   multifd, 2 channels, zero-page-detection=multifd (QEMU 9.0+)
+  postcopy      postcopy without preempt: the main channel and its return path only
   preempt       postcopy with the postcopy-preempt channel (no multifd)
 
 The relays (lib/unixcap.py) record every connection on its own, so each
@@ -45,6 +46,8 @@ SCENARIOS = {
                     'params': {'multifd-channels': 2, 'multifd-compression': 'none',
                                'zero-page-detection': 'multifd'},
                     'channels': 2},
+    'postcopy': {'caps': {'postcopy-ram': True}, 'params': {}, 'channels': 0,
+                 'postcopy': True},
     'preempt': {'caps': {'postcopy-ram': True, 'postcopy-preempt': True},
                 'params': {}, 'channels': 1, 'postcopy': True},
 }

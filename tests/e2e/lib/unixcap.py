@@ -15,7 +15,7 @@ import threading
 
 
 class UnixCapture:
-    def __init__(self, listen, target, prefix):
+    def __init__(self, listen, target, prefix, max_conns=None):
         self.target, self.prefix = target, prefix
         self.count = 0
         self.errors = []
@@ -24,6 +24,7 @@ class UnixCapture:
         self._l.bind(listen)
         self._l.listen(128)
         self._closed = False
+        self.max_conns = max_conns   # then it stops listening: later ones are refused
         t = threading.Thread(target=self._accept, daemon=True)
         t.start()
 
@@ -54,6 +55,9 @@ class UnixCapture:
             th = threading.Thread(target=self._close_both, args=(c, t, f, done), daemon=True)
             th.start()
             self._threads.append(th)
+            if self.max_conns is not None and self.count >= self.max_conns:
+                self._l.close()
+                return
 
     @staticmethod
     def _pump(a, b, rec, done):
