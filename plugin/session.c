@@ -1187,6 +1187,19 @@ static int admit(struct accept_state *as, const struct rdmax_conn *c, const stru
             snprintf(err, err_len, "QEMU channel %u connected twice", h->lane + 1);
             return -EINVAL;
         }
+        /* Each multifd channel decodes with a page cache as big as a lane's: within the cap. */
+        unsigned caches = s->nlanes + 1;
+        for (unsigned k = 0; k < RDMAX_CHAN_MAX; k++) {
+            caches += s->chan[k].conn != NULL;
+        }
+        if (s->codec.cache_bytes * caches > as->cache_cap) {
+            snprintf(err, err_len,
+                     "QEMU channel %u: %u page caches of %llu MiB (lanes and channels) are above "
+                     "this receiver's cap of %llu MiB (recv --cache-max, or send --cache-size)",
+                     h->lane + 1, caches, (unsigned long long)(s->codec.cache_bytes >> 20),
+                     (unsigned long long)(as->cache_cap >> 20));
+            return -EINVAL;
+        }
         return 0;
     }
     if (!as->have_ctrl || h->session != s->session_id) {

@@ -30,6 +30,10 @@ Contenders (all with return-path on, max-bandwidth 10e9, downtime-limit
   multifd-zstd  QEMU multifd, 2 channels, zstd level 1
   rdma-x        QEMU exec:rdma-x send / exec:rdma-x recv, send in the source
                 namespace, recv in the destination one
+  rdma-x-multifd  QEMU multifd, 2 channels, compression none, through the
+                unix front end: rdma-x send --listen-unix in the source
+                namespace, rdma-x recv --connect-unix in the destination one
+                (not QEMU's children: their CPU is sampled by pid)
 
 Output: a JSON file of every run plus medians, a Markdown report, a PNG plot.
 Python 3 standard library, plus matplotlib for the plot (or gnuplot).
@@ -57,10 +61,12 @@ NETNS = os.path.join(TOP, 'scripts', 'lib', 'netns.sh')
 SRC_IP, DST_IP = '10.200.0.1', '10.200.0.2'
 CLK = os.sysconf('SC_CLK_TCK')
 
-CONTENDERS = ['plain', 'xbzrle', 'multifd-zstd', 'rdma-x']
+CONTENDERS = ['plain', 'xbzrle', 'multifd-zstd', 'rdma-x', 'rdma-x-multifd']
+RDMAX_CONTENDERS = ('rdma-x', 'rdma-x-multifd')
 CONTENDER_LABEL = {'plain': 'QEMU plain', 'xbzrle': 'QEMU xbzrle',
-                   'multifd-zstd': 'QEMU multifd+zstd', 'rdma-x': 'rdma-x'}
-QEMU_MODES = [c for c in CONTENDERS if c != 'rdma-x']
+                   'multifd-zstd': 'QEMU multifd+zstd', 'rdma-x': 'rdma-x',
+                   'rdma-x-multifd': 'rdma-x unix multifd'}
+QEMU_MODES = [c for c in CONTENDERS if c not in RDMAX_CONTENDERS]
 
 # name -> (workload mode, MB/s). The names are the report's rows.
 WORKLOADS = {
@@ -224,9 +230,10 @@ class Sampler:
         self.rdmax = rdmax
         self.cpu = {}
         self.kind = {}
+        self.extra = []   # processes of this side that are not QEMU's children
 
     def poll(self):
-        for p in Q.descendants(self.pid):
+        for p in Q.descendants(self.pid) + self.extra:
             st = proc_stat(p)
             if st is None:
                 continue
@@ -262,6 +269,9 @@ def contender_setup(contender, args):
         caps['multifd'] = True
         params.update({'multifd-channels': 2, 'multifd-compression': 'zstd',
                        'multifd-zstd-level': 1})
+    elif contender == 'rdma-x-multifd':
+        caps['multifd'] = True
+        params.update({'multifd-channels': 2, 'multifd-compression': 'none'})
     return caps, params
 
 
@@ -278,6 +288,27 @@ def rdmax_uris(rig, args, port):
         q(rig.path('recv.err'))))
     recv = 'exec:{ %s; echo $? >%s; }' % (recv, q(rig.path('recv.rc')))
     return send, recv
+
+
+def start_unix_pair(rig, args, link, port):
+    """rdma-x recv (destination namespace, to the destination QEMU's unix
+    socket) and send (source namespace, listening for the source QEMU),
+    started by hand as a management layer would: not QEMU's children."""
+    rx = rig.spawn(['ip', 'netns', 'exec', link.dst_ns, args.rdmax, 'recv',
+                    '--listen', '%s:%d' % (DST_IP, port),
+                    '--connect-unix', rig.path('qemu-dst.sock'),
+                    '--lanes', str(args.lanes),
+                    '--stats-json', rig.path('recv.json')], 'recv.err')
+    Q.wait_for(lambda: listening_in(rx.pid, port), 15, 'rdma-x recv to listen')
+    tx = rig.spawn(['ip', 'netns', 'exec', link.src_ns, args.rdmax, 'send',
+                    '--listen-unix', rig.path('send.sock'),
+                    '--to', '%s:%d' % (DST_IP, port), '--lanes', str(args.lanes),
+                    '--cache-size', str(args.cache_total // args.lanes)] +
+                   args.send_args.split() +
+                   ['--stats-json', rig.path('send.json')], 'send.err')
+    Q.wait_for(lambda: os.path.exists(rig.path('send.sock')), 15,
+               'rdma-x send socket')
+    return tx, rx
 
 
 def read_json(path):
@@ -325,16 +356,25 @@ def run_one(args, link, wl_name, contender, rep, port):
         for g in (src, dst):
             Q.set_caps(g.qmp, caps)
             Q.set_params(g.qmp, params)
+        unix_pair = None
         if contender == 'rdma-x':
             send_uri, recv_uri = rdmax_uris(rig, args, port)
+        elif contender == 'rdma-x-multifd':
+            send_uri = 'unix:' + rig.path('send.sock')
+            recv_uri = 'unix:' + rig.path('qemu-dst.sock')
         else:
             send_uri = recv_uri = 'tcp:%s:%d' % (DST_IP, port)
         dst.qmp.cmd('migrate-incoming', uri=recv_uri)
-        Q.wait_for(lambda: listening_in(dst.proc.pid, port), 15,
-                   'destination to listen on port %d' % port)
+        if contender == 'rdma-x-multifd':
+            unix_pair = start_unix_pair(rig, args, link, port)
+        else:
+            Q.wait_for(lambda: listening_in(dst.proc.pid, port), 15,
+                       'destination to listen on port %d' % port)
 
         ssamp, dsamp = Sampler(src.proc.pid, args.rdmax), \
             Sampler(dst.proc.pid, args.rdmax)
+        if unix_pair:
+            ssamp.extra, dsamp.extra = [unix_pair[0].pid], [unix_pair[1].pid]
         s0, d0 = Snapshot(src), Snapshot(dst)
         w0 = link.counters()
         m0 = machine_cpu()
@@ -408,6 +448,14 @@ def run_one(args, link, wl_name, contender, rep, port):
             r['recv_rc'] = read_rc(rig.path('recv.rc'), 20)
             ssamp.poll()
             dsamp.poll()
+        elif unix_pair:
+            for name, pr in zip(('send_rc', 'recv_rc'), unix_pair):
+                deadline = time.monotonic() + 20
+                while pr.poll() is None and time.monotonic() < deadline:
+                    ssamp.poll()
+                    dsamp.poll()
+                    time.sleep(0.1)
+                r[name] = pr.poll()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and (
                 Q.descendants(src.proc.pid) or Q.descendants(dst.proc.pid)):
@@ -437,7 +485,7 @@ def run_one(args, link, wl_name, contender, rep, port):
         r['machine_busy_s'] = round(m1[0] - m0[0], 3)
         r['machine_s'] = round(m1[1] - m0[1], 3)
         r['others_cpu_s'] = round(max(0.0, r['machine_busy_s'] - ours), 3)
-        if contender == 'rdma-x':
+        if contender in RDMAX_CONTENDERS:
             r['send_stats'] = read_json(rig.path('send.json'))
             r['recv_stats'] = read_json(rig.path('recv.json'))
             r['send_err'] = rig.stderr_of('send')[-2000:]
@@ -714,15 +762,15 @@ def markdown(doc):
             t = fmt_s(x['total_ms']) if x['total_ms'] is not None else \
                 '>%d (n.c.)' % cfg['cap_s']
             ratio = ''
-            if c == 'rdma-x' and best and x['total_ms'] is not None:
+            if c in RDMAX_CONTENDERS and best and x['total_ms'] is not None:
                 ratio = '%.2f' % (x['total_ms'] / best['total_ms'])
-            elif c == 'rdma-x' and best:
+            elif c in RDMAX_CONTENDERS and best:
                 ratio = 'n.c.'
             name = CONTENDER_LABEL[c]
             if best and best['contender'] == c:
                 name += ' (fastest QEMU here)'
-            if c == 'rdma-x':
-                name = '**rdma-x**'
+            if c in RDMAX_CONTENDERS:
+                name = '**%s**' % CONTENDER_LABEL[c]
                 t = '**%s**' % t
             L.append('| %s | %s | %s | %s | %s | %s | %s | %s | %s | %d/%d | %d/%d | %s |' % (
                 WL_LABEL[mode], rate, name, t, fmt(x['downtime_ms'], '%.0f'),
