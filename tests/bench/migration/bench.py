@@ -28,6 +28,7 @@ Contenders (all with return-path on, max-bandwidth 10e9, downtime-limit
   xbzrle        QEMU tcp: + xbzrle, xbzrle-cache-size = rdma-x's page cache
                 total (lanes x --cache-size)
   multifd-zstd  QEMU multifd, 2 channels, zstd level 1
+  multifd       QEMU multifd, 2 channels, no compression (only on request)
   rdma-x        QEMU exec:rdma-x send / exec:rdma-x recv, send in the source
                 namespace, recv in the destination one
   rdma-x-multifd  QEMU multifd, 2 channels, compression none, through the
@@ -61,11 +62,13 @@ NETNS = os.path.join(TOP, 'scripts', 'lib', 'netns.sh')
 SRC_IP, DST_IP = '10.200.0.1', '10.200.0.2'
 CLK = os.sysconf('SC_CLK_TCK')
 
-CONTENDERS = ['plain', 'xbzrle', 'multifd-zstd', 'rdma-x', 'rdma-x-multifd']
+CONTENDERS = ['plain', 'xbzrle', 'multifd-zstd', 'rdma-x', 'rdma-x-multifd', 'multifd']
+# QEMU multifd without compression: only with --contenders (a reference for rdma-x-multifd)
+DEFAULT_CONTENDERS = CONTENDERS[:-1]
 RDMAX_CONTENDERS = ('rdma-x', 'rdma-x-multifd')
 CONTENDER_LABEL = {'plain': 'QEMU plain', 'xbzrle': 'QEMU xbzrle',
                    'multifd-zstd': 'QEMU multifd+zstd', 'rdma-x': 'rdma-x',
-                   'rdma-x-multifd': 'rdma-x unix multifd'}
+                   'rdma-x-multifd': 'rdma-x unix multifd', 'multifd': 'QEMU multifd'}
 QEMU_MODES = [c for c in CONTENDERS if c not in RDMAX_CONTENDERS]
 
 # name -> (workload mode, MB/s). The names are the report's rows.
@@ -90,9 +93,9 @@ WL_LABEL = {
 
 PRESETS = {
     # name: defaults that the command line may override
-    'full': dict(workloads=list(WORKLOADS), contenders=CONTENDERS, reps=3,
+    'full': dict(workloads=list(WORKLOADS), contenders=DEFAULT_CONTENDERS, reps=3,
                  mem=Q.BIG_MEM, mib=512, cap=60, verify_s=3),
-    'quick': dict(workloads=list(WORKLOADS), contenders=CONTENDERS, reps=1,
+    'quick': dict(workloads=list(WORKLOADS), contenders=DEFAULT_CONTENDERS, reps=1,
                   mem=Q.BIG_MEM, mib=512, cap=60, verify_s=3),
     'demo': dict(workloads=['sparse-real@100'],
                  contenders=['plain', 'xbzrle', 'multifd-zstd', 'rdma-x'], reps=1,
@@ -269,7 +272,7 @@ def contender_setup(contender, args):
         caps['multifd'] = True
         params.update({'multifd-channels': 2, 'multifd-compression': 'zstd',
                        'multifd-zstd-level': 1})
-    elif contender == 'rdma-x-multifd':
+    elif contender in ('rdma-x-multifd', 'multifd'):
         caps['multifd'] = True
         params.update({'multifd-channels': 2, 'multifd-compression': 'none'})
     return caps, params
