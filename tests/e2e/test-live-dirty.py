@@ -26,6 +26,8 @@ from qmp import (check_dst_verifies, check_identical, check_rdmax_ok,  # noqa
 
 WORKLOAD = {'mode': 'sparse-random', 'mib': 48, 'rate': 30, 'report': 0.5}
 LANES = os.environ.get('E2E_LANES', '3')
+# QEMU's own xbzrle on both sides (E2E_XBZRLE=1): rdma-x parses its XBZRLE records.
+XBZRLE = os.environ.get('E2E_XBZRLE') == '1'
 BW = 64 << 20
 
 
@@ -41,7 +43,9 @@ def body(rig):
     src.wait_reports(3, timeout=40)
 
     for g in (src, dst):
-        set_caps(g.qmp, {'return-path': True})
+        set_caps(g.qmp, {'return-path': True, 'xbzrle': XBZRLE})
+    if XBZRLE:
+        set_params(src.qmp, {'xbzrle-cache-size': 32 << 20})
     # Capped a little above the dirty rate: precopy then needs several rounds,
     # so many pages travel again (rdma-x's delta path), yet it converges.
     set_params(src.qmp, {'max-bandwidth': BW})
@@ -55,6 +59,11 @@ def body(rig):
     log('migrated: total %s ms, downtime %s ms, %s bytes, %s syncs' % (
         info.get('total-time'), info.get('downtime'), ram.get('transferred'),
         ram.get('dirty-sync-count')))
+    if XBZRLE:
+        x = info.get('xbzrle-cache', {})
+        log('xbzrle: %s pages, %s bytes, cache miss rate %s' % (
+            x.get('pages'), x.get('bytes'), x.get('cache-miss-rate')))
+        check(x.get('pages', 0) > 0, 'QEMU sent no XBZRLE page: %s' % x)
     check(ram.get('dirty-sync-count', 0) >= 3,
           'migration did not iterate (dirty-sync-count %s)' %
           ram.get('dirty-sync-count'))
