@@ -778,6 +778,7 @@ int rdmax_send_run(struct rdmax_send *p)
         goto out;
     }
     atomic_store(&s->c.zero_pages, rdmax_stream_stats(p->st)->zero_pages);
+    atomic_store(&s->c.opaque_tail, rdmax_stream_stats(p->st)->opaque);
     r = ctrl_flush(p);
     if (r < 0) {
         goto out;

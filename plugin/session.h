@@ -61,6 +61,7 @@ struct rdmax_counters {
     _Atomic uint64_t zero_pages; /* QEMU ZERO records seen */
     _Atomic uint64_t chan_bytes; /* bytes of QEMU's further channels (multifd, preempt) */
     _Atomic uint32_t channels;   /* how many of those channels */
+    _Atomic bool opaque_tail;    /* sender: the parser passed the stream's end through opaque */
 };
 
 struct rdmax_ring;

@@ -123,6 +123,8 @@ void rdmax_stats_write(struct rdmax_session *s, const char *result)
     fprintf(f, "  \"ratio\": %.4f,\n", wire ? (double)in / (double)wire : 0.0);
     fprintf(f, "  \"pages\": %llu,\n", (unsigned long long)atomic_load(&c->pages));
     fprintf(f, "  \"zero_pages\": %llu,\n", (unsigned long long)atomic_load(&c->zero_pages));
+    /* Sender: part of the stream went through unparsed (its pages not in the lanes). */
+    fprintf(f, "  \"opaque_tail\": %s,\n", atomic_load(&c->opaque_tail) ? "true" : "false");
     fprintf(f, "  \"control_bytes\": %llu,\n", (unsigned long long)atomic_load(&c->ctrl_bytes));
     fprintf(f, "  \"return_path_bytes\": %llu,\n", (unsigned long long)atomic_load(&c->rp_bytes));
     /* QEMU's further channels (multifd, postcopy preempt): carried beside the main stream. */

@@ -672,8 +672,14 @@ def machine_info(args):
             info['mem_gib'] = round(int(f.readline().split()[1]) / 2**20, 1)
     except OSError:
         pass
-    r = subprocess.run([Q.QEMU, '--version'], stdout=subprocess.PIPE, text=True)
-    info['qemu'] = r.stdout.splitlines()[0] if r.stdout else '?'
+    # The QEMU each side runs (RDMAX_QEMU_SRC/_DST, e.g. scripts/qemu10), as lib/qmp.py picks it.
+    for side in ('SRC', 'DST'):
+        qemu = os.environ.get('RDMAX_QEMU_' + side) or Q.QEMU
+        r = subprocess.run([qemu, '--version'], stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, text=True)
+        info['qemu_' + side.lower()] = r.stdout.splitlines()[0] if r.stdout else '?'
+    info['qemu'] = info['qemu_src'] if info['qemu_src'] == info['qemu_dst'] else \
+        '%s -> %s' % (info['qemu_src'], info['qemu_dst'])
     r = subprocess.run(['git', '-C', TOP, 'describe', '--always', '--dirty'],
                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                        text=True)
