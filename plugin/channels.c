@@ -26,12 +26,14 @@
 
 #include "be.h"
 #include "front-unix.h"
+#include "level.h"
 #include "multifd.h"
 
 #define CHAN_CHUNK (256u << 10) /* bytes per CHAN_DATA frame at most */
 #define CHAN_ZSTD_LEVEL 1       /* the encoder must keep up with QEMU's own threads */
 #define CHAN_ZSTD_BACKOFF 16    /* frames sent raw after one that did not compress */
 #define CHAN_STACK (256u << 10)
+#define CHAN_LEVEL_WINDOW_NS 100000000ull /* as the main pipe's (send.c) */
 
 struct chan {
     struct rdmax_channels *ch;
@@ -57,6 +59,20 @@ struct rdmax_channels {
     unsigned connected; /* receiver: connected to the destination QEMU, in order */
     unsigned done;      /* receiver: delivered to their end */
     struct chan c[RDMAX_CHAN_MAX];
+
+    /*
+     * Sender: one codec level for every channel encoder, as the main pipe
+     * has one for its lanes (level.h): the channels share the link and the
+     * CPU, so per-channel controllers would chase each other. Each channel
+     * adds its window's figures; the first to see the window over runs the
+     * controller.
+     */
+    pthread_mutex_t lvl_mu;
+    struct rdmax_level_ctl ctl;            /* lvl_mu */
+    uint64_t win_start;                    /* lvl_mu */
+    _Atomic uint64_t w_wait, w_link, w_bytes, w_wire;
+    _Atomic unsigned running; /* channel threads in their copy loop */
+    _Atomic int level;
 };
 
 static struct rdmax_channels *channels_new(struct rdmax_session *s, const char *path)
@@ -76,6 +92,9 @@ static struct rdmax_channels *channels_new(struct rdmax_session *s, const char *
     }
     pthread_mutex_init(&ch->mu, NULL);
     pthread_cond_init(&ch->cv, NULL);
+    pthread_mutex_init(&ch->lvl_mu, NULL);
+    rdmax_level_ctl_init(&ch->ctl, 0, s->codec.cache_bytes ? RDMAX_LEVEL_MIN : 0, RDMAX_LEVEL_MAX);
+    atomic_store(&ch->level, ch->ctl.level);
     return ch;
 }
 
@@ -93,6 +112,11 @@ static int start_thread(struct chan *c, void *(*fn)(void *))
 }
 
 /* --- sender ----------------------------------------------------------- */
+
+static uint64_t now_ns(void)
+{
+    return (uint64_t)(rdmax_now() * 1e9);
+}
 
 static int chan_send(struct rdmax_session *s, unsigned k, uint8_t type, uint8_t flags,
                      const void *b, size_t n)
@@ -115,6 +139,7 @@ static int chan_send(struct rdmax_session *s, unsigned k, uint8_t type, uint8_t 
  */
 struct chan_tx {
     struct rdmax_session *s;
+    struct rdmax_channels *ch;
     unsigned k;
     struct rdmax_lane_encoder *enc;
     uint8_t *obuf; /* opaque bytes not sent yet */
@@ -165,7 +190,10 @@ static int tx_flush_pages(struct chan_tx *t)
         return n == 0 ? 0 : rdmax_session_error(t->s, (int)n, "QEMU channel %u: encoding failed",
                                                 t->k + 1);
     }
+    uint64_t t0 = now_ns();
     r = rdmax_wire_sendv(&t->s->chan[t->k], RDMAX_F_CHAN_PAGES, 0, 0, iov, cnt);
+    atomic_fetch_add_explicit(&t->ch->w_link, now_ns() - t0, memory_order_relaxed);
+    atomic_fetch_add_explicit(&t->ch->w_wire, (uint64_t)n, memory_order_relaxed);
     if (r < 0) {
         return rdmax_session_error(t->s, r, "QEMU channel %u to %s: %s", t->k + 1,
                                    t->s->chan[t->k].conn->peer,
@@ -212,6 +240,31 @@ static int tx_page(void *arg, struct rdmax_page_key key, const uint8_t *page)
 
 static const struct rdmax_mfd_sink tx_sink = {.bytes = tx_bytes, .page = tx_page};
 
+/* The window is over: choose the level for the next (any channel thread). */
+static void level_window(struct rdmax_channels *ch, uint64_t now)
+{
+    struct rdmax_level_window w = {0};
+    unsigned n;
+
+    if (pthread_mutex_trylock(&ch->lvl_mu) != 0) {
+        return;
+    }
+    if (ch->win_start == 0 || now - ch->win_start >= CHAN_LEVEL_WINDOW_NS) {
+        n = atomic_load(&ch->running);
+        w.wall_ns = ch->win_start ? now - ch->win_start : 0;
+        /* Per channel, as the controller's figures are per lane. */
+        w.wait_ns = atomic_exchange(&ch->w_wait, 0) / (n ? n : 1);
+        w.link_ns = atomic_exchange(&ch->w_link, 0) / (n ? n : 1);
+        w.bytes = atomic_exchange(&ch->w_bytes, 0);
+        w.wire = atomic_exchange(&ch->w_wire, 0);
+        if (ch->win_start && ch->s->codec.zstd_level == 0) {
+            atomic_store(&ch->level, rdmax_level_ctl_window(&ch->ctl, &w));
+        }
+        ch->win_start = now;
+    }
+    pthread_mutex_unlock(&ch->lvl_mu);
+}
+
 static void *send_chan_main(void *arg)
 {
     struct chan *c = arg;
@@ -220,6 +273,7 @@ static void *send_chan_main(void *arg)
     struct rdmax_mfd_parser *mfd = rdmax_mfd_create();
     struct chan_tx t = {
         .s = s,
+        .ch = c->ch,
         .k = c->k,
         .obuf = malloc(CHAN_CHUNK),
         .zcap = ZSTD_compressBound(CHAN_CHUNK),
@@ -227,6 +281,7 @@ static void *send_chan_main(void *arg)
         .compress = s->codec.zstd_level >= 0,
     };
     uint64_t total = 0;
+    bool counted = false;
 
     t.zbuf = malloc(t.zcap);
     if (!buf || !mfd || !t.obuf || !t.zbuf || !t.z ||
@@ -238,8 +293,17 @@ static void *send_chan_main(void *arg)
     if (rdmax_session_connect_channel(s, c->k) < 0) {
         goto out;
     }
+    atomic_fetch_add(&c->ch->running, 1);
+    counted = true;
     for (;;) {
+        struct pollfd pf = {.fd = c->qemu_fd, .events = POLLIN};
+        uint64_t t0 = now_ns();
+        bool waited = poll(&pf, 1, 0) == 0;
         ssize_t n = read(c->qemu_fd, buf, CHAN_CHUNK);
+        uint64_t t1 = now_ns();
+        if (waited) {
+            atomic_fetch_add_explicit(&c->ch->w_wait, t1 - t0, memory_order_relaxed);
+        }
         if (n < 0 && errno == EINTR) {
             continue;
         }
@@ -256,6 +320,12 @@ static void *send_chan_main(void *arg)
         }
         total += (uint64_t)n;
         atomic_fetch_add_explicit(&s->c.chan_bytes, (uint64_t)n, memory_order_relaxed);
+        atomic_fetch_add_explicit(&c->ch->w_bytes, (uint64_t)n, memory_order_relaxed);
+        level_window(c->ch, t1);
+        if (s->codec.zstd_level == 0) {
+            rdmax_lane_encoder_set_level(t.enc, atomic_load_explicit(&c->ch->level,
+                                                                     memory_order_relaxed));
+        }
         /* What QEMU wrote goes out now: a preempt channel's page is urgent. */
         if (rdmax_mfd_feed(mfd, buf, (size_t)n, &tx_sink, &t) < 0 || tx_flush_pages(&t) < 0 ||
             tx_flush_opaque(&t) < 0) {
@@ -268,6 +338,9 @@ static void *send_chan_main(void *arg)
         chan_send(s, c->k, RDMAX_F_CHAN_EOF, 0, eof, sizeof(eof));
     }
 out:
+    if (counted) {
+        atomic_fetch_sub(&c->ch->running, 1);
+    }
     rdmax_session_drop_qemu_fd(s, c->k);
     close(c->qemu_fd);
     c->qemu_fd = -1;
@@ -715,5 +788,6 @@ void rdmax_channels_destroy(struct rdmax_channels *ch)
     close(ch->stop_fd);
     pthread_mutex_destroy(&ch->mu);
     pthread_cond_destroy(&ch->cv);
+    pthread_mutex_destroy(&ch->lvl_mu);
     free(ch);
 }

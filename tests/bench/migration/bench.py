@@ -833,8 +833,17 @@ def markdown(doc):
         L.append('')
         L.append('![time and wire bytes per workload and contender](%s)' %
                  os.path.basename(doc['plot']))
+    other = os.path.join(TOP, 'docs', 'benchmarks-qemu10.md')
+    on_10 = '10.0' in (doc['machine'].get('qemu') or '')
+    if os.path.exists(other) and not on_10:
+        L.append('')
+        L.append('## QEMU 10.0')
+        L.append('')
+        L.append('The same benchmark with QEMU 10.0 (Debian 13, scripts/setup-qemu10) on '
+                 'both sides: docs/benchmarks-qemu10.md, made by `RDMAX_QEMU_SRC=scripts/qemu10 '
+                 'RDMAX_QEMU_DST=scripts/qemu10 scripts/bench --md docs/benchmarks-qemu10.md`.')
     replay = os.path.join(TOP, 'docs', 'benchmarks-replay.md')
-    if os.path.exists(replay):
+    if os.path.exists(replay) and not on_10:
         L.append('')
         L.append('## Cost per page: recorded streams replayed')
         L.append('')
