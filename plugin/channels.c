@@ -42,8 +42,8 @@ struct chan {
     pthread_t thread;
     struct rdmax_lane_encoder *enc; /* sender: freed with ch (the stats point into it) */
     struct rdmax_lane_decoder *dec; /* receiver */
-    bool started; /* under ch->mu */
-    bool done;    /* receiver: delivered to its end (ch->mu) */
+    bool started;                   /* under ch->mu */
+    bool done;                      /* receiver: delivered to its end (ch->mu) */
 };
 
 struct rdmax_channels {
@@ -68,8 +68,8 @@ struct rdmax_channels {
      * controller.
      */
     pthread_mutex_t lvl_mu;
-    struct rdmax_level_ctl ctl;            /* lvl_mu */
-    uint64_t win_start;                    /* lvl_mu */
+    struct rdmax_level_ctl ctl; /* lvl_mu */
+    uint64_t win_start;         /* lvl_mu */
     _Atomic uint64_t w_wait, w_link, w_bytes, w_wire;
     _Atomic unsigned running; /* channel threads in their copy loop */
     _Atomic int level;
@@ -124,8 +124,8 @@ static int chan_send(struct rdmax_session *s, unsigned k, uint8_t type, uint8_t 
     int r = rdmax_wire_send(&s->chan[k], type, flags, 0, b, n);
 
     if (r < 0) {
-        return rdmax_session_error(s, r, "QEMU channel %u to %s: %s", k + 1,
-                                   s->chan[k].conn->peer, rdmax_conn_strerror(s->chan[k].conn, r));
+        return rdmax_session_error(s, r, "QEMU channel %u to %s: %s", k + 1, s->chan[k].conn->peer,
+                                   rdmax_conn_strerror(s->chan[k].conn, r));
     }
     return 0;
 }
@@ -187,8 +187,9 @@ static int tx_flush_pages(struct chan_tx *t)
     }
     n = rdmax_lane_encoder_flush_iov(t->enc, iov, &cnt);
     if (n <= 0) {
-        return n == 0 ? 0 : rdmax_session_error(t->s, (int)n, "QEMU channel %u: encoding failed",
-                                                t->k + 1);
+        return n == 0 ? 0
+                      : rdmax_session_error(t->s, (int)n, "QEMU channel %u: encoding failed",
+                                            t->k + 1);
     }
     uint64_t t0 = now_ns();
     r = rdmax_wire_sendv(&t->s->chan[t->k], RDMAX_F_CHAN_PAGES, 0, 0, iov, cnt);
@@ -323,8 +324,8 @@ static void *send_chan_main(void *arg)
         atomic_fetch_add_explicit(&c->ch->w_bytes, (uint64_t)n, memory_order_relaxed);
         level_window(c->ch, t1);
         if (s->codec.zstd_level == 0) {
-            rdmax_lane_encoder_set_level(t.enc, atomic_load_explicit(&c->ch->level,
-                                                                     memory_order_relaxed));
+            rdmax_lane_encoder_set_level(t.enc,
+                                         atomic_load_explicit(&c->ch->level, memory_order_relaxed));
         }
         /* What QEMU wrote goes out now: a preempt channel's page is urgent. */
         if (rdmax_mfd_feed(mfd, buf, (size_t)n, &tx_sink, &t) < 0 || tx_flush_pages(&t) < 0 ||
@@ -362,8 +363,8 @@ static int send_chan_add(struct rdmax_channels *ch, int fd)
 
     if (ch->n == RDMAX_CHAN_MAX) {
         close(fd);
-        return rdmax_session_error(s, -EMFILE, "QEMU opened more than %u channels besides its main one",
-                                   RDMAX_CHAN_MAX);
+        return rdmax_session_error(
+            s, -EMFILE, "QEMU opened more than %u channels besides its main one", RDMAX_CHAN_MAX);
     }
     c = &ch->c[ch->n];
     c->ch = ch;
@@ -568,7 +569,8 @@ static void *recv_chan_main(void *arg)
     }
     r = rdmax_unix_dial(ch->path, s->o.connect_timeout_ms);
     if (r < 0) {
-        rdmax_session_error(s, r, "connecting QEMU channel %u to the destination QEMU at unix:%s: %s",
+        rdmax_session_error(s, r,
+                            "connecting QEMU channel %u to the destination QEMU at unix:%s: %s",
                             c->k + 1, ch->path, strerror(-r));
         goto out;
     }
@@ -585,7 +587,8 @@ static void *recv_chan_main(void *arg)
         const uint8_t *data = buf;
         size_t len;
 
-        /* No timeout of its own: a preempt channel idles for long; the control keep-alives watch the peer. */
+        /* No timeout of its own: a preempt channel idles for long; the control keep-alives watch
+         * the peer. */
         r = rdmax_wire_recv(w, &h, buf, RDMAX_FRAME_MAX, -1);
         if (rdmax_session_failed(s)) {
             goto out;
@@ -739,8 +742,9 @@ int rdmax_channels_recv_wait(struct rdmax_channels *ch, unsigned n)
             }
             pthread_mutex_unlock(&ch->mu);
             return rdmax_session_error(s, -ETIMEDOUT,
-                                       ch->n < n ? "QEMU channel %u of %u never arrived (none for %d s)"
-                                                 : "QEMU channel %u of %u did not end (silent for %d s)",
+                                       ch->n < n
+                                           ? "QEMU channel %u of %u never arrived (none for %d s)"
+                                           : "QEMU channel %u of %u did not end (silent for %d s)",
                                        k + 1, n, s->o.timeout_ms / 1000);
         }
         clock_gettime(CLOCK_REALTIME, &until);

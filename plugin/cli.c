@@ -504,7 +504,8 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
         return -1;
     }
     if (o->serve && !o->unix_path) {
-        fprintf(stderr, "rdma-x: error: --serve needs %s (QEMU's stdin/stdout last one migration)\n",
+        fprintf(stderr,
+                "rdma-x: error: --serve needs %s (QEMU's stdin/stdout last one migration)\n",
                 o->sender ? "--listen-unix PATH" : "--connect-unix PATH");
         return -1;
     }

@@ -15,7 +15,7 @@
 /* 512 KiB packets of 4 KiB pages are 128; bigger packets or pages stay sane up to this. */
 #define MFD_PAGES_MAX 4096u
 #define MFD_HDR_MAX (MFD_HDR_FIXED + MFD_IDSTR + 8u * MFD_PAGES_MAX)
-#define MFD_COMP_MASK 0x3eu   /* 7.2: bits 1..3; 10.x: bits 1..5 */
+#define MFD_COMP_MASK 0x3eu    /* 7.2: bits 1..3; 10.x: bits 1..5 */
 #define MFD_DEVICE_STATE 0x40u /* 10.0+: a VFIO device-state packet, another layout */
 #define MFD_BLOCKS_MAX 64u
 /*

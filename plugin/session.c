@@ -1021,7 +1021,7 @@ struct accept_state {
     /* --transport auto: the RDMA listener beside the main one (main thread only) */
     struct rdmax_listener *alt_l;
     const struct rdmax_transport_ops *alt_tp;
-    bool last_from_alt; /* the last accepted connection came over alt_tp */
+    bool last_from_alt;       /* the last accepted connection came over alt_tp */
     struct rdmax_listener *l; /* after the lanes: the late accept thread's */
 };
 

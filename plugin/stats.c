@@ -143,8 +143,9 @@ void rdmax_stats_write(struct rdmax_session *s, const char *result)
                 (unsigned long long)t.uncached_pages);
         /* Multifd pages, encoded on their channel's own connection (channels.c). */
         t = stats_total(s->chan_stats, RDMAX_CHAN_MAX);
-        fprintf(f, "  \"channel_codec\": {\"pages\": %llu, \"page_bytes\": %llu, "
-                   "\"batch_bytes\": %llu, ",
+        fprintf(f,
+                "  \"channel_codec\": {\"pages\": %llu, \"page_bytes\": %llu, "
+                "\"batch_bytes\": %llu, ",
                 (unsigned long long)t.pages, (unsigned long long)t.bytes_raw,
                 (unsigned long long)t.bytes_wire);
         json_tiers(f, &t);

@@ -309,9 +309,9 @@ int rdmax_hello_decode(const uint8_t *in, size_t len, struct rdmax_hello *h, cha
 const char *rdmax_frame_type_name(unsigned type)
 {
     static const char *const names[] = {
-        "?",     "HELLO",     "HELLO_ACK", "CTRL",     "PAGES", "RP",      "EOF",       "FIN_ACK",
-        "ERROR", "KEEPALIVE", "RP_EOF",    "LANE_EOF", "AUTH",  "AUTH_OK", "LANE_LOAD",
-        "CHAN_DATA", "CHAN_EOF", "CHAN_PAGES",
+        "?",    "HELLO",   "HELLO_ACK", "CTRL",      "PAGES",    "RP",
+        "EOF",  "FIN_ACK", "ERROR",     "KEEPALIVE", "RP_EOF",   "LANE_EOF",
+        "AUTH", "AUTH_OK", "LANE_LOAD", "CHAN_DATA", "CHAN_EOF", "CHAN_PAGES",
     };
 
     return type <= RDMAX_F_TYPE_MAX ? names[type] : "?";

@@ -49,22 +49,22 @@
 #define RDMAX_CHAN_MAX 64u
 
 enum rdmax_frame_type {
-    RDMAX_F_HELLO = 1,      /* client -> server, first frame of a connection */
-    RDMAX_F_HELLO_ACK = 2,  /* server -> client */
-    RDMAX_F_CTRL = 3,       /* control bytes of the QEMU stream (zstd stream) */
-    RDMAX_F_PAGES = 4,      /* one lane batch */
-    RDMAX_F_RP = 5,         /* return-path bytes, destination -> source */
-    RDMAX_F_EOF = 6,        /* sender: end of the QEMU stream, with totals */
-    RDMAX_F_FIN_ACK = 7,    /* receiver: every byte reached the destination QEMU */
-    RDMAX_F_ERROR = 8,      /* one-line reason; the connection ends */
-    RDMAX_F_KEEPALIVE = 9,  /* nothing to say, still alive */
-    RDMAX_F_RP_EOF = 10,    /* the destination QEMU closed the return path */
-    RDMAX_F_LANE_EOF = 11,  /* sender lane: no more batches, with page count */
-    RDMAX_F_AUTH = 12,      /* client -> server: its PSK proof (32 bytes) */
-    RDMAX_F_AUTH_OK = 13,   /* server -> client: proof accepted */
-    RDMAX_F_LANE_LOAD = 14, /* receiver, on control: lane k's decoding is (not) the bottleneck */
-    RDMAX_F_CHAN_DATA = 15, /* QEMU channel connection: the next bytes of that channel */
-    RDMAX_F_CHAN_EOF = 16,  /* QEMU channel connection: the channel closed, be64 bytes */
+    RDMAX_F_HELLO = 1,       /* client -> server, first frame of a connection */
+    RDMAX_F_HELLO_ACK = 2,   /* server -> client */
+    RDMAX_F_CTRL = 3,        /* control bytes of the QEMU stream (zstd stream) */
+    RDMAX_F_PAGES = 4,       /* one lane batch */
+    RDMAX_F_RP = 5,          /* return-path bytes, destination -> source */
+    RDMAX_F_EOF = 6,         /* sender: end of the QEMU stream, with totals */
+    RDMAX_F_FIN_ACK = 7,     /* receiver: every byte reached the destination QEMU */
+    RDMAX_F_ERROR = 8,       /* one-line reason; the connection ends */
+    RDMAX_F_KEEPALIVE = 9,   /* nothing to say, still alive */
+    RDMAX_F_RP_EOF = 10,     /* the destination QEMU closed the return path */
+    RDMAX_F_LANE_EOF = 11,   /* sender lane: no more batches, with page count */
+    RDMAX_F_AUTH = 12,       /* client -> server: its PSK proof (32 bytes) */
+    RDMAX_F_AUTH_OK = 13,    /* server -> client: proof accepted */
+    RDMAX_F_LANE_LOAD = 14,  /* receiver, on control: lane k's decoding is (not) the bottleneck */
+    RDMAX_F_CHAN_DATA = 15,  /* QEMU channel connection: the next bytes of that channel */
+    RDMAX_F_CHAN_EOF = 16,   /* QEMU channel connection: the channel closed, be64 bytes */
     RDMAX_F_CHAN_PAGES = 17, /* QEMU channel connection: the next pages, one lane batch */
     RDMAX_F_TYPE_MAX = 17,
 };

@@ -61,7 +61,8 @@ static size_t header(uint8_t *h, uint32_t flags, uint32_t pages_alloc, uint32_t 
     return len;
 }
 
-/* init, a 3-page packet, a 10.x header-only SYNC, a zstd packet, a 1-page packet in another block. */
+/* init, a 3-page packet, a 10.x header-only SYNC, a zstd packet, a 1-page packet in another block.
+ */
 static size_t sample(uint8_t *s)
 {
     static const uint64_t offs[] = {0x1000, 0x5000, 0x2000, 0x9000};
