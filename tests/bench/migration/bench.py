@@ -720,7 +720,9 @@ def markdown(doc):
                  mach.get('rdmax_binary_mtime', '?'),
                  (mach.get('rdmax_sha256') or '?')[:12]))
     L.append('')
-    L.append('**Setup:** source and destination QEMU 7.2 (TCG, 1 vCPU, `-m %s`) '
+    qv = re.search(r'version ([0-9.]+)', mach.get('qemu') or '')
+    L.append('**Setup:** source and destination QEMU ' + (qv.group(1) if qv else '?') +
+             ' (TCG, 1 vCPU, `-m %s`) '
              'in two network namespaces joined by a veth shaped with '
              '`tbf rate %s burst 1000000 latency 50ms` (source to destination). '
              'Guest workload: tests/guest/workload.c on a %d MiB region, '
