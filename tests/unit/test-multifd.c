@@ -55,7 +55,7 @@ static size_t header(uint8_t *h, uint32_t flags, uint32_t pages_alloc, uint32_t 
     rdmax_put_be32(h + 20, next_size);
     rdmax_put_be32(h + 32, zero);
     strcpy((char *)h + 64, block);
-    for (uint32_t i = 0; i < normal + zero; i++) {
+    for (uint32_t i = 0; i < normal + zero && i < 128; i++) {
         rdmax_put_be64(h + 320 + 8 * i, offs[i]);
     }
     return len;
@@ -134,7 +134,7 @@ Test(multifd, not_multifd_passes_through)
 Test(multifd, device_state_and_bad_counts_go_opaque)
 {
     static uint8_t s[64 << 10];
-    static const uint64_t offs[] = {0x1000};
+    static uint64_t offs[128] = {0x1000};
     uint32_t bad[][2] = {{0x40, 1}, {0, 129}}; /* device state; more pages than slots */
 
     for (int k = 0; k < 2; k++) {
