@@ -457,8 +457,13 @@ def run(rig, src, dst):
             check(js.get('qemu_channels') == chans, '%s stats: %s QEMU channels, expected %d'
                   % (who, js.get('qemu_channels'), chans))
         js = json.load(open(p('send.json')))
-        log('send stats: bytes_in %s, channels %s, channel bytes %s' % (
-            js.get('bytes_in'), js.get('qemu_channels'), js.get('channel_bytes')))
+        codec = js.get('channel_codec', {})
+        log('send stats: bytes_in %s, channels %s, channel bytes %s, codec pages %s' % (
+            js.get('bytes_in'), js.get('qemu_channels'), js.get('channel_bytes'),
+            codec.get('pages')))
+        if chans:
+            # libvirt leaves multifd-compression at none: rdma-x's page codec
+            check(codec.get('pages', 0) > 0, 'multifd pages not through the codec: %s' % codec)
         # what libvirt told the two QEMUs
         mig = [c for c in src.qmp_sent(since) if c['execute'] == 'migrate']
         inc = [c for c in dst.qmp_sent(since) if c['execute'] == 'migrate-incoming']
