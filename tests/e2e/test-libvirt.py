@@ -30,12 +30,20 @@ image, the guest's workload on, its serial console in a file on each side):
    the two channels to the same path; rdma-x carries them)
 3. the same as 1 with a virtio disk on a non-shared raw image and
    --copy-storage-all --disks-uri unix://<test dir>/nbd.sock: the
-   destination's image (created empty, as libvirt wants it to exist) ends
-   equal to the source's, with what the source QEMU wrote into it.
-Each: the domain runs on the destination and not on the source any more,
-the destination guest's self-check passes (check_dst_verifies), both
+   destination's image (created empty: libvirt makes a missing one only
+   through a storage pool) ends equal to the source's, with what the
+   source QEMU wrote into it.
+4. --parallel capped at 8 MiB/s (--bandwidth 8), cancelled midway by
+   virsh domjobabort: virsh migrate fails, the domain goes on running on
+   the source (its guest's self-check still passing) and not on the
+   destination, both services log the failed migration and stay up.
+5. --parallel again through the same services: completes.
+Each completed one: the domain runs on the destination and not on the
+source any more, the destination guest's self-check passes
+(check_dst_verifies), both
 services report the migration done with the expected number of QEMU
-channels in --stats-json.
+channels in --stats-json; at the end both services' notes read
+done, done, done, failed, done.
 
 libvirt rounds guest RAM up to whole MiB, and QEMU 7.2 TCG loses guest
 writes in migration when RAM is a multiple of 256 KiB
@@ -489,10 +497,59 @@ def run(rig, src, dst):
             dst.virsh('destroy', DOM)
         # the serial files are truncated by the next QEMU on each side
 
+    def aborted(n):
+        """virsh domjobabort in the middle of a --parallel migration capped
+        at 8 MiB/s: virsh migrate fails, the domain keeps running on the
+        source, the services log a failed migration and stay up."""
+        log('migration %d: --parallel, aborted by virsh domjobabort' % n)
+        with open(p('dom-%d.xml' % n), 'w') as f:
+            f.write(domain_xml(rig, False))
+        src.virsh('create', p('dom-%d.xml' % n))
+        sg = SerialGuest(src)
+        wait_for(lambda: len(sg.reports()) >= 3, 40, 'source guest workload reports')
+        mig = subprocess.Popen(['virsh', '-q', '-c', src.uri, 'migrate', '--live', '--p2p', DOM,
+                                dst.uri, '--migrateuri', 'unix://' + MIG_SOCK, '--parallel',
+                                '--parallel-connections', '2', '--bandwidth', '8'],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+        def moving():
+            r = src.virsh('domjobinfo', DOM, ok=False)
+            m = re.search(r'Memory processed:\s+([\d.]+) MiB', r.stdout)
+            return m and float(m.group(1)) > 16
+        try:
+            wait_for(moving, 40, 'the migration to move 16 MiB')
+            src.virsh('domjobabort', DOM)
+            out, _ = mig.communicate(timeout=60)
+        finally:
+            if mig.poll() is None:
+                mig.kill()
+                mig.wait()
+        check(mig.returncode != 0, 'virsh migrate succeeded although aborted')
+        log('virsh migrate: %s' % out.strip().replace('\n', ' | '))
+        st = src.virsh('domstate', DOM).stdout.strip()
+        check(st == 'running', 'source domain %s after the abort' % st)
+        check(DOM not in dst.virsh('list', '--all', '--name').stdout.split(),
+              'the domain is left on the destination')
+        r0 = sg.reports()[-1]['passes']
+        wait_for(lambda: sg.reports()[-1]['passes'] >= r0 + 2, 30, 'the source guest to go on')
+        check(not sg.verify_failures(), 'source guest: %s' % sg.verify_failures()[:3])
+        wait_for(lambda: len(notes(src, 'send.err')) >= n and len(notes(dst, 'recv.err')) >= n,
+                 20, 'both services to finish migration %d' % n)
+        services_up()
+        src.virsh('destroy', DOM)
+        log('migration %d: aborted cleanly, the guest ran on, services up' % n)
+
     migrate(1, [])
     migrate(2, ['--parallel', '--parallel-connections', '2'])
     migrate(3, ['--copy-storage-all', '--disks-uri', 'unix://' + p('nbd.sock')], disk=True)
+    aborted(4)
+    migrate(5, ['--parallel', '--parallel-connections', '2'])
     services_up()
+    for who, s in (('send', src), ('recv', dst)):
+        got = [l.split('note: ')[1] for l in notes(s, who + '.err')]
+        check(got == ['migration %d %s; ready for the next one' %
+                      (i, 'failed' if i == 4 else 'done') for i in range(1, 6)],
+              '%s notes: %s' % (who, got))
 
 
 if __name__ == '__main__':
