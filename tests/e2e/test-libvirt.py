@@ -379,8 +379,14 @@ def run(rig, src, dst):
     tag = os.getpid() % 100000
     va, vb = 'lvs%d' % tag, 'lvd%d' % tag
     subprocess.run(['ip', 'link', 'add', va, 'type', 'veth', 'peer', 'name', vb], check=True)
-    subprocess.run(['ip', 'link', 'set', va, 'netns', str(src.pid)], check=True)
-    subprocess.run(['ip', 'link', 'set', vb, 'netns', str(dst.pid)], check=True)
+    try:
+        subprocess.run(['ip', 'link', 'set', va, 'netns', str(src.pid)], check=True)
+        subprocess.run(['ip', 'link', 'set', vb, 'netns', str(dst.pid)], check=True)
+    except subprocess.CalledProcessError:
+        # still here, not gone with the namespaces: remove the pair
+        subprocess.run(['ip', 'link', 'del', va], stderr=subprocess.DEVNULL)
+        subprocess.run(['ip', 'link', 'del', vb], stderr=subprocess.DEVNULL)
+        raise TestFailure('cannot move the veth pair into the namespaces')
     for s, v in ((src, va), (dst, vb)):
         s.nsrun(['ip', 'addr', 'add', ADDR[s.name] + '/24', 'dev', v])
         s.nsrun(['ip', 'link', 'set', v, 'up'])
