@@ -54,13 +54,15 @@ def body(rig):
     relays = []
 
     def runs_guest(g):
-        # QEMU 7.2 exits when the load fails; while it exits, QMP may not answer.
+        # QEMU 7.2 exits when the load fails; with multifd it was also seen
+        # to stay alive with QMP not answering (recv killed). Neither runs a guest.
         try:
-            g.proc.wait(timeout=10)
+            g.proc.wait(timeout=5)
             return False
         except subprocess.TimeoutExpired:
             pass
         try:
+            g.qmp.sock.settimeout(3)
             return g.status() == 'running'
         except Exception:
             return False
