@@ -255,7 +255,8 @@ static void *farewell_main(void *arg)
 {
     struct rdmax_session *s = arg;
     struct timespec until;
-    bool send;
+    double end = rdmax_now() + FAREWELL_S;
+    bool send, drain;
 
     clock_gettime(CLOCK_REALTIME, &until);
     until.tv_sec += (time_t)FAREWELL_S;
@@ -269,7 +270,23 @@ static void *farewell_main(void *arg)
                 break;
             }
         }
+        /*
+         * The reader quit on the error itself (a corrupt control stream):
+         * nobody reads the control connection now, so wait here for the
+         * peer to close it after our ERROR. Cutting the lanes at once let
+         * their close reach the peer first, and it reported "lane 0:
+         * connection closed" instead of our reason (seen through a relay).
+         */
+        drain = s->farewell_sent && s->reader_running && s->reader_done;
         pthread_mutex_unlock(&s->mu);
+        if (drain) {
+            struct rdmax_conn *c = s->ctrl.conn;
+            uint8_t sink[4096];
+            int r = 0;
+            while ((r == 0 || r == -ETIMEDOUT) && rdmax_now() < end) {
+                r = c->ops->recv(c, sink, sizeof(sink), 100);
+            }
+        }
         rdmax_session_shutdown_all(s);
         pthread_join(s->farewell_send, NULL);
     } else {
