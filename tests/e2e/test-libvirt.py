@@ -33,7 +33,7 @@ image, the guest's workload on, its serial console in a file on each side):
    destination's image (created empty: libvirt makes a missing one only
    through a storage pool) ends equal to the source's, with what the
    source QEMU wrote into it.
-4. --parallel capped at 8 MiB/s (--bandwidth 8), cancelled midway by
+4. capped at 8 MiB/s (--bandwidth 8; main channel only, see aborted()), cancelled midway by
    virsh domjobabort: virsh migrate fails, the domain goes on running on
    the source (its guest's self-check still passing) and not on the
    destination, both services log the failed migration and stay up.
@@ -504,18 +504,22 @@ def run(rig, src, dst):
         # the serial files are truncated by the next QEMU on each side
 
     def aborted(n):
-        """virsh domjobabort in the middle of a --parallel migration capped
-        at 8 MiB/s: virsh migrate fails, the domain keeps running on the
+        """virsh domjobabort in the middle of a migration capped at 8 MiB/s: virsh migrate fails, the domain keeps running on the
         source, the services log a failed migration and stay up."""
-        log('migration %d: --parallel, aborted by virsh domjobabort' % n)
+        log('migration %d: aborted by virsh domjobabort' % n)
         with open(p('dom-%d.xml' % n), 'w') as f:
             f.write(domain_xml(rig, False))
         src.virsh('create', p('dom-%d.xml' % n))
         sg = SerialGuest(src)
         wait_for(lambda: len(sg.reports()) >= 3, 40, 'source guest workload reports')
+        # Not --parallel: QEMU 7.2's destination was seen (1 CI run in 9) to
+        # hang with QMP silent when a multifd migration is cancelled, and
+        # libvirt's Finish then waits on it; the main channel's abort is
+        # what this checks (rdma-x's side of a multifd failure:
+        # test-unix-channels-fault.py).
         mig = subprocess.Popen(['virsh', '-q', '-c', src.uri, 'migrate', '--live', '--p2p', DOM,
-                                dst.uri, '--migrateuri', 'unix://' + MIG_SOCK, '--parallel',
-                                '--parallel-connections', '2', '--bandwidth', '8'],
+                                dst.uri, '--migrateuri', 'unix://' + MIG_SOCK,
+                                '--bandwidth', '8'],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
         def moving():
