@@ -514,14 +514,7 @@ static int wait_turn(struct chan *c)
 
     pthread_mutex_lock(&ch->mu);
     while (ch->connected < c->k && (r = rdmax_session_failed(ch->s)) == 0) {
-        struct timespec until;
-        clock_gettime(CLOCK_REALTIME, &until);
-        until.tv_nsec += 50 * 1000000L;
-        if (until.tv_nsec >= 1000000000L) {
-            until.tv_sec++;
-            until.tv_nsec -= 1000000000L;
-        }
-        pthread_cond_timedwait(&ch->cv, &ch->mu, &until);
+        rdmax_cond_wait_s(&ch->cv, &ch->mu, 0.05);
     }
     pthread_mutex_unlock(&ch->mu);
     return r;
@@ -720,7 +713,6 @@ int rdmax_channels_recv_wait(struct rdmax_channels *ch, unsigned n)
     pthread_mutex_lock(&ch->mu);
     while ((r = rdmax_session_failed(s)) == 0 && (ch->n < n || ch->done < n)) {
         uint64_t bytes = atomic_load_explicit(&s->c.chan_bytes, memory_order_relaxed);
-        struct timespec until;
 
         if (ch->n > n) {
             pthread_mutex_unlock(&ch->mu);
@@ -747,13 +739,7 @@ int rdmax_channels_recv_wait(struct rdmax_channels *ch, unsigned n)
                                            : "QEMU channel %u of %u did not end (silent for %d s)",
                                        k + 1, n, s->o.timeout_ms / 1000);
         }
-        clock_gettime(CLOCK_REALTIME, &until);
-        until.tv_nsec += 100 * 1000000L;
-        if (until.tv_nsec >= 1000000000L) {
-            until.tv_sec++;
-            until.tv_nsec -= 1000000000L;
-        }
-        pthread_cond_timedwait(&ch->cv, &ch->mu, &until);
+        rdmax_cond_wait_s(&ch->cv, &ch->mu, 0.1);
     }
     pthread_mutex_unlock(&ch->mu);
     atomic_store(&s->chan_closed, true);

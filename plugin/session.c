@@ -36,6 +36,18 @@ double rdmax_now(void)
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+void rdmax_cond_wait_s(pthread_cond_t *cv, pthread_mutex_t *mu, double seconds)
+{
+    struct timespec until;
+    long ns;
+
+    clock_gettime(CLOCK_REALTIME, &until);
+    ns = until.tv_nsec + (long)((seconds - (double)(time_t)seconds) * 1e9);
+    until.tv_sec += (time_t)seconds + ns / 1000000000L;
+    until.tv_nsec = ns % 1000000000L;
+    pthread_cond_timedwait(cv, mu, &until);
+}
+
 const char *rdmax_wire_strerror(int err)
 {
     switch (err) {
@@ -1300,17 +1312,8 @@ static void *handshake_main(void *arg)
      */
     while (h.role == RDMAX_ROLE_LANE && !as->have_ctrl && ms_left(p->deadline) > 0 && !p->evicted &&
            !p->closing) {
-        struct timespec until;
-        double d = p->deadline < rdmax_now() + 0.05 ? p->deadline : rdmax_now() + 0.05;
-        clock_gettime(CLOCK_REALTIME, &until);
-        d -= rdmax_now();
-        until.tv_sec += (time_t)d;
-        until.tv_nsec += (long)((d - (double)(time_t)d) * 1e9);
-        if (until.tv_nsec >= 1000000000L) {
-            until.tv_sec++;
-            until.tv_nsec -= 1000000000L;
-        }
-        pthread_cond_timedwait(&as->ctrl_cv, &as->mu, &until);
+        double left = p->deadline - rdmax_now();
+        rdmax_cond_wait_s(&as->ctrl_cv, &as->mu, left < 0.05 ? left : 0.05);
     }
     r = admit(as, c, &h, &lane_mismatch, err, sizeof(err));
     p->hello_ok = r == 0;

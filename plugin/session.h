@@ -151,6 +151,12 @@ struct rdmax_session {
 double rdmax_now(void);
 
 /*
+ * pthread_cond_timedwait for at most `seconds` (> 0) from now: the waits
+ * here re-check their condition, and a session error, in a loop.
+ */
+void rdmax_cond_wait_s(pthread_cond_t *cv, pthread_mutex_t *mu, double seconds);
+
+/*
  * Set up s for one run with options o (copied): transport, timeouts, the
  * PSK, the error machinery. 0 or -errno; an error in the options (say, an
  * unreadable --psk-file) is recorded as the session's error, so run()
