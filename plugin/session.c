@@ -1491,6 +1491,35 @@ static void handshake_start(struct accept_state *as, struct rdmax_conn *c, unsig
 static void accept_end(struct accept_state *as, struct rdmax_listener *l);
 static void *late_accept_main(void *arg);
 
+/*
+ * accept on l (or the auto-mode RDMA listener) failed with r: that one
+ * connection failed, or fds ran out for a moment, so say so and keep
+ * listening. Turned-away clients do not count towards giving up, or a
+ * flood of foreign ones could end the receiver. True when it keeps
+ * failing: the session's error is recorded, stop.
+ */
+static bool accept_failed(struct accept_state *as, struct rdmax_listener *l, int r,
+                          unsigned *errors)
+{
+    struct rdmax_session *s = as->s;
+    const char *why = l->why[0] ? l->why : strerror(-r);
+
+    if (as->alt_l && as->alt_l->why[0]) {
+        why = as->alt_l->why;
+    }
+    fprintf(stderr, "rdma-x: note: accept on %s: %s\n", s->o.addr, why);
+    l->why[0] = '\0';
+    if (as->alt_l) {
+        as->alt_l->why[0] = '\0';
+    }
+    if (r != -ECONNABORTED && ++*errors > 100) {
+        rdmax_session_error(s, r, "accept on %s keeps failing: %s", s->o.addr, strerror(-r));
+        return true;
+    }
+    usleep(20 * 1000);
+    return false;
+}
+
 int rdmax_session_accept(struct rdmax_session *s)
 {
     char host[256], port[32], err[700];
@@ -1578,26 +1607,9 @@ int rdmax_session_accept(struct rdmax_session *s)
             break;
         }
         if (r < 0) {
-            /*
-             * That one connection failed (or fds ran out for a moment): keep
-             * listening. Turned-away clients do not count towards giving up,
-             * or a flood of foreign ones could end the receiver.
-             */
-            const char *why = l->why[0] ? l->why : strerror(-r);
-            if (as->alt_l && as->alt_l->why[0]) {
-                why = as->alt_l->why;
-            }
-            fprintf(stderr, "rdma-x: note: accept on %s: %s\n", s->o.addr, why);
-            l->why[0] = '\0';
-            if (as->alt_l) {
-                as->alt_l->why[0] = '\0';
-            }
-            if (r != -ECONNABORTED && ++accept_errors > 100) {
-                rdmax_session_error(s, r, "accept on %s keeps failing: %s", s->o.addr,
-                                    strerror(-r));
+            if (accept_failed(as, l, r, &accept_errors)) {
                 break;
             }
-            usleep(20 * 1000);
             continue;
         }
         accept_errors = 0;
@@ -1676,15 +1688,9 @@ static void *late_accept_main(void *arg)
             continue;
         }
         if (r < 0) {
-            fprintf(stderr, "rdma-x: note: accept on %s: %s\n", s->o.addr,
-                    as->l->why[0] ? as->l->why : strerror(-r));
-            as->l->why[0] = '\0';
-            if (r != -ECONNABORTED && ++accept_errors > 100) {
-                rdmax_session_error(s, r, "accept on %s keeps failing: %s", s->o.addr,
-                                    strerror(-r));
+            if (accept_failed(as, as->l, r, &accept_errors)) {
                 break;
             }
-            usleep(20 * 1000);
             continue;
         }
         accept_errors = 0;
