@@ -26,28 +26,23 @@ static int run_one(struct rdmax_opts o)
 
     o.qemu_in = STDIN_FILENO;
     o.qemu_out = STDOUT_FILENO;
-    if (o.unix_path) {
+    if (o.unix_path && !o.sender && o.serve) {
+        /* recv.c connects once a sender is in: the next destination QEMU may not exist yet. */
+        o.qemu_in = o.qemu_out = -1;
+    } else if (o.unix_path) {
         /*
          * unix: front end: one socket carries the stream one way and the
          * return path the other, as stdin and stdout do for exec:. Two
          * numbers for it, so the pipeline's dup2 on error closes both.
-         * With --serve, recv connects to QEMU once a sender is in (recv.c):
-         * the next destination QEMU may not exist yet.
          */
-        int fd;
-        if (o.sender) {
-            fd = rdmax_unix_accept(o.unix_listen_fd, o.unix_path);
-        } else if (o.serve) {
-            fd = -2;
-        } else {
-            fd = rdmax_unix_connect(o.unix_path, o.connect_timeout_ms);
-        }
-        if (fd == -1) {
+        int fd = o.sender ? rdmax_unix_accept(o.unix_listen_fd, o.unix_path)
+                          : rdmax_unix_connect(o.unix_path, o.connect_timeout_ms);
+        if (fd < 0) {
             return 1;
         }
-        o.qemu_in = fd < 0 ? -1 : fd;
-        o.qemu_out = fd < 0 ? -1 : dup(fd);
-        if (fd >= 0 && o.qemu_out < 0) {
+        o.qemu_in = fd;
+        o.qemu_out = dup(fd);
+        if (o.qemu_out < 0) {
             fprintf(stderr, "rdma-x: error: dup: %m\n");
             close(fd);
             return 1;

@@ -37,8 +37,9 @@ struct rdmax_mfd_parser {
     enum mfd_state st;
     uint8_t hdr[MFD_HDR_MAX];
     size_t have, need; /* bytes in hdr / wanted there */
-    uint32_t pages_alloc, normal, page_i;
+    uint32_t normal, page_i;
     uint32_t slots; /* offsets per header: the last nonzero pages_alloc */
+    bool compressed; /* the current packet's payload is QEMU's (zlib, zstd, ...) */
     uint32_t block; /* of the current packet; UINT32_MAX: its pages go opaque */
     uint64_t skip;  /* S_SKIP: bytes left */
     uint8_t page[RDMAX_PAGE_SIZE];
@@ -120,7 +121,7 @@ static int piece_done(struct rdmax_mfd_parser *p, const struct rdmax_mfd_sink *k
         return r;
     case S_HDR: {
         uint32_t flags = rdmax_get_be32(h + 8);
-        p->pages_alloc = rdmax_get_be32(h + 12);
+        uint32_t pages_alloc = rdmax_get_be32(h + 12);
         p->normal = rdmax_get_be32(h + 16);
         uint32_t zero = rdmax_get_be32(h + 32); /* 9.0+; 7.2 leaves it 0 */
         if (rdmax_get_be32(h) != MFD_MAGIC || rdmax_get_be32(h + 4) != MFD_VERSION) {
@@ -129,18 +130,14 @@ static int piece_done(struct rdmax_mfd_parser *p, const struct rdmax_mfd_sink *k
         if (flags & MFD_DEVICE_STATE) {
             return go_opaque(p, "multifd device-state packet", k, arg);
         }
-        if (p->pages_alloc) {
-            p->slots = p->pages_alloc;
+        if (pages_alloc) {
+            p->slots = pages_alloc;
         }
         if (p->slots > MFD_PAGES_MAX || p->normal > p->slots || zero > p->slots - p->normal) {
             return go_opaque(p, "multifd packet with out-of-range page counts", k, arg);
         }
-        if (flags & MFD_COMP_MASK) {
-            p->skip = p->normal ? rdmax_get_be32(h + 20) : 0; /* next_packet_size */
-            p->block = UINT32_MAX;
-        } else {
-            p->skip = 0;
-        }
+        p->compressed = (flags & MFD_COMP_MASK) != 0;
+        p->skip = p->compressed && p->normal ? rdmax_get_be32(h + 20) : 0; /* next_packet_size */
         p->need = MFD_HDR_FIXED + MFD_IDSTR + 8u * p->slots;
         p->st = S_HDR2;
         return 0;
@@ -152,10 +149,10 @@ static int piece_done(struct rdmax_mfd_parser *p, const struct rdmax_mfd_sink *k
             return r;
         }
         p->need = MFD_HDR_FIXED;
-        if (p->normal == 0) {
-            p->st = S_HDR;
-        } else if (p->skip || (rdmax_get_be32(h + 8) & MFD_COMP_MASK)) {
+        if (p->compressed) {
             p->st = p->skip ? S_SKIP : S_HDR;
+        } else if (p->normal == 0) {
+            p->st = S_HDR;
         } else {
             p->block = block_id(p, h + MFD_HDR_FIXED);
             p->page_i = 0;
