@@ -67,8 +67,9 @@ import time
 
 sys.dont_write_bytecode = True     # keep the source tree clean
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'lib'))
-from qmp import (REPORT_RE, SKIP, TestFailure, check, check_dst_verifies,  # noqa
-                 free_port, log, run_test, sha256_file, wait_for)
+from qmp import (SKIP, TestFailure, check, check_dst_verifies, parse_reports,  # noqa
+                 free_port, log, parse_verify_failures, run_test, sha256_file,  # noqa
+                 wait_for)
 
 PKGS = ['libvirt-daemon', 'libvirt-daemon-driver-qemu', 'libvirt-clients']
 WORKLOAD = 'rdmax.mode=page-real rdmax.mib=32 rdmax.rate=30 rdmax.report=0.5'
@@ -315,12 +316,10 @@ class SerialGuest:
             return ''
 
     def reports(self):
-        return [dict(t=float(m[0]), passes=int(m[1]), pages=int(m[2]),
-                     mbps=float(m[3]), checked=int(m[4]), bad=int(m[5]))
-                for m in REPORT_RE.findall(self.text())]
+        return parse_reports(self.text())
 
     def verify_failures(self):
-        return [l for l in self.text().splitlines() if 'VERIFY-FAIL' in l]
+        return parse_verify_failures(self.text())
 
 
 def domain_xml(rig, disk):

@@ -24,7 +24,8 @@ import time
 
 sys.dont_write_bytecode = True     # keep the source tree clean
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'lib'))
-from qmp import (check, check_dst_verifies, free_port, is_listening, log,  # noqa
+from qmp import (check, check_dst_verifies, check_keeps_running, check_one_error_line,  # noqa
+                 free_port, is_listening, log,  # noqa
                  run_test, set_caps, set_params, wait_for, wait_migration,
                  wait_status)
 from unixcap import UnixCapture  # noqa
@@ -39,17 +40,10 @@ def body(rig):
     bg = rig.spawn
 
     def one_error_line(name):
-        lines = [l for l in open(p(name)).read().splitlines()
-                 if l.startswith('rdma-x: error:')]
-        check(len(lines) == 1, '%s: expected one error line, got %r' %
-              (name, lines))
-        log('%s: %s' % (name, lines[0]))
+        check_one_error_line(p(name))
 
     def source_keeps_running():
-        r0 = src.reports()[-1]['passes']
-        wait_for(lambda: src.reports()[-1]['passes'] > r0, 20,
-                 'source guest to keep running')
-        check(src.status() == 'running', 'source status ' + src.status())
+        check_keeps_running(src)
 
     relays = []
 

@@ -258,6 +258,17 @@ REPORT_RE = re.compile(r'WORKLOAD-REPORT t=([\d.]+) pass=(\d+) pages=(\d+) '
                        r'mbps=([\d.]+) verify_checked=(\d+) verify_bad=(\d+)')
 
 
+def parse_reports(text):
+    """The guest workload's WORKLOAD-REPORT lines in a serial log, as dicts."""
+    return [dict(t=float(m[0]), passes=int(m[1]), pages=int(m[2]),
+                 mbps=float(m[3]), checked=int(m[4]), bad=int(m[5]))
+            for m in REPORT_RE.findall(text)]
+
+
+def parse_verify_failures(text):
+    return [l for l in text.splitlines() if 'VERIFY-FAIL' in l]
+
+
 def mem_bytes(mem):
     m = re.fullmatch(r'(\d+)([KMG]?)', mem)
     return int(m.group(1)) * {'': 1 << 20, 'K': 1 << 10, 'M': 1 << 20,
@@ -357,13 +368,10 @@ class Guest:
             return ''
 
     def reports(self):
-        return [dict(t=float(m[0]), passes=int(m[1]), pages=int(m[2]),
-                     mbps=float(m[3]), checked=int(m[4]), bad=int(m[5]))
-                for m in REPORT_RE.findall(self.serial_text())]
+        return parse_reports(self.serial_text())
 
     def verify_failures(self):
-        return [l for l in self.serial_text().splitlines()
-                if 'VERIFY-FAIL' in l]
+        return parse_verify_failures(self.serial_text())
 
     def wait_serial(self, needle, timeout=30, count=1):
         def seen():
@@ -686,6 +694,23 @@ def check_dst_verifies(src, dst, sweeps=2, timeout=40):
     rep = dst.reports()[-1]
     check(rep['bad'] == 0, 'destination verify_bad=%d' % rep['bad'])
     log('destination guest verified: %s' % rep)
+
+
+def check_one_error_line(path):
+    """The stderr file of a failed rdma-x has exactly one 'rdma-x: error:' line."""
+    with open(path) as f:
+        lines = [l for l in f.read().splitlines() if l.startswith('rdma-x: error:')]
+    check(len(lines) == 1, '%s: expected one error line, got %r' %
+          (os.path.basename(path), lines))
+    log('%s: %s' % (os.path.basename(path), lines[0]))
+
+
+def check_keeps_running(guest, timeout=20):
+    """The guest's workload makes another pass and QEMU says it runs."""
+    r0 = guest.reports()[-1]['passes']
+    wait_for(lambda: guest.reports()[-1]['passes'] > r0, timeout,
+             '%s guest to keep running' % guest.name)
+    check(guest.status() == 'running', '%s status %s' % (guest.name, guest.status()))
 
 
 def check_rdmax_ok(rig):
