@@ -38,10 +38,10 @@ struct rdmax_mfd_parser {
     uint8_t hdr[MFD_HDR_MAX];
     size_t have, need; /* bytes in hdr / wanted there */
     uint32_t normal, page_i;
-    uint32_t slots; /* offsets per header: the last nonzero pages_alloc */
+    uint32_t slots;  /* offsets per header: the last nonzero pages_alloc */
     bool compressed; /* the current packet's payload is QEMU's (zlib, zstd, ...) */
-    uint32_t block; /* of the current packet; UINT32_MAX: its pages go opaque */
-    uint64_t skip;  /* S_SKIP: bytes left */
+    uint32_t block;  /* of the current packet; UINT32_MAX: its pages go opaque */
+    uint64_t skip;   /* S_SKIP: bytes left */
     uint8_t page[RDMAX_PAGE_SIZE];
     size_t page_have;
     char blocks[MFD_BLOCKS_MAX][MFD_IDSTR];
