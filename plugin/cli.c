@@ -86,6 +86,9 @@ static void usage_sub(FILE *f, bool sender)
                 "                        instead of stdin/stdout (multifd, preempt too)\n"
                 "  --serve               with --listen-unix: carry migration after migration\n"
                 "                        (one at a time) instead of exiting after one\n"
+                "  --listen-disks-unix PATH  with --listen-unix: carry the source QEMU's NBD\n"
+                "                        connections to PATH (storage migration, libvirt\n"
+                "                        --disks-uri unix://PATH) to the receiver too\n"
                 "  --config FILE         options from FILE, one 'name = value' (or 'name')\n"
                 "                        per line, '#' comments; the command line wins\n"
                 "  --lanes N             parallel lanes, 1..%u (default: number of cores)\n"
@@ -127,6 +130,8 @@ static void usage_sub(FILE *f, bool sender)
                    "  --serve               with --connect-unix: carry migration after\n"
                    "                        migration (one at a time); PATH is connected\n"
                    "                        once a sender is in\n"
+                   "  --connect-disks-unix PATH  connect the sender's disk (NBD) connections\n"
+                   "                        to the destination QEMU's NBD server at PATH\n"
                    "  --config FILE         options from FILE, one 'name = value' (or 'name')\n"
                    "                        per line, '#' comments; the command line wins\n"
                    "  --lanes N             refuse senders with another lane count\n"
@@ -339,10 +344,12 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
         O_NO_PACE,
         O_SERVE,
         O_CONFIG,
+        O_DISKS,
     };
     static const struct option send_opts[] = {
         {"to", required_argument, NULL, 't'},
         {"listen-unix", required_argument, NULL, O_UNIX},
+        {"listen-disks-unix", required_argument, NULL, O_DISKS},
         {"lanes", required_argument, NULL, 'l'},
         {"stats-json", required_argument, NULL, O_STATS},
         {"progress", no_argument, NULL, O_PROGRESS},
@@ -364,6 +371,7 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
     static const struct option recv_opts[] = {
         {"listen", required_argument, NULL, 'L'},
         {"connect-unix", required_argument, NULL, O_UNIX},
+        {"connect-disks-unix", required_argument, NULL, O_DISKS},
         {"connect-timeout", required_argument, NULL, O_CTIMEOUT},
         {"lanes", required_argument, NULL, 'l'},
         {"stats-json", required_argument, NULL, O_STATS},
@@ -404,6 +412,9 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
             break; /* read by with_config */
         case O_UNIX:
             o->unix_path = optarg;
+            break;
+        case O_DISKS:
+            o->disks_path = optarg;
             break;
         case 't':
         case 'L':
@@ -507,6 +518,17 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
         fprintf(stderr,
                 "rdma-x: error: --serve needs %s (QEMU's stdin/stdout last one migration)\n",
                 o->sender ? "--listen-unix PATH" : "--connect-unix PATH");
+        return -1;
+    }
+    if (o->sender && o->disks_path && !o->unix_path) {
+        /* QEMU connects its disks before 'migrate' starts an exec: child. */
+        fprintf(stderr, "rdma-x: error: --listen-disks-unix needs --listen-unix (the disks "
+                        "connect before the migration starts, so send must already run)\n");
+        return -1;
+    }
+    if (o->disks_path && o->unix_path && strcmp(o->disks_path, o->unix_path) == 0) {
+        fprintf(stderr, "rdma-x: error: the disks socket and the migration socket are both %s\n",
+                o->unix_path);
         return -1;
     }
     if (o->encrypt && !o->psk_file) {

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "disks.h"
 #include "front-unix.h"
 #include "recv.h"
 #include "send.h"
@@ -137,6 +138,21 @@ int main(int argc, char **argv)
             return 1;
         }
     }
+    /*
+     * Disk (NBD) connections come before the migration and end after it,
+     * so they belong to the process, not to one migration.
+     */
+    struct rdmax_disks *disks = NULL;
+    if (o.disks_path) {
+        if (rdmax_disks_start(&o, &disks) < 0) {
+            if (o.unix_path && o.sender) {
+                close(o.unix_listen_fd);
+                unlink(o.unix_path);
+            }
+            return 1;
+        }
+        o.disks = o.sender ? NULL : disks;
+    }
     for (unsigned n = 1;; n++) {
         status = run_one(o);
         if (!o.serve) {
@@ -144,6 +160,12 @@ int main(int argc, char **argv)
         }
         fprintf(stderr, "rdma-x: note: migration %u %s; ready for the next one\n", n,
                 status == 0 ? "done" : "failed");
+    }
+    if (status != 0) {
+        rdmax_disks_abort(disks); /* nothing will close them now: QEMU's job fails */
+    }
+    if (rdmax_disks_finish(disks) < 0) {
+        status = 1;
     }
     if (o.unix_path && o.sender) {
         close(o.unix_listen_fd);

@@ -21,6 +21,7 @@
 
 #include <openssl/crypto.h>
 
+#include "disks.h"
 #include "intake.h"
 #include "page-cache.h"
 #include "queue.h"
@@ -682,6 +683,8 @@ static int connect_one(struct rdmax_session *s, struct rdmax_wire *w, const char
         snprintf(who, sizeof(who), "%s:%s (lane %u)", host, port, lane);
     } else if (role == RDMAX_ROLE_CHANNEL) {
         snprintf(who, sizeof(who), "%s:%s (QEMU channel %u)", host, port, lane + 1);
+    } else if (role == RDMAX_ROLE_DISK) {
+        snprintf(who, sizeof(who), "%s:%s (disk connection %u)", host, port, lane + 1);
     } else {
         snprintf(who, sizeof(who), "%s:%s", host, port);
     }
@@ -897,6 +900,24 @@ int rdmax_session_connect_channel(struct rdmax_session *s, unsigned k)
     return rdmax_session_failed(s);
 }
 
+int rdmax_session_connect_disk(struct rdmax_session *s, struct rdmax_wire *w, unsigned k, char *err,
+                               size_t err_len)
+{
+    char host[256], port[32];
+
+    if (rdmax_session_failed(s)) {
+        snprintf(err, err_len, "%s", rdmax_session_reason(s));
+        return rdmax_session_failed(s);
+    }
+    if (rdmax_addr_split(s->o.addr, host, sizeof(host), port, sizeof(port), err, err_len) < 0) {
+        return -EINVAL;
+    }
+    if (getrandom(&s->session_id, sizeof(s->session_id), 0) != sizeof(s->session_id)) {
+        s->session_id = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32) ^ k;
+    }
+    return connect_one(s, w, host, port, RDMAX_ROLE_DISK, (uint16_t)k, NULL, err, err_len);
+}
+
 /* Refuse a connection with a reason, without letting it stall the listener. */
 static void refuse(struct rdmax_conn *c, const char *reason)
 {
@@ -983,10 +1004,11 @@ static int server_hello(const struct rdmax_session *s, struct rdmax_wire *w,
     return 0;
 }
 
-/* The client is accepted: AUTH_OK with a PSK, then encryption starts. 0 or the session's error. */
-static int server_accept_ok(struct rdmax_session *s, struct rdmax_wire *w,
-                            const uint8_t *client_nonce, const uint8_t *server_nonce,
-                            uint16_t channel)
+/* The client is accepted: AUTH_OK with a PSK, then encryption starts. 0 or -errno, reason in err.
+ */
+static int server_ok(const struct rdmax_session *s, struct rdmax_wire *w,
+                     const uint8_t *client_nonce, const uint8_t *server_nonce, uint16_t channel,
+                     char *err, size_t err_len)
 {
     int r;
 
@@ -995,14 +1017,53 @@ static int server_accept_ok(struct rdmax_session *s, struct rdmax_wire *w,
     }
     r = rdmax_wire_send(w, RDMAX_F_AUTH_OK, 0, channel, NULL, 0);
     if (r < 0) {
-        return rdmax_session_error(s, r, "handshake with %s: %s", w->conn->peer,
-                                   rdmax_wire_strerror(r));
+        snprintf(err, err_len, "handshake with %s: %s", w->conn->peer, rdmax_wire_strerror(r));
+        return r;
     }
     if ((s->features & RDMAX_FEAT_ENCRYPT) &&
         crypt_setup(s, w, client_nonce, server_nonce, false) < 0) {
-        return rdmax_session_error(s, -EIO, "setting up encryption with %s failed", w->conn->peer);
+        snprintf(err, err_len, "setting up encryption with %s failed", w->conn->peer);
+        return -EIO;
     }
     return 0;
+}
+
+/* server_ok for a connection of the migration: a failure is the session's. */
+static int server_accept_ok(struct rdmax_session *s, struct rdmax_wire *w,
+                            const uint8_t *client_nonce, const uint8_t *server_nonce,
+                            uint16_t channel)
+{
+    char err[400];
+    int r = server_ok(s, w, client_nonce, server_nonce, channel, err, sizeof(err));
+
+    return r < 0 ? rdmax_session_error(s, r, "%s", err) : 0;
+}
+
+/*
+ * A disk connection passed its handshake: it belongs to disks.c from here
+ * (it lives on after this migration), not to the session. The pending slot
+ * lets go of it first.
+ */
+static void disk_commit(struct rdmax_session *s, struct rdmax_wire *w, const struct rdmax_hello *h,
+                        const uint8_t *nonce)
+{
+    struct rdmax_wire *dw = malloc(sizeof(*dw));
+    char err[400];
+
+    if (!dw) {
+        fprintf(stderr, "rdma-x: refused disk connection %u from %s: out of memory\n", h->lane + 1,
+                w->conn->peer);
+        rdmax_wire_destroy(w);
+        return;
+    }
+    *dw = *w;
+    if (server_ok(s, dw, h->nonce, nonce, 0, err, sizeof(err)) < 0) {
+        fprintf(stderr, "rdma-x: refused disk connection %u: %s\n", h->lane + 1, err);
+        rdmax_wire_destroy(dw);
+        free(dw);
+        return;
+    }
+    rdmax_disks_adopt(s->o.disks, dw, h->lane);
 }
 
 /*
@@ -1196,6 +1257,14 @@ static int admit(struct accept_state *as, const struct rdmax_conn *c, const stru
         }
         return 0;
     }
+    if (h->role == RDMAX_ROLE_DISK) {
+        if (!s->o.disks) {
+            snprintf(err, err_len,
+                     "a disk (NBD) connection: this receiver has no --connect-disks-unix");
+            return -EINVAL;
+        }
+        return 0;
+    }
     if (h->role == RDMAX_ROLE_CHANNEL) {
         if (!as->have_ctrl || h->session != s->session_id || !s->peer_channels) {
             snprintf(err, err_len, "QEMU channel connection for no migration in progress");
@@ -1337,6 +1406,13 @@ static void *handshake_main(void *arg)
     }
     pthread_mutex_lock(&as->mu);
     r = admit(as, c, &h, &lane_mismatch, err, sizeof(err));
+    if (r == 0 && h.role == RDMAX_ROLE_DISK) {
+        p->c = NULL;
+        pthread_mutex_unlock(&as->mu);
+        disk_commit(s, &w, &h, nonce);
+        atomic_store(&p->done, true);
+        return NULL;
+    }
     if (r == 0) {
         struct rdmax_wire *into;
         p->c = NULL;                /* the migration's now: never cut off */

@@ -34,6 +34,13 @@ struct rdmax_opts {
     const char *psk_file;   /* --psk-file: mutual authentication */
     bool encrypt;           /* --encrypt: AES-256-GCM frames (needs a PSK) */
     uint64_t cache_max;     /* recv --cache-max: cap on lanes x cache, 0 = default */
+    /* send --listen-disks-unix / recv --connect-disks-unix: NBD storage migration (disks.h) */
+    const char *disks_path;
+    /*
+     * Receiver with disks_path: where its accept loop hands disk
+     * connections (they outlive the migration). Owned by main.c.
+     */
+    struct rdmax_disks *disks;
     /*
      * The QEMU side, set by the caller (main.c: 0 and 1; a test: pipes).
      * Sender: qemu_in carries the stream, qemu_out the return path to
@@ -243,6 +250,15 @@ int rdmax_session_accept(struct rdmax_session *s);
 
 /* Sender: connect QEMU channel k (its own connection, s->chan[k]). 0 or the session's error. */
 int rdmax_session_connect_channel(struct rdmax_session *s, unsigned k);
+
+/*
+ * Sender: connect disk connection k to the receiver into w, with its own
+ * handshake. s is a session of its own (disks.c makes one per disk
+ * connection: a disk outlives migrations); its error state is not touched.
+ * 0, or -errno with the reason in err.
+ */
+int rdmax_session_connect_disk(struct rdmax_session *s, struct rdmax_wire *w, unsigned k,
+                               char *err, size_t err_len);
 
 /*
  * QEMU's socket of channel k: shut down at once (both ways) if the session

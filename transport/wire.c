@@ -265,7 +265,7 @@ int rdmax_hello_decode(const uint8_t *in, size_t len, struct rdmax_hello *h, cha
     h->reserved = rdmax_get_be32(in + 40);
     memcpy(h->nonce, in + RDMAX_HELLO_NONCE, sizeof(h->nonce));
     memcpy(h->mac, in + RDMAX_HELLO_MAC, sizeof(h->mac));
-    if (h->role > RDMAX_ROLE_CHANNEL) {
+    if (h->role > RDMAX_ROLE_DISK) {
         snprintf(err, err_len, "unknown connection role %u", h->role);
         return -EPROTO;
     }
@@ -279,6 +279,10 @@ int rdmax_hello_decode(const uint8_t *in, size_t len, struct rdmax_hello *h, cha
     }
     if (h->role == RDMAX_ROLE_CHANNEL && h->lane >= RDMAX_CHAN_MAX) {
         snprintf(err, err_len, "QEMU channel %u (at most %u)", h->lane, RDMAX_CHAN_MAX);
+        return -EPROTO;
+    }
+    if (h->role == RDMAX_ROLE_DISK && h->lane >= RDMAX_DISK_MAX) {
+        snprintf(err, err_len, "disk connection %u (at most %u)", h->lane, RDMAX_DISK_MAX);
         return -EPROTO;
     }
     if (h->page_size != 4096) {
@@ -309,9 +313,9 @@ int rdmax_hello_decode(const uint8_t *in, size_t len, struct rdmax_hello *h, cha
 const char *rdmax_frame_type_name(unsigned type)
 {
     static const char *const names[] = {
-        "?",    "HELLO",   "HELLO_ACK", "CTRL",      "PAGES",    "RP",
-        "EOF",  "FIN_ACK", "ERROR",     "KEEPALIVE", "RP_EOF",   "LANE_EOF",
-        "AUTH", "AUTH_OK", "LANE_LOAD", "CHAN_DATA", "CHAN_EOF", "CHAN_PAGES",
+        "?",         "HELLO",     "HELLO_ACK", "CTRL",       "PAGES",     "RP",        "EOF",
+        "FIN_ACK",   "ERROR",     "KEEPALIVE", "RP_EOF",     "LANE_EOF",  "AUTH",      "AUTH_OK",
+        "LANE_LOAD", "CHAN_DATA", "CHAN_EOF",  "CHAN_PAGES", "DISK_DATA", "DISK_ZERO", "DISK_EOF",
     };
 
     return type <= RDMAX_F_TYPE_MAX ? names[type] : "?";

@@ -47,6 +47,8 @@
 #define RDMAX_FEAT_KNOWN (RDMAX_FEAT_PSK | RDMAX_FEAT_ENCRYPT | RDMAX_FEAT_CHANNELS)
 /* QEMU channels besides the main one (multifd channels + the preempt channel). */
 #define RDMAX_CHAN_MAX 64u
+/* Disk (NBD) connections open at once (libvirt opens one per migrated disk). */
+#define RDMAX_DISK_MAX 64u
 
 enum rdmax_frame_type {
     RDMAX_F_HELLO = 1,       /* client -> server, first frame of a connection */
@@ -66,7 +68,10 @@ enum rdmax_frame_type {
     RDMAX_F_CHAN_DATA = 15,  /* QEMU channel connection: the next bytes of that channel */
     RDMAX_F_CHAN_EOF = 16,   /* QEMU channel connection: the channel closed, be64 bytes */
     RDMAX_F_CHAN_PAGES = 17, /* QEMU channel connection: the next pages, one lane batch */
-    RDMAX_F_TYPE_MAX = 17,
+    RDMAX_F_DISK_DATA = 18,  /* disk connection: the next bytes of that NBD connection */
+    RDMAX_F_DISK_ZERO = 19,  /* disk connection: be32 n, the next n bytes are zero */
+    RDMAX_F_DISK_EOF = 20,   /* disk connection: this direction closed, be64 bytes */
+    RDMAX_F_TYPE_MAX = 20,
 };
 
 #define RDMAX_FF_ZSTD 0x01 /* payload is (part of) a zstd stream */
@@ -75,6 +80,12 @@ enum rdmax_role {
     RDMAX_ROLE_CONTROL = 0,
     RDMAX_ROLE_LANE = 1,
     RDMAX_ROLE_CHANNEL = 2, /* lane field: the QEMU channel's index, in the source's accept order */
+    /*
+     * A disk (NBD) connection of storage migration (send --listen-disks-unix):
+     * bytes both ways, independent of any migration (it opens before the
+     * migration and closes after it). lane field: its number, for messages.
+     */
+    RDMAX_ROLE_DISK = 3,
 };
 
 struct rdmax_frame_hdr {

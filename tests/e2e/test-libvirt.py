@@ -13,15 +13,16 @@ that namespace), joined by a veth pair:
     listen-unix = /run/rdma-x/migrate.sock   listen = 10.77.0.2:PORT
     to = 10.77.0.2:PORT                      connect-unix = /run/rdma-x/migrate.sock
 
+    listen-disks-unix = /run/rdma-x/nbd.sock connect-disks-unix = /run/rdma-x/nbd.sock
+
 /run/rdma-x/migrate.sock is one path with a different file behind it in
 each namespace, which is what libvirt's unix:// migrateuri needs (it gives
 the same path to the destination QEMU's migrate-incoming and to the
-source's migrate). The daemons' sockets (unix_sock_dir) and the NBD socket
-are in this test's directory, which both namespaces see: virsh and the
-source daemon's p2p connection reach the destination daemon through
-qemu+unix:///system?socket=..., and the NBD connection of
---copy-storage-all goes straight from the source QEMU to the destination
-QEMU (rdma-x does not carry a disks channel).
+source's migrate); so is /run/rdma-x/nbd.sock for --disks-uri (the
+destination QEMU's nbd-server-start, the source QEMU's NBD client). The
+daemons' sockets (unix_sock_dir) are in this test's directory, which both
+namespaces see: virsh and the source daemon's p2p connection reach the
+destination daemon through qemu+unix:///system?socket=....
 
 Migrations, all of the same TCG domain (direct kernel boot of the test
 image, the guest's workload on, its serial console in a file on each side):
@@ -29,10 +30,11 @@ image, the guest's workload on, its serial console in a file on each side):
 2. the same with --parallel --parallel-connections 2 (multifd: QEMU opens
    the two channels to the same path; rdma-x carries them)
 3. the same as 1 with a virtio disk on a non-shared raw image and
-   --copy-storage-all --disks-uri unix://<test dir>/nbd.sock: the
-   destination's image (created empty: libvirt makes a missing one only
-   through a storage pool) ends equal to the source's, with what the
-   source QEMU wrote into it.
+   --copy-storage-all --disks-uri unix:///run/rdma-x/nbd.sock: the NBD
+   connection goes through rdma-x's disks channel (both services report
+   it done, with the image's bytes); the destination's image (created
+   empty: libvirt makes a missing one only through a storage pool) ends
+   equal to the source's, with what the source QEMU wrote into it.
 4. capped at 8 MiB/s (--bandwidth 8; main channel only, see aborted()), cancelled midway by
    virsh domjobabort: virsh migrate fails, the domain goes on running on
    the source (its guest's self-check still passing) and not on the
@@ -75,6 +77,7 @@ PKGS = ['libvirt-daemon', 'libvirt-daemon-driver-qemu', 'libvirt-clients']
 WORKLOAD = 'rdmax.mode=page-real rdmax.mib=32 rdmax.rate=30 rdmax.report=0.5'
 DOM = 'rdmax-lv'
 MIG_SOCK = '/run/rdma-x/migrate.sock'
+NBD_SOCK = '/run/rdma-x/nbd.sock'
 SERIAL = '/var/log/libvirt/qemu/%s-serial.log' % DOM
 IMAGE = '/var/lib/libvirt/images/%s.img' % DOM
 DISK_MIB = 32
@@ -393,11 +396,12 @@ def run(rig, src, dst):
 
     port = free_port()
     with open(p('send.conf'), 'w') as f:
-        f.write('listen-unix = %s\nto = %s:%d\nlanes = 2\nstats-json = %s\n' %
-                (MIG_SOCK, ADDR['dst'], port, p('send.json')))
+        f.write('listen-unix = %s\nlisten-disks-unix = %s\nto = %s:%d\nlanes = 2\n'
+                'stats-json = %s\n' % (MIG_SOCK, NBD_SOCK, ADDR['dst'], port, p('send.json')))
     with open(p('recv.conf'), 'w') as f:
-        f.write('listen = %s:%d\nconnect-unix = %s\nconnect-timeout = 30\n'
-                'stats-json = %s\n' % (ADDR['dst'], port, MIG_SOCK, p('recv.json')))
+        f.write('listen = %s:%d\nconnect-unix = %s\nconnect-disks-unix = %s\n'
+                'connect-timeout = 30\nstats-json = %s\n'
+                % (ADDR['dst'], port, MIG_SOCK, NBD_SOCK, p('recv.json')))
     recv = dst.spawn([rig.rdmax, 'recv', '--serve', '--config', p('recv.conf')], 'recv.err')
     wait_for(lambda: dst.listening(port), 15, 'rdma-x recv to listen in dst')
     send = src.spawn([rig.rdmax, 'send', '--serve', '--config', p('send.conf')], 'send.err')
@@ -411,6 +415,17 @@ def run(rig, src, dst):
         except OSError:
             return []
 
+    def disk_notes(side, name):
+        try:
+            with open(os.path.join(side.dir, name)) as f:
+                return [l.strip() for l in f if 'rdma-x: note: disk connection' in l]
+        except OSError:
+            return []
+
+    def disk_mib(side, name, what):
+        m = re.search(r'([0-9.]+) MiB %s' % what, disk_notes(side, name)[-1])
+        return float(m.group(1)) if m else -1
+
     def services_up():
         for who, pr, s in (('send', send, src), ('recv', recv, dst)):
             if pr.poll() is not None:
@@ -421,8 +436,13 @@ def run(rig, src, dst):
         tag = ' '.join(extra)
         log('migration %d: %s' % (n, tag or 'plain'))
         if disk:
+            # a quarter random, a quarter zeros (written, not a hole: it is
+            # data to QEMU's mirror), half text-like: what a disk holds
+            q = DISK_MIB << 18
+            line = b'rdma-x disk channel test line %08d: the quick brown fox\n'
+            text = b''.join(line % i for i in range(2 * q // len(line) + 1))[:2 * q]
             with open(src.inside(IMAGE), 'wb') as f:
-                f.write(os.urandom(DISK_MIB << 20))
+                f.write(os.urandom(q) + bytes(q) + text)
             # empty, same size: libvirt wants the destination's to exist
             with open(dst.inside(IMAGE), 'wb') as f:
                 f.truncate(DISK_MIB << 20)
@@ -486,8 +506,22 @@ def run(rig, src, dst):
         check(inc[0]['arguments']['uri'] == 'unix:' + MIG_SOCK, 'incoming uri')
         if disk:
             nbd = [c for c in dst.qmp_sent(since) if c['execute'] == 'nbd-server-start']
-            check(nbd and nbd[0]['arguments']['addr']['data']['path'] == p('nbd.sock'),
+            check(nbd and nbd[0]['arguments']['addr']['data']['path'] == NBD_SOCK,
                   'nbd-server-start: %s' % nbd)
+            # the NBD connection went through the disks channel, the whole image
+            for who, s in (('send', src), ('recv', dst)):
+                wait_for(lambda: disk_notes(s, who + '.err'), 20,
+                         '%s to report the disk connection done' % who)
+                log('%s: %s' % (who, disk_notes(s, who + '.err')[-1]))
+            moved = disk_mib(src, 'send.err', 'from QEMU')
+            check(moved >= DISK_MIB * 0.9, 'disks channel carried %.1f MiB of a %d MiB '
+                  'image' % (moved, DISK_MIB))
+            check(disk_mib(dst, 'recv.err', 'to QEMU') == moved,
+                  'the receiver delivered other bytes than the sender took')
+            m = re.search(r'\(([0-9.]+) MiB on the wire\)', disk_notes(src, 'send.err')[-1])
+            wire = float(m.group(1)) if m else -1
+            check(0 < wire < 0.6 * moved, 'disks channel: %.1f MiB on the wire for %.1f MiB '
+                  '(zero runs and text should shrink)' % (wire, moved))
             dst.virsh('destroy', DOM)     # its image closed and flushed
             a, b = sha256_file(src.inside(IMAGE)), sha256_file(dst.inside(IMAGE))
             check(a == b, 'disk images differ: source %s, destination %s' % (a, b))
@@ -550,7 +584,7 @@ def run(rig, src, dst):
 
     migrate(1, [])
     migrate(2, ['--parallel', '--parallel-connections', '2'])
-    migrate(3, ['--copy-storage-all', '--disks-uri', 'unix://' + p('nbd.sock')], disk=True)
+    migrate(3, ['--copy-storage-all', '--disks-uri', 'unix://' + NBD_SOCK], disk=True)
     aborted(4)
     migrate(5, ['--parallel', '--parallel-connections', '2'])
     services_up()
