@@ -6,7 +6,10 @@
 each that then stalls, floods every connection with 4 MiB garbage frames,
 floods the lanes with garbage frames of the largest size a lane may carry,
 or sends a zstd bomb; `rdma-x send` (sending a real QEMU stream) faces a
-receiver that stalls or floods return-path frames. Each must end with exit
+receiver that stalls or floods return-path frames; `rdma-x recv --serve
+--connect-disks-unix` faces a disk connection that sends a zstd bomb, a
+4 GiB zero run or 4 MiB frames (one error line for it, the service stays
+up). Each must end with exit
 1 and one `rdma-x: error:` line, within its timeout, with a peak RSS under
 LIMIT_MIB. What 64 lanes allocate (rings, batch buffers, decoders) is
 about 180 MiB once every byte is touched, as under meson's MALLOC_PERTURB_;
@@ -17,9 +20,11 @@ Usage: test-fault-hostile.py BUILD_DIR
 """
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 sys.dont_write_bytecode = True
@@ -37,6 +42,65 @@ def measured(argv, **kw):
                            stderr=subprocess.PIPE, timeout=60, **kw)
         kib = int(open(t.name).read().strip().splitlines()[-1])
     return r.returncode, r.stderr.decode(errors='replace'), kib / 1024
+
+
+def nbd_sink(path):
+    """A stand-in NBD server (the attack never gets past rdma-x): reads all."""
+    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ls.bind(path)
+    ls.listen(4)
+
+    def run():
+        while True:
+            try:
+                c, _ = ls.accept()
+            except OSError:
+                return
+            threading.Thread(target=lambda: [None for _ in iter(lambda: c.recv(65536), b'')],
+                             daemon=True).start()
+    threading.Thread(target=run, daemon=True).start()
+    return ls
+
+
+def disk_attacks(rdmax, hostile):
+    """recv --serve --connect-disks-unix against a hostile disk connection:
+    one error line for it, the service stays up, memory bounded."""
+    fails = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ls = nbd_sink(os.path.join(tmp, 'nbd.sock'))
+        for mode in ('disk-bomb', 'disk-zero', 'disk-flood'):
+            port = hs.free_port()
+            errf = os.path.join(tmp, mode + '.err')
+            with open(errf, 'w') as ef:
+                r = subprocess.Popen([rdmax, 'recv', '--serve', '--listen', '127.0.0.1:%d' % port,
+                                      '--connect-unix', os.path.join(tmp, 'none.sock'),
+                                      '--connect-disks-unix', os.path.join(tmp, 'nbd.sock')],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=ef)
+            time.sleep(0.3)
+            subprocess.run([hostile, 'send', '127.0.0.1:%d' % port, mode],
+                           stderr=subprocess.DEVNULL, timeout=60)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not ERR.search(open(errf).read()):
+                time.sleep(0.1)
+            alive = r.poll() is None
+            hwm = 0
+            try:
+                for l in open('/proc/%d/status' % r.pid):
+                    if l.startswith('VmHWM:'):
+                        hwm = int(l.split()[1]) / 1024
+            except OSError:
+                pass
+            r.kill()
+            r.wait()
+            errs = ERR.findall(open(errf).read())
+            print('recv --serve vs hostile disk connection (%s): %s, peak %.1f MiB: %s'
+                  % (mode, 'still serving' if alive else 'exited', hwm, errs), flush=True)
+            if not alive or len(errs) != 1 or 'disk connection 1' not in errs[0] or \
+                    hwm > LIMIT_MIB:
+                fails.append('recv/' + mode)
+        ls.close()
+    return fails
 
 
 def main():
@@ -63,6 +127,7 @@ def main():
               % (mode, rc, time.monotonic() - t0, mib, line[0]), flush=True)
         if rc != 1 or not ERR.search(err) or mib > LIMIT_MIB:
             fails.append('recv/' + mode)
+    fails += disk_attacks(rdmax, hostile)
     with tempfile.TemporaryDirectory() as tmp:
         stream = hs.find_stream(tmp)
         for mode in ('stall', 'flood') if stream else ():

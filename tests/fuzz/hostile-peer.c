@@ -13,6 +13,10 @@
  *                may carry (the batch encoder's bound), so they are read
  *         bomb   one CTRL frame: a zstd stream of a QEMU stream header
  *                and 1 GiB of zeros (a decompression bomb)
+ *         disk-bomb  one disk connection (role DISK), then one DISK_DATA
+ *                frame: a zstd frame of 1 GiB of zeros
+ *         disk-zero  one disk connection, then DISK_ZERO claiming 4 GiB
+ *         disk-flood one disk connection, then 4 MiB DISK_DATA frames
  *   rdmax-hostile recv PORT MODE
  *       plays a receiver against `rdma-x send`. MODE:
  *         stall  acknowledge every connection, then read nothing
@@ -141,6 +145,38 @@ static int bomb(void)
     return 0;
 }
 
+/* A disk connection's worst: decompression bomb, absurd zero run, oversized frames. */
+static int disk_attack(void)
+{
+    if (!strcmp(mode, "disk-zero")) {
+        static const uint8_t n[4] = {0xff, 0xff, 0xff, 0xff};
+        return rdmax_wire_send(&conns[0], RDMAX_F_DISK_ZERO, 0, 0, n, sizeof(n));
+    }
+    if (!strcmp(mode, "disk-flood")) {
+        for (int i = 0; i < 64; i++) {
+            if (rdmax_wire_send(&conns[0], RDMAX_F_DISK_DATA, 0, 0, junk, RDMAX_FRAME_MAX) < 0) {
+                break; /* the peer gave up: expected */
+            }
+        }
+        return 0;
+    }
+    /* disk-bomb: one zstd frame, streamed into one wire frame's worth. */
+    size_t chunk = 1 << 20, cap = RDMAX_FRAME_MAX, pos = 0;
+    ZSTD_CCtx *z = ZSTD_createCCtx();
+    uint8_t *in = calloc(1, chunk), *out = malloc(cap);
+    for (size_t done = 0; done < (1ull << 30); done += chunk) {
+        ZSTD_inBuffer ib = {in, chunk, 0};
+        ZSTD_EndDirective e = done + chunk >= (1ull << 30) ? ZSTD_e_end : ZSTD_e_continue;
+        size_t rem;
+        do {
+            ZSTD_outBuffer ob = {out, cap, pos};
+            rem = ZSTD_compressStream2(z, &ob, &ib, e);
+            pos = ob.pos;
+        } while (ib.pos < ib.size || (e == ZSTD_e_end && rem));
+    }
+    return rdmax_wire_send(&conns[0], RDMAX_F_DISK_DATA, RDMAX_FF_ZSTD, 0, out, pos);
+}
+
 int main(int argc, char **argv)
 {
     const struct rdmax_transport_ops *tp = rdmax_transport_find("tcp");
@@ -167,6 +203,23 @@ int main(int argc, char **argv)
             0) {
             fprintf(stderr, "%s\n", err);
             return 1;
+        }
+        if (!strncmp(mode, "disk-", 5)) {
+            struct rdmax_conn *c;
+            if (tp->connect(host, port, &o, &c) < 0) {
+                fprintf(stderr, "rdmax-hostile: connect failed\n");
+                return 1;
+            }
+            rdmax_wire_init(&conns[0], c);
+            nconns = 1;
+            if (hello(&conns[0], RDMAX_F_HELLO, RDMAX_ROLE_DISK, 0, 1, session, 0) < 0 ||
+                expect(&conns[0], RDMAX_F_HELLO_ACK) < 0) {
+                fprintf(stderr, "rdmax-hostile: disk handshake refused\n");
+                return 1;
+            }
+            disk_attack();
+            sleep(2);
+            return 0;
         }
         for (unsigned i = 0; i <= lanes; i++) {
             struct rdmax_conn *c;
