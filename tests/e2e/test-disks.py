@@ -3,7 +3,7 @@
 
 Two QEMU 7.2 TCG guests, each with a raw virtio disk; the destination
 (-incoming defer) serves its empty image over NBD on a unix socket, as
-libvirt does for --copy-storage-all (nbd-server-start, nbd-server-add
+libvirt does for --copy-storage-all (nbd-server-start, block-export-add
 writable). One rdma-x pair for the whole test, as on a managed host:
 
   rdma-x send --serve --listen-unix S --listen-disks-unix SD --to ...
@@ -75,7 +75,8 @@ def body(rig):
         f.truncate(DISK_MIB << 20)
 
     def disk(img):
-        return ['-drive', 'file=%s,format=raw,if=none,id=disk0' % img,
+        return ['-blockdev', 'driver=file,filename=%s,node-name=file0' % img,
+                '-blockdev', 'driver=raw,file=file0,node-name=disk0',
                 '-device', 'virtio-blk-pci,drive=disk0,id=vd0']
 
     src = rig.guest('src', workload=WORKLOAD, extra_args=disk(p('src.img')))
@@ -87,7 +88,8 @@ def body(rig):
 
     def nbd_start():
         dst.qmp.cmd('nbd-server-start', addr={'type': 'unix', 'data': {'path': p('nbd.sock')}})
-        dst.qmp.cmd('nbd-server-add', device='disk0', writable=True)
+        dst.qmp.cmd('block-export-add', **{'type': 'nbd', 'id': 'exp0', 'name': 'disk0',
+                                           'writable': True, 'node-name': 'disk0'})
 
     nbd_start()
     dst.qmp.cmd('migrate-incoming', uri='unix:' + p('qemu-dst.sock'))

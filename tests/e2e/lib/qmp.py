@@ -129,7 +129,9 @@ class QMP:
         line, self.buf = self.buf.split(b'\n', 1)
         return json.loads(line)
 
-    def cmd(self, name, **args):
+    def cmd(self, command, **args):
+        # not "name": block-export-add and others take an argument of that name
+        name = command
         msg = {'execute': name}
         if args:
             msg['arguments'] = args
