@@ -27,11 +27,9 @@
 #include <zstd.h>
 
 #include "be.h"
+#include "disk-codec.h"
 #include "front-unix.h"
 
-#define DISK_CHUNK (256u << 10) /* QEMU bytes per frame at most */
-#define DISK_ZSTD_LEVEL 1       /* a mirror job runs at disk speed: keep up with it */
-#define DISK_SAMPLE 8192u       /* bytes tried first after data that did not compress */
 #define DISK_STACK (256u << 10)
 
 struct disk {
@@ -63,8 +61,6 @@ struct rdmax_disks {
     bool finishing;            /* mu: take no more */
     _Atomic bool any_failed;
 };
-
-static const uint8_t zeros[DISK_CHUNK];
 
 static const char *side(const struct disk *dk)
 {
@@ -121,25 +117,6 @@ static bool disk_failed(struct disk *dk)
     return f;
 }
 
-static bool all_zero(const uint8_t *b, size_t n)
-{
-    const uint64_t *q = (const void *)b;
-    size_t i = 0;
-
-    /* Most data has a non-zero byte in its first words: this returns at once. */
-    for (; i + 8 <= n; i += 8) {
-        if (q[i / 8]) {
-            return false;
-        }
-    }
-    for (; i < n; i++) {
-        if (b[i]) {
-            return false;
-        }
-    }
-    return true;
-}
-
 static int disk_send(struct disk *dk, uint8_t type, uint8_t flags, const void *b, size_t n)
 {
     int r = rdmax_wire_send(dk->w, type, flags, 0, b, n);
@@ -153,75 +130,21 @@ static int disk_send(struct disk *dk, uint8_t type, uint8_t flags, const void *b
     return 0;
 }
 
-/*
- * Bytes that are not a zero run: through zstd when it pays. After data
- * that did not compress, a small sample decides first: a mirror job
- * interleaves chunks from all over the disk, so random data next to text
- * is common, and compressing random data costs more than sending it.
- */
-static int send_data(struct disk *dk, const uint8_t *b, size_t n, ZSTD_CCtx *z, uint8_t *zbuf,
-                     size_t zcap, bool *raw_last)
+/* The encoder's frames go out on the disk's wire. */
+static int frame_out(void *arg, uint8_t type, uint8_t flags, const void *b, size_t n)
 {
-    if (*raw_last && n > 2 * DISK_SAMPLE) {
-        size_t zn = ZSTD_compressCCtx(z, zbuf, zcap, b + n / 2, DISK_SAMPLE, DISK_ZSTD_LEVEL);
-        if (ZSTD_isError(zn) || zn >= DISK_SAMPLE - DISK_SAMPLE / 10) {
-            return disk_send(dk, RDMAX_F_DISK_DATA, 0, b, n);
-        }
-    }
-    size_t zn = ZSTD_compressCCtx(z, zbuf, zcap, b, n, DISK_ZSTD_LEVEL);
-    *raw_last = ZSTD_isError(zn) || zn >= n - n / 10;
-    if (!*raw_last) {
-        return disk_send(dk, RDMAX_F_DISK_DATA, RDMAX_FF_ZSTD, zbuf, zn);
-    }
-    return disk_send(dk, RDMAX_F_DISK_DATA, 0, b, n);
-}
-
-/*
- * One read's worth: every run of whole zero 4 KiB blocks goes as a count
- * (an NBD write of zeroes is a 28-byte header and then such a run), the
- * bytes between as data.
- */
-static int send_chunk(struct disk *dk, const uint8_t *b, size_t n, ZSTD_CCtx *z, uint8_t *zbuf,
-                      size_t zcap, bool *raw_last)
-{
-    size_t start = 0, i = 0;
-
-    while (i + 4096 <= n) {
-        if (!all_zero(b + i, 4096)) {
-            i += 4096;
-            continue;
-        }
-        size_t j = i + 4096;
-        while (j + 4096 <= n && all_zero(b + j, 4096)) {
-            j += 4096;
-        }
-        uint8_t c[4];
-        if (i > start && send_data(dk, b + start, i - start, z, zbuf, zcap, raw_last) < 0) {
-            return -1;
-        }
-        rdmax_put_be32(c, (uint32_t)(j - i));
-        if (disk_send(dk, RDMAX_F_DISK_ZERO, 0, c, sizeof(c)) < 0) {
-            return -1;
-        }
-        start = i = j;
-    }
-    if (start < n && send_data(dk, b + start, n - start, z, zbuf, zcap, raw_last) < 0) {
-        return -1;
-    }
-    return 0;
+    return disk_send(arg, type, flags, b, n);
 }
 
 /* QEMU -> peer, until QEMU closes its side (DISK_EOF) or a failure. */
 static void *up_main(void *arg)
 {
     struct disk *dk = arg;
-    size_t zcap = ZSTD_compressBound(DISK_CHUNK);
-    uint8_t *buf = malloc(DISK_CHUNK), *zbuf = malloc(zcap);
-    ZSTD_CCtx *z = ZSTD_createCCtx();
+    uint8_t *buf = malloc(RDMAX_DISK_CHUNK);
+    struct rdmax_disk_enc *enc = rdmax_disk_enc_create();
     int ka = dk->d->o.timeout_ms / 3 < 200 ? 200 : dk->d->o.timeout_ms / 3;
-    bool raw_last = false;
 
-    if (!buf || !zbuf || !z) {
+    if (!buf || !enc) {
         disk_fail(dk, false, true, "out of memory");
         goto out;
     }
@@ -238,7 +161,7 @@ static void *up_main(void *arg)
             }
             continue;
         }
-        ssize_t got = read(dk->qemu_fd, buf, DISK_CHUNK);
+        ssize_t got = read(dk->qemu_fd, buf, RDMAX_DISK_CHUNK);
         if (got < 0 && errno == EINTR) {
             continue;
         }
@@ -258,13 +181,12 @@ static void *up_main(void *arg)
             break;
         }
         dk->up_bytes += (uint64_t)got;
-        if (send_chunk(dk, buf, (size_t)got, z, zbuf, zcap, &raw_last) < 0) {
+        if (rdmax_disk_enc_chunk(enc, buf, (size_t)got, frame_out, dk) < 0) {
             break;
         }
     }
 out:
-    ZSTD_freeCCtx(z);
-    free(zbuf);
+    rdmax_disk_enc_destroy(enc);
     free(buf);
     return NULL;
 }
@@ -298,19 +220,21 @@ static int qemu_write(struct disk *dk, const uint8_t *b, size_t n)
 /* Peer -> QEMU, until the peer's DISK_EOF (0) or a failure (-1). */
 static int down(struct disk *dk)
 {
-    size_t cap = ZSTD_compressBound(DISK_CHUNK) + RDMAX_TAG_LEN;
-    uint8_t *buf = malloc(cap), *out = malloc(DISK_CHUNK);
-    ZSTD_DCtx *z = ZSTD_createDCtx();
+    size_t cap = ZSTD_compressBound(RDMAX_DISK_CHUNK) + RDMAX_TAG_LEN;
+    uint8_t *buf = malloc(cap);
+    struct rdmax_disk_dec *dec = rdmax_disk_dec_create();
     struct rdmax_frame_hdr h;
     int ret = -1;
 
-    if (!buf || !out || !z) {
+    if (!buf || !dec) {
         disk_fail(dk, false, true, "out of memory");
         goto out;
     }
     for (;;) {
-        const uint8_t *data = buf;
-        size_t len = 0;
+        const uint8_t *data;
+        size_t len;
+        uint64_t sent;
+        char err[300];
         int r = rdmax_wire_recv(dk->w, &h, buf, cap, dk->d->o.timeout_ms);
 
         if (r < 0) {
@@ -323,23 +247,19 @@ static int down(struct disk *dk)
         if (h.type == RDMAX_F_KEEPALIVE) {
             continue;
         }
-        if (h.type == RDMAX_F_DISK_DATA && (h.flags & RDMAX_FF_ZSTD)) {
-            size_t dn = ZSTD_decompressDCtx(z, out, DISK_CHUNK, buf, h.len);
-            if (ZSTD_isError(dn)) {
-                disk_fail(dk, false, true, "corrupt data from the %s: %s", side(dk),
-                          ZSTD_getErrorName(dn));
-                break;
-            }
-            data = out;
-            len = dn;
-        } else if (h.type == RDMAX_F_DISK_DATA && h.len <= DISK_CHUNK) {
-            len = h.len;
-        } else if (h.type == RDMAX_F_DISK_ZERO && h.len == 4 && rdmax_get_be32(buf) != 0 &&
-                   rdmax_get_be32(buf) <= DISK_CHUNK) {
-            data = zeros;
-            len = rdmax_get_be32(buf);
-        } else if (h.type == RDMAX_F_DISK_EOF && h.len == 8) {
-            uint64_t sent = rdmax_get_be64(buf);
+        if (h.type == RDMAX_F_ERROR) {
+            char txt[RDMAX_PEER_TEXT_BUF];
+            disk_fail(dk, false, false, "%s: %s", side(dk),
+                      rdmax_peer_text(txt, sizeof(txt), buf, h.len));
+            break;
+        }
+        r = rdmax_disk_dec_frame(dec, h.type, h.flags, buf, h.len, &data, &len, &sent, err,
+                                 sizeof(err));
+        if (r < 0) {
+            disk_fail(dk, false, true, "from the %s: %s", side(dk), err);
+            break;
+        }
+        if (r == 1) {
             if (sent != dk->down_bytes) {
                 disk_fail(dk, false, true, "the %s sent %llu bytes, %llu arrived", side(dk),
                           (unsigned long long)sent, (unsigned long long)dk->down_bytes);
@@ -349,15 +269,6 @@ static int down(struct disk *dk)
             shutdown(dk->qemu_fd, SHUT_WR);
             ret = 0;
             break;
-        } else if (h.type == RDMAX_F_ERROR) {
-            char txt[RDMAX_PEER_TEXT_BUF];
-            disk_fail(dk, false, false, "%s: %s", side(dk),
-                      rdmax_peer_text(txt, sizeof(txt), buf, h.len));
-            break;
-        } else {
-            disk_fail(dk, false, true, "unexpected %s frame (%u bytes) from the %s",
-                      rdmax_frame_type_name(h.type), h.len, side(dk));
-            break;
         }
         dk->down_bytes += len;
         if (qemu_write(dk, data, len) < 0) {
@@ -365,8 +276,7 @@ static int down(struct disk *dk)
         }
     }
 out:
-    ZSTD_freeDCtx(z);
-    free(out);
+    rdmax_disk_dec_destroy(dec);
     free(buf);
     return ret;
 }
