@@ -20,16 +20,16 @@ Usage: test-fault-hostile.py BUILD_DIR
 """
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(__file__))
 from importlib import import_module  # noqa
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'lib'))
+from qmp import unix_server  # noqa
 
 hs = import_module('test-fault-handshake')
 LIMIT_MIB = 256
@@ -45,21 +45,11 @@ def measured(argv, **kw):
 
 
 def nbd_sink(path):
-    """A stand-in NBD server (the attack never gets past rdma-x): reads all."""
-    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    ls.bind(path)
-    ls.listen(4)
-
-    def run():
-        while True:
-            try:
-                c, _ = ls.accept()
-            except OSError:
-                return
-            threading.Thread(target=lambda: [None for _ in iter(lambda: c.recv(65536), b'')],
-                             daemon=True).start()
-    threading.Thread(target=run, daemon=True).start()
-    return ls
+    """A stand-in NBD server (the attacks never get past rdma-x): reads all."""
+    def drain(c):
+        while c.recv(65536):
+            pass
+    return unix_server(path, drain)
 
 
 def disk_attacks(rdmax, hostile):

@@ -10,34 +10,21 @@ Usage: test-unix-fault.py [RDMAX]
 """
 import os
 import signal
-import socket
 import sys
-import threading
 import time
 
 sys.dont_write_bytecode = True     # keep the source tree clean
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'lib'))
 from qmp import (check, check_keeps_running, check_one_error_line, free_port,  # noqa
-                 is_listening, log, run_test, set_caps, set_params, wait_for,
-                 wait_migration)
+                 is_listening, log, run_test, set_caps, set_params, unix_server,
+                 wait_for, wait_migration)
 
 WORKLOAD = {'mode': 'sparse-random', 'mib': 32, 'rate': 30, 'report': 0.5}
 
 
 def not_qemu(path):
-    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    ls.bind(path)
-    ls.listen(4)
-
-    def run():
-        while True:
-            try:
-                c, _ = ls.accept()
-            except OSError:
-                return
-            c.close()
-    threading.Thread(target=run, daemon=True).start()
-    return ls
+    """Accepts and closes at once."""
+    return unix_server(path, lambda c: c.close())
 
 
 def body(rig):

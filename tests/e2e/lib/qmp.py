@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 
@@ -213,6 +214,25 @@ def is_listening(port):
         except OSError:
             pass
     return False
+
+
+def unix_server(path, on_conn):
+    """A unix socket at path whose every connection goes to on_conn(sock) in
+    a thread of its own (stand-ins for a QEMU or an NBD server); close the
+    returned socket to stop it."""
+    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ls.bind(path)
+    ls.listen(4)
+
+    def run():
+        while True:
+            try:
+                c, _ = ls.accept()
+            except OSError:
+                return
+            threading.Thread(target=on_conn, args=(c,), daemon=True).start()
+    threading.Thread(target=run, daemon=True).start()
+    return ls
 
 
 def wait_for(pred, timeout, what, interval=0.1):
