@@ -19,6 +19,7 @@ void rdmax_cli_usage(FILE *f)
     fprintf(f, "Usage: rdma-x send --to HOST:PORT [OPTIONS]\n"
                "       rdma-x recv --listen ADDR:PORT [OPTIONS]\n"
                "       rdma-x keygen > KEYFILE     (a key for --psk-file: 64 hex digits)\n"
+               "       rdma-x status PATH [--json] (what a --status-socket PATH rdma-x does)\n"
                "       rdma-x --help | --version\n"
                "\n"
                "A QEMU live-migration accelerator. QEMU starts both halves itself:\n"
@@ -111,6 +112,8 @@ static void usage_sub(FILE *f, bool sender)
                 "                        downtime estimate holds (docs/architecture.md)\n"
                 "  --stats-json FILE     write figures as JSON at exit, also on failure\n"
                 "  --progress            a live status line on stderr\n"
+                "  --status-socket PATH  answer 'rdma-x status PATH' (migration in flight,\n"
+                "                        counts, disk connections)\n"
                 "  -h, --help            this help\n",
                 RDMAX_LANES_MAX);
     } else {
@@ -146,6 +149,8 @@ static void usage_sub(FILE *f, bool sender)
                    "                        more (default: min(4G, RAM/4))\n"
                    "  --stats-json FILE     write figures as JSON at exit, also on failure\n"
                    "  --progress            a live status line on stderr\n"
+                   "  --status-socket PATH  answer 'rdma-x status PATH' (migration in flight,\n"
+                   "                        counts, disk connections)\n"
                    "  -h, --help            this help\n");
     }
 }
@@ -345,6 +350,7 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
         O_SERVE,
         O_CONFIG,
         O_DISKS,
+        O_STATUS,
     };
     static const struct option send_opts[] = {
         {"to", required_argument, NULL, 't'},
@@ -353,6 +359,7 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
         {"lanes", required_argument, NULL, 'l'},
         {"stats-json", required_argument, NULL, O_STATS},
         {"progress", no_argument, NULL, O_PROGRESS},
+        {"status-socket", required_argument, NULL, O_STATUS},
         {"transport", required_argument, NULL, O_TRANSPORT},
         {"timeout", required_argument, NULL, O_TIMEOUT},
         {"connect-timeout", required_argument, NULL, O_CTIMEOUT},
@@ -376,6 +383,7 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
         {"lanes", required_argument, NULL, 'l'},
         {"stats-json", required_argument, NULL, O_STATS},
         {"progress", no_argument, NULL, O_PROGRESS},
+        {"status-socket", required_argument, NULL, O_STATUS},
         {"transport", required_argument, NULL, O_TRANSPORT},
         {"timeout", required_argument, NULL, O_TIMEOUT},
         {"psk-file", required_argument, NULL, O_PSK},
@@ -415,6 +423,9 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
             break;
         case O_DISKS:
             o->disks_path = optarg;
+            break;
+        case O_STATUS:
+            o->status_path = optarg;
             break;
         case 't':
         case 'L':

@@ -41,10 +41,10 @@ struct disk {
     bool started;         /* thread runs (d->mu) */
     pthread_mutex_t mu;   /* failed, quiet and the fd/wire shutdowns */
     bool failed, quiet;
-    _Atomic bool up_eof;        /* QEMU closed its sending side and the peer was told */
-    _Atomic bool ended;         /* the relay thread is done; join and free it */
-    uint64_t up_bytes, up_wire; /* up thread; read after the join */
-    uint64_t down_bytes;        /* relay thread */
+    _Atomic bool up_eof;                /* QEMU closed its sending side and the peer was told */
+    _Atomic bool ended;                 /* the relay thread is done; join and free it */
+    _Atomic uint64_t up_bytes, up_wire; /* written by the up thread, read by status too */
+    _Atomic uint64_t down_bytes;        /* written by the relay thread */
     double t0;
     struct disk *next; /* d->list, d->mu */
 };
@@ -60,6 +60,7 @@ struct rdmax_disks {
     bool used[RDMAX_DISK_MAX]; /* sender: numbers of open disk connections (mu) */
     bool finishing;            /* mu: take no more */
     _Atomic bool any_failed;
+    _Atomic unsigned done, failed; /* disk connections that ended (rdma-x status) */
 };
 
 static const char *side(const struct disk *dk)
@@ -359,12 +360,13 @@ static void *relay_main(void *arg)
         disk_fail(dk, true, false, "ended"); /* wakes up if it still waits */
     }
     pthread_join(up, NULL);
+    atomic_fetch_add(disk_failed(dk) || !atomic_load(&dk->up_eof) ? &d->failed : &d->done, 1);
     if (!disk_failed(dk) && atomic_load(&dk->up_eof)) {
         fprintf(stderr,
                 "rdma-x: note: disk connection %u done: %.1f MiB from QEMU (%.1f MiB on the "
                 "wire), %.1f MiB to QEMU, %.1f s\n",
-                dk->k + 1, dk->up_bytes / 1048576.0, dk->up_wire / 1048576.0,
-                dk->down_bytes / 1048576.0, now_s() - dk->t0);
+                dk->k + 1, (double)dk->up_bytes / 1048576.0, (double)dk->up_wire / 1048576.0,
+                (double)dk->down_bytes / 1048576.0, now_s() - dk->t0);
     } else if (!disk_failed(dk)) {
         disk_fail(dk, false, false, "ended before QEMU closed it");
     }
@@ -552,6 +554,45 @@ void rdmax_disks_abort(struct rdmax_disks *d)
         disk_fail(dk, true, false, "the migration failed");
     }
     pthread_mutex_unlock(&d->mu);
+}
+
+void rdmax_disks_report(struct rdmax_disks *d, FILE *f, bool json)
+{
+    bool first = true;
+
+    if (json) {
+        fprintf(f, "{\"done\": %u, \"failed\": %u, \"open\": [", atomic_load(&d->done),
+                atomic_load(&d->failed));
+    } else {
+        fprintf(f, "disk connections: %u done, %u failed", atomic_load(&d->done),
+                atomic_load(&d->failed));
+    }
+    pthread_mutex_lock(&d->mu);
+    for (struct disk *dk = d->list; dk; dk = dk->next) {
+        if (atomic_load(&dk->ended)) {
+            continue;
+        }
+        double mib = 1048576.0;
+        if (json) {
+            fprintf(f,
+                    "%s{\"disk\": %u, \"seconds\": %.1f, \"bytes_from_qemu\": %llu, "
+                    "\"bytes_wire\": %llu, \"bytes_to_qemu\": %llu}",
+                    first ? "" : ", ", dk->k + 1, now_s() - dk->t0,
+                    (unsigned long long)atomic_load(&dk->up_bytes),
+                    (unsigned long long)atomic_load(&dk->up_wire),
+                    (unsigned long long)atomic_load(&dk->down_bytes));
+        } else {
+            fprintf(f,
+                    "\ndisk connection %u: open %.1f s, %.1f MiB from QEMU (%.1f MiB on the "
+                    "wire), %.1f MiB to QEMU",
+                    dk->k + 1, now_s() - dk->t0, (double)atomic_load(&dk->up_bytes) / mib,
+                    (double)atomic_load(&dk->up_wire) / mib,
+                    (double)atomic_load(&dk->down_bytes) / mib);
+        }
+        first = false;
+    }
+    pthread_mutex_unlock(&d->mu);
+    fprintf(f, json ? "]}" : "");
 }
 
 int rdmax_disks_finish(struct rdmax_disks *d)

@@ -15,6 +15,8 @@
 #ifndef RDMAX_DISKS_H
 #define RDMAX_DISKS_H
 
+#include <stdio.h>
+
 #include "session.h"
 
 struct rdmax_disks;
@@ -39,6 +41,12 @@ void rdmax_disks_adopt(struct rdmax_disks *d, struct rdmax_wire *w, unsigned k);
  * their own. Any thread.
  */
 void rdmax_disks_abort(struct rdmax_disks *d);
+
+/*
+ * The disk connections open now and how many ended (rdma-x status): one
+ * JSON object, or text lines (no final newline).
+ */
+void rdmax_disks_report(struct rdmax_disks *d, FILE *f, bool json);
 
 /*
  * Stop accepting, wait until every disk connection has ended, print what

@@ -14,6 +14,7 @@
 #include "recv.h"
 #include "send.h"
 #include "session.h"
+#include "status.h"
 #include "transport.h"
 #include "version.h"
 
@@ -21,7 +22,7 @@
  * One migration: open QEMU's side, run the pipeline, close it again. The
  * exit status, 0 or 1 (the error line is printed).
  */
-static int run_one(struct rdmax_opts o)
+static int run_one(struct rdmax_opts o, struct rdmax_status *st)
 {
     int r, status;
 
@@ -69,8 +70,10 @@ static int run_one(struct rdmax_opts o)
             fprintf(stderr, "rdma-x: error: out of memory\n");
             return 1;
         }
+        rdmax_status_begin(st, rdmax_send_session(p));
         r = rdmax_send_run(p);
         status = rdmax_session_finish(rdmax_send_session(p), r);
+        rdmax_status_end(st, status == 0);
         rdmax_send_destroy(p);
     } else {
         struct rdmax_recv *p;
@@ -78,8 +81,10 @@ static int run_one(struct rdmax_opts o)
             fprintf(stderr, "rdma-x: error: out of memory\n");
             return 1;
         }
+        rdmax_status_begin(st, rdmax_recv_session(p));
         r = rdmax_recv_run(p);
         status = rdmax_session_finish(rdmax_recv_session(p), r);
+        rdmax_status_end(st, status == 0);
         rdmax_recv_destroy(p);
     }
     if (o.unix_path && o.qemu_in >= 0) {
@@ -115,8 +120,12 @@ int main(int argc, char **argv)
     if (strcmp(argv[1], "keygen") == 0) {
         return rdmax_cli_keygen(argc - 1, argv + 1);
     }
+    if (strcmp(argv[1], "status") == 0) {
+        return rdmax_status_cli(argc - 1, argv + 1);
+    }
     if (strcmp(argv[1], "send") != 0 && strcmp(argv[1], "recv") != 0) {
-        fprintf(stderr, "rdma-x: error: unknown command '%s' (expected send, recv or keygen)\n",
+        fprintf(stderr,
+                "rdma-x: error: unknown command '%s' (expected send, recv, status or keygen)\n",
                 argv[1]);
         return 2;
     }
@@ -140,21 +149,26 @@ int main(int argc, char **argv)
     }
     /*
      * Disk (NBD) connections come before the migration and end after it,
-     * so they belong to the process, not to one migration.
+     * so they belong to the process, not to one migration; so does the
+     * status socket.
      */
     struct rdmax_disks *disks = NULL;
-    if (o.disks_path) {
-        if (rdmax_disks_start(&o, &disks) < 0) {
-            if (o.unix_path && o.sender) {
-                close(o.unix_listen_fd);
-                unlink(o.unix_path);
-            }
-            return 1;
+    struct rdmax_status *st = NULL;
+    if ((o.status_path && rdmax_status_start(o.status_path, o.sender, &st) < 0) ||
+        (o.disks_path && rdmax_disks_start(&o, &disks) < 0)) {
+        rdmax_status_stop(st);
+        if (o.unix_path && o.sender) {
+            close(o.unix_listen_fd);
+            unlink(o.unix_path);
         }
+        return 1;
+    }
+    if (disks) {
         o.disks = o.sender ? NULL : disks;
+        rdmax_status_disks(st, disks);
     }
     for (unsigned n = 1;; n++) {
-        status = run_one(o);
+        status = run_one(o, st);
         if (!o.serve) {
             break;
         }
@@ -164,9 +178,11 @@ int main(int argc, char **argv)
     if (status != 0) {
         rdmax_disks_abort(disks); /* nothing will close them now: QEMU's job fails */
     }
+    rdmax_status_disks(st, NULL);
     if (rdmax_disks_finish(disks) < 0) {
         status = 1;
     }
+    rdmax_status_stop(st);
     if (o.unix_path && o.sender) {
         close(o.unix_listen_fd);
         unlink(o.unix_path);

@@ -9,6 +9,7 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "crypt.h"
 #include "lane-codec.h"
@@ -36,6 +37,7 @@ struct rdmax_opts {
     uint64_t cache_max;     /* recv --cache-max: cap on lanes x cache, 0 = default */
     /* send --listen-disks-unix / recv --connect-disks-unix: NBD storage migration (disks.h) */
     const char *disks_path;
+    const char *status_path; /* --status-socket: rdma-x status (status.h, main.c) */
     /*
      * Receiver with disks_path: where its accept loop hands disk
      * connections (they outlive the migration). Owned by main.c.
@@ -285,6 +287,12 @@ void rdmax_keepalive_start(struct rdmax_session *s);
 
 /* Stats (stats.c). */
 void rdmax_stats_write(struct rdmax_session *s, const char *result);
+/* The same figures as one JSON object on f (rdma-x status, status.c); any thread while s runs. */
+void rdmax_stats_json(struct rdmax_session *s, FILE *f, const char *result);
+/* One line of the same: bytes, ratio, pages, tier mix (rdma-x status). */
+void rdmax_stats_summary(struct rdmax_session *s, FILE *f);
+/* Bytes of QEMU's stream and its further channels so far. */
+uint64_t rdmax_stats_qemu_bytes(struct rdmax_session *s);
 void rdmax_progress_start(struct rdmax_session *s);
 void rdmax_progress_final(struct rdmax_session *s);
 

@@ -94,24 +94,13 @@ static void json_tiers(FILE *f, const struct rdmax_lane_stats *t)
             (double)t->encode_ns / 1e9);
 }
 
-void rdmax_stats_write(struct rdmax_session *s, const char *result)
+void rdmax_stats_json(struct rdmax_session *s, FILE *f, const char *result)
 {
     const struct rdmax_counters *c = &s->c;
-    char tmp[4096];
-    FILE *f;
     double secs = rdmax_now() - s->t0;
     uint64_t in = atomic_load(&c->bytes_in);
     uint64_t wire = wire_bytes(s);
 
-    if (!s->o.stats_json) {
-        return;
-    }
-    snprintf(tmp, sizeof(tmp), "%s.tmp", s->o.stats_json);
-    f = fopen(tmp, "w");
-    if (!f) {
-        fprintf(stderr, "rdma-x: warning: cannot write %s\n", s->o.stats_json);
-        return;
-    }
     fprintf(f, "{\n  \"role\": \"%s\",\n", s->o.sender ? "send" : "recv");
     fprintf(f, "  \"result\": ");
     json_string(f, result);
@@ -170,8 +159,58 @@ void rdmax_stats_write(struct rdmax_session *s, const char *result)
         fprintf(f, "}");
     }
     fprintf(f, "%s]\n}\n", s->nlanes ? "\n  " : "");
+}
+
+void rdmax_stats_write(struct rdmax_session *s, const char *result)
+{
+    char tmp[4096];
+    FILE *f;
+
+    if (!s->o.stats_json) {
+        return;
+    }
+    snprintf(tmp, sizeof(tmp), "%s.tmp", s->o.stats_json);
+    f = fopen(tmp, "w");
+    if (!f) {
+        fprintf(stderr, "rdma-x: warning: cannot write %s\n", s->o.stats_json);
+        return;
+    }
+    rdmax_stats_json(s, f, result);
     if (fclose(f) != 0 || rename(tmp, s->o.stats_json) != 0) {
         fprintf(stderr, "rdma-x: warning: cannot write %s\n", s->o.stats_json);
+    }
+}
+
+uint64_t rdmax_stats_qemu_bytes(struct rdmax_session *s)
+{
+    return atomic_load(&s->c.bytes_in) + atomic_load(&s->c.chan_bytes);
+}
+
+void rdmax_stats_summary(struct rdmax_session *s, FILE *f)
+{
+    uint64_t in = atomic_load(&s->c.bytes_in), wire = wire_bytes(s);
+    uint64_t pages = atomic_load(&s->c.pages);
+
+    fprintf(f, "%.1f MiB of stream, %.1f MiB on the wire (ratio %.2f), %llu pages in %u lanes",
+            (double)in / 1048576.0, (double)wire / 1048576.0,
+            wire ? (double)in / (double)wire : 0.0, (unsigned long long)pages, s->nlanes);
+    if (s->o.sender) {
+        struct rdmax_lane_stats t = lanes_total(s);
+        uint64_t n = 0, looked = t.cache_hits + t.cache_misses;
+        for (int k = 0; k < RDMAX_TIER_COUNT; k++) {
+            n += t.tier_pages[k];
+        }
+        fprintf(f, " (");
+        for (int k = 0; k < RDMAX_TIER_COUNT; k++) {
+            fprintf(f, "%s%s %.0f%%", k ? ", " : "", tier_names[k],
+                    n ? 100.0 * (double)t.tier_pages[k] / (double)n : 0.0);
+        }
+        fprintf(f, "; cache hits %.0f%%)",
+                looked ? 100.0 * (double)t.cache_hits / (double)looked : 0.0);
+    }
+    if (atomic_load(&s->c.channels)) {
+        fprintf(f, ", %u QEMU channels (%.1f MiB)", (unsigned)atomic_load(&s->c.channels),
+                (double)atomic_load(&s->c.chan_bytes) / 1048576.0);
     }
 }
 

@@ -11,9 +11,13 @@ migrations (2 channels, return-path):
    migration fails, dst1's guest keeps running, both services stay up.
 3. dst1 -> dst3 through the same services: completes, dst3 verifies.
 Both services log each outcome and are still running at the end.
+`rdma-x status` on their --status-socket: idle before, the migration in
+flight (bytes, rate) during 2, two done and one failed at the end.
 Usage: test-serve.py [RDMAX]
 """
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -35,10 +39,11 @@ def body(rig):
     send_sock, dst_sock = p('send.sock'), p('qemu-dst.sock')
     with open(p('send.conf'), 'w') as f:
         f.write('# the source host\nlisten-unix = %s\nto = 127.0.0.1:%d\n'
-                'lanes = 2\n' % (send_sock, port))
+                'lanes = 2\nstatus-socket = %s\n' % (send_sock, port, p('send.status')))
     with open(p('recv.conf'), 'w') as f:
         f.write('listen = 127.0.0.1:%d\nconnect-unix = %s\n'
-                'connect-timeout = 20   # QEMU may come later\n' % (port, dst_sock))
+                'connect-timeout = 20   # QEMU may come later\n'
+                'status-socket = %s\n' % (port, dst_sock, p('recv.status')))
     recv = rig.spawn([rig.rdmax, 'recv', '--serve', '--config', p('recv.conf')], 'recv.err')
     wait_for(lambda: is_listening(port), 15, 'rdma-x recv to listen')
     send = rig.spawn([rig.rdmax, 'send', '--serve', '--config', p('send.conf')], 'send.err')
@@ -75,6 +80,15 @@ def body(rig):
         services_up()
         log('%d: completed through the services, verified' % n)
 
+    def status(side, json_=True):
+        r = subprocess.run([rig.rdmax, 'status', p(side + '.status')] +
+                           (['--json'] if json_ else []),
+                           capture_output=True, text=True, timeout=10)
+        check(r.returncode == 0, 'rdma-x status %s: %s' % (side, r.stderr))
+        return json.loads(r.stdout) if json_ else r.stdout
+
+    st = status('send')
+    check(st['phase'] == 'waiting for QEMU' and st['migration'] is None, 'idle send: %s' % st)
     src = rig.guest('src', workload=WORKLOAD)
     src.wait_reports(2, timeout=40)
     dst1 = start(src, 'dst1', 64 << 20)
@@ -89,6 +103,15 @@ def body(rig):
         return (i.get('ram', {}).get('multifd-bytes', 0) > 4 << 20 or
                 i['status'] not in ('setup', 'active'))
     wait_for(carrying, 30, 'multifd channels to carry 4 MiB')
+
+    # rdma-x status while it runs: the migration in flight, its bytes and rate
+    def in_flight():
+        st = status('send')
+        m = st.get('migration') or {}
+        return (st['phase'] == 'migrating' and m.get('number') == 2 and
+                m['stats']['channel_bytes'] > 0 and m.get('rate_mib_s', 0) > 0) and st
+    st = wait_for(in_flight, 20, 'rdma-x status to show the migration in flight')
+    log('status during migration 2: %s' % status('send', json_=False).strip().replace('\n', ' | '))
     dst2.kill()
     info, _ = wait_migration(dst1.qmp, 40)
     check(info['status'] == 'failed', 'migration 2: ' + info['status'])
@@ -108,6 +131,10 @@ def body(rig):
                       'migration 2 failed; ready for the next one',
                       'migration 3 done; ready for the next one'],
               '%s: %s' % (name, got))
+    for side in ('send', 'recv'):
+        st = status(side)
+        check(st['migrations_done'] == 2 and st['migrations_failed'] == 1 and
+              st['migration'] is None, '%s status at the end: %s' % (side, st))
     errors = [l for l in open(p('send.err')).read().splitlines() if 'rdma-x: error:' in l]
     check(len(errors) == 1, 'send: one error line (migration 2), got %r' % errors)
     log('services: %s' % errors[0])
