@@ -147,6 +147,10 @@ static void usage_sub(FILE *f, bool sender)
                    "  --busy-poll           rdma: poll completions instead of sleeping\n"
                    "  --cache-max BYTES     refuse senders whose page caches (all lanes) need\n"
                    "                        more (default: min(4G, RAM/4))\n"
+                   "  --host-reserve BYTES  pre-flight: refuse a guest whose RAM and page\n"
+                   "                        caches do not fit in MemAvailable less BYTES\n"
+                   "                        (default 0)\n"
+                   "  --no-preflight        take any guest (overcommitted hosts)\n"
                    "  --stats-json FILE     write figures as JSON at exit, also on failure\n"
                    "  --progress            a live status line on stderr\n"
                    "  --status-socket PATH  answer 'rdma-x status PATH' (migration in flight,\n"
@@ -351,6 +355,8 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
         O_CONFIG,
         O_DISKS,
         O_STATUS,
+        O_HOST_RESERVE,
+        O_NO_PREFLIGHT,
     };
     static const struct option send_opts[] = {
         {"to", required_argument, NULL, 't'},
@@ -389,6 +395,8 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
         {"psk-file", required_argument, NULL, O_PSK},
         {"encrypt", no_argument, NULL, O_ENCRYPT},
         {"cache-max", required_argument, NULL, O_CACHE_MAX},
+        {"host-reserve", required_argument, NULL, O_HOST_RESERVE},
+        {"no-preflight", no_argument, NULL, O_NO_PREFLIGHT},
         {"rdma-pinned-max", required_argument, NULL, O_PINNED},
         {"busy-poll", no_argument, NULL, O_BUSY_POLL},
         {"serve", no_argument, NULL, O_SERVE},
@@ -491,6 +499,15 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
                         optarg);
                 return -1;
             }
+            break;
+        case O_HOST_RESERVE:
+            if (parse_size(optarg, &o->host_reserve) < 0) {
+                fprintf(stderr, "rdma-x: error: --host-reserve takes a size, not '%s'\n", optarg);
+                return -1;
+            }
+            break;
+        case O_NO_PREFLIGHT:
+            o->no_preflight = true;
             break;
         case O_PINNED:
             if (parse_size(optarg, &o->pinned_max) < 0 || o->pinned_max < (1u << 20)) {

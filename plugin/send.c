@@ -737,6 +737,7 @@ int rdmax_send_run(struct rdmax_send *p)
         goto out;
     }
     total = (uint64_t)len;
+    s->guest_ram = ram; /* for the receiver's pre-flight check */
     if (s->o.cache_bytes != UINT64_MAX) {
         s->codec.cache_bytes = s->o.cache_bytes;
     } else {

@@ -639,6 +639,10 @@ static int hello_fill(const struct rdmax_session *s, struct rdmax_hello *h, uint
     h->features = s->features;
     h->cache_bytes = s->codec.cache_bytes;
     h->zstd_level = s->codec.zstd_level;
+    if (s->o.sender && role == RDMAX_ROLE_CONTROL && s->guest_ram) {
+        h->features |= RDMAX_FEAT_GUEST_RAM;
+        h->guest_ram = s->guest_ram;
+    }
     /* Fresh per connection: proofs and keys can never be replayed. */
     if (getrandom(h->nonce, sizeof(h->nonce), 0) != (ssize_t)sizeof(h->nonce)) {
         snprintf(err, err_len, "no randomness for the handshake nonce: %s", strerror(errno));
@@ -1227,6 +1231,53 @@ static void auto_settle(struct accept_state *as, struct rdmax_listener **l)
     fprintf(stderr, "rdma-x: note: transport auto: %s\n", s->tp->name);
 }
 
+/* MemAvailable from /proc/meminfo in bytes, or 0 when it cannot be read. */
+static uint64_t mem_available(void)
+{
+    FILE *f = fopen("/proc/meminfo", "r");
+    char line[256];
+    unsigned long long kib = 0;
+
+    if (!f) {
+        return 0;
+    }
+    while (fgets(line, sizeof(line), f)) {
+        if (sscanf(line, "MemAvailable: %llu kB", &kib) == 1) {
+            break;
+        }
+    }
+    fclose(f);
+    return (uint64_t)kib << 10;
+}
+
+/*
+ * Pre-flight: can this host take the guest? Its RAM (the destination QEMU
+ * fills it as pages arrive) and the page caches must fit in what the host
+ * has available, less --host-reserve. Refused at the handshake, before a
+ * byte of the stream moved, rather than by the OOM killer halfway.
+ */
+static int preflight(const struct rdmax_session *s, const struct rdmax_hello *h, char *err,
+                     size_t err_len)
+{
+    uint64_t need, avail = mem_available();
+
+    if (s->o.no_preflight || !(h->features & RDMAX_FEAT_GUEST_RAM) || avail == 0) {
+        return 0;
+    }
+    need = h->guest_ram + h->cache_bytes * h->lanes;
+    avail = avail > s->o.host_reserve ? avail - s->o.host_reserve : 0;
+    if (need > avail) {
+        snprintf(err, err_len,
+                 "pre-flight: this host cannot take the guest: %.1f GiB of guest RAM and "
+                 "%.1f GiB of page caches, %.1f GiB available (MemAvailable less "
+                 "--host-reserve; recv --no-preflight skips this check)",
+                 (double)h->guest_ram / (1 << 30), (double)(h->cache_bytes * h->lanes) / (1 << 30),
+                 (double)avail / (1 << 30));
+        return -ENOMEM;
+    }
+    return 0;
+}
+
 /*
  * May a connection with this HELLO become part of the migration? Checked
  * before the proofs (to refuse early) and again at the commit. as->mu held.
@@ -1249,6 +1300,9 @@ static int admit(struct accept_state *as, const struct rdmax_conn *c, const stru
                      (unsigned long long)(h->cache_bytes >> 20), h->lanes,
                      (unsigned long long)(as->cache_cap >> 20));
             return -EINVAL;
+        }
+        if (preflight(s, h, err, err_len) < 0) {
+            return -ENOMEM;
         }
         if (s->o.lanes && h->lanes != s->o.lanes) {
             *lane_mismatch = true;

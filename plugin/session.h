@@ -35,6 +35,8 @@ struct rdmax_opts {
     const char *psk_file;   /* --psk-file: mutual authentication */
     bool encrypt;           /* --encrypt: AES-256-GCM frames (needs a PSK) */
     uint64_t cache_max;     /* recv --cache-max: cap on lanes x cache, 0 = default */
+    uint64_t host_reserve;  /* recv --host-reserve: memory the pre-flight leaves to the host */
+    bool no_preflight;      /* recv --no-preflight */
     /* send --listen-disks-unix / recv --connect-disks-unix: NBD storage migration (disks.h) */
     const char *disks_path;
     const char *status_path; /* --status-socket: rdma-x status (status.h, main.c) */
@@ -98,6 +100,7 @@ struct rdmax_session {
     _Atomic bool finishing;     /* the end is acknowledged: the peer may go */
     bool auto_transport;        /* --transport auto: chosen at connect/accept */
     uint32_t features;          /* RDMAX_FEAT_*, from the options; set at start */
+    uint64_t guest_ram;         /* sender: the guest's RAM from the stream (0: unknown) */
     uint8_t psk[RDMAX_PSK_MAX]; /* set at start, read-only */
     size_t psk_len;             /* 0: no --psk-file */
 

@@ -227,7 +227,7 @@ void rdmax_hello_encode(uint8_t out[RDMAX_HELLO_LEN], const struct rdmax_hello *
     rdmax_put_be32(out + 24, h->features);
     rdmax_put_be64(out + 28, h->cache_bytes);
     rdmax_put_be32(out + 36, (uint32_t)h->zstd_level);
-    rdmax_put_be32(out + 40, h->reserved);
+    rdmax_put_be64(out + 40, h->features & RDMAX_FEAT_GUEST_RAM ? h->guest_ram : 0);
     memcpy(out + RDMAX_HELLO_NONCE, h->nonce, sizeof(h->nonce));
     memcpy(out + RDMAX_HELLO_MAC, h->mac, sizeof(h->mac));
 }
@@ -262,7 +262,7 @@ int rdmax_hello_decode(const uint8_t *in, size_t len, struct rdmax_hello *h, cha
     h->features = rdmax_get_be32(in + 24);
     h->cache_bytes = rdmax_get_be64(in + 28);
     h->zstd_level = (int32_t)rdmax_get_be32(in + 36);
-    h->reserved = rdmax_get_be32(in + 40);
+    h->guest_ram = rdmax_get_be64(in + 40);
     memcpy(h->nonce, in + RDMAX_HELLO_NONCE, sizeof(h->nonce));
     memcpy(h->mac, in + RDMAX_HELLO_MAC, sizeof(h->mac));
     if (h->role > RDMAX_ROLE_DISK) {
@@ -290,8 +290,13 @@ int rdmax_hello_decode(const uint8_t *in, size_t len, struct rdmax_hello *h, cha
         return -EPROTO;
     }
     /* Reserved bytes must be 0, so a later version can give them a meaning. */
-    if (rdmax_get_be32(in + 40) != 0 || rdmax_get_be32(in + 44) != 0) {
+    if (!(h->features & RDMAX_FEAT_GUEST_RAM) && h->guest_ram != 0) {
         snprintf(err, err_len, "reserved handshake fields are not zero");
+        return -EPROTO;
+    }
+    if (h->guest_ram > (1ull << 46)) {
+        snprintf(err, err_len, "guest RAM of %llu bytes (at most 64 TiB)",
+                 (unsigned long long)h->guest_ram);
         return -EPROTO;
     }
     if (h->features & ~RDMAX_FEAT_KNOWN) {

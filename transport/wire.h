@@ -44,7 +44,13 @@
  * tells the receiver to keep listening for them after the lanes.
  */
 #define RDMAX_FEAT_CHANNELS 0x4u
-#define RDMAX_FEAT_KNOWN (RDMAX_FEAT_PSK | RDMAX_FEAT_ENCRYPT | RDMAX_FEAT_CHANNELS)
+/*
+ * The control HELLO carries the guest's RAM size (bytes 40..47, else
+ * reserved), for the receiver's pre-flight check. Sender only, not matched.
+ */
+#define RDMAX_FEAT_GUEST_RAM 0x8u
+#define RDMAX_FEAT_KNOWN                                                                           \
+    (RDMAX_FEAT_PSK | RDMAX_FEAT_ENCRYPT | RDMAX_FEAT_CHANNELS | RDMAX_FEAT_GUEST_RAM)
 /* QEMU channels besides the main one (multifd channels + the preempt channel). */
 #define RDMAX_CHAN_MAX 64u
 /* Disk (NBD) connections open at once (libvirt opens one per migrated disk). */
@@ -107,9 +113,9 @@ struct rdmax_hello {
     uint32_t features;
     uint64_t cache_bytes;
     int32_t zstd_level;
-    uint32_t reserved;
-    uint8_t nonce[32]; /* fresh random per connection and side */
-    uint8_t mac[32];   /* HELLO_ACK with a PSK: the server's proof, else 0 */
+    uint64_t guest_ram; /* with RDMAX_FEAT_GUEST_RAM: the guest's RAM in bytes, else 0 */
+    uint8_t nonce[32];  /* fresh random per connection and side */
+    uint8_t mac[32];    /* HELLO_ACK with a PSK: the server's proof, else 0 */
 };
 
 struct rdmax_crypt;

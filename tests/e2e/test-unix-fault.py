@@ -6,6 +6,9 @@
    both rdma-x halves exit nonzero with one 'rdma-x: error:' line.
 2. recv killed (SIGKILL) mid-migration with a real destination QEMU: the
    migration fails, the source guest keeps running, send exits nonzero.
+3. pre-flight: recv --host-reserve larger than the host: the sender is
+   refused at the handshake with the reason (guest RAM, caches, what is
+   available), the migration fails, the source guest keeps running.
 Usage: test-unix-fault.py [RDMAX]
 """
 import os
@@ -82,6 +85,30 @@ def body(rig):
     one_error_line('send2.err')
     check_keeps_running(src)
     log('2: failed cleanly, source guest running')
+
+    # 3. pre-flight: the destination host cannot hold the guest
+    # (no destination QEMU needed: nothing gets that far; a socket that holds on)
+    held = unix_server(p('held.sock'), lambda c: c.recv(1))
+    port = free_port()
+    recv = bg([rig.rdmax, 'recv', '--listen', '127.0.0.1:%d' % port,
+               '--connect-unix', p('held.sock'), '--host-reserve', '100000G'], 'recv3.err')
+    wait_for(lambda: is_listening(port), 15, 'rdma-x recv to listen')
+    send = bg([rig.rdmax, 'send', '--listen-unix', p('send3.sock'),
+               '--to', '127.0.0.1:%d' % port], 'send3.err')
+    wait_for(lambda: os.path.exists(p('send3.sock')), 10, 'send socket')
+    src.qmp.cmd('migrate', uri='unix:' + p('send3.sock'))
+    info, _ = wait_migration(src.qmp, 40)
+    check(info['status'] == 'failed', 'migration 3: ' + info['status'])
+    check(send.wait(timeout=20) != 0, 'rdma-x send exited 0')
+    one_error_line('send3.err')
+    err = open(p('send3.err')).read()
+    check('pre-flight: this host cannot take the guest' in err and 'GiB of guest RAM' in err,
+          'send3: the reason: %s' % err)
+    check(recv.poll() is None, 'recv exited on a refused sender')   # it still waits for one
+    recv.kill()
+    held.close()
+    check_keeps_running(src)
+    log('3: refused at the handshake, source guest running')
 
 
 if __name__ == '__main__':

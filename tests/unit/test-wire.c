@@ -186,6 +186,33 @@ Test(wire, hello_roundtrip)
     cr_assert_eq(g.zstd_level, -1);
 }
 
+Test(wire, hello_carries_the_guest_ram_only_with_its_feature_bit)
+{
+    struct rdmax_hello h = good_hello(), g;
+    uint8_t b[RDMAX_HELLO_LEN];
+    char err[200];
+
+    h.features |= RDMAX_FEAT_GUEST_RAM;
+    h.guest_ram = 17ull << 30;
+    rdmax_hello_encode(b, &h);
+    cr_assert_eq(rdmax_hello_decode(b, sizeof(b), &g, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(g.guest_ram, 17ull << 30);
+
+    /* Without the bit the field is reserved: not sent, and refused when set. */
+    h.features &= ~RDMAX_FEAT_GUEST_RAM;
+    rdmax_hello_encode(b, &h);
+    cr_assert_eq(rdmax_hello_decode(b, sizeof(b), &g, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(g.guest_ram, 0);
+    b[47] = 1;
+    cr_assert_eq(rdmax_hello_decode(b, sizeof(b), &g, err, sizeof(err)), -EPROTO);
+
+    h.features |= RDMAX_FEAT_GUEST_RAM;
+    h.guest_ram = (1ull << 46) + 1; /* more than any host */
+    rdmax_hello_encode(b, &h);
+    cr_assert_eq(rdmax_hello_decode(b, sizeof(b), &g, err, sizeof(err)), -EPROTO);
+    cr_assert_not_null(strstr(err, "64 TiB"), "%s", err);
+}
+
 Test(wire, hello_refuses_mismatches_with_reasons)
 {
     struct rdmax_hello h, g;
