@@ -103,12 +103,49 @@ struct rdmax_transport_ops {
      */
     int (*recv)(struct rdmax_conn *c, void *buf, size_t len, int timeout_ms);
 
+    /*
+     * Receive by lending (optional: NULL in a transport without its own
+     * receive buffer; wire.c then reads with recv into a buffer of its own).
+     *
+     * rx_next: make the next len bytes of the stream readable in place, in
+     * one piece, and point *p at them; within timeout_ms (-1: forever) in
+     * all. Consumes nothing: calling it again with a larger len (say, the
+     * header first, then header + payload) extends the same loan, and *p
+     * may move then (earlier pointers are void). The bytes belong to the
+     * transport; the receiving thread borrows them until rx_release (or
+     * the next rx_next) and may modify them in place (decrypt). They lie
+     * in the transport's own memory: a socket buffer (tcp) or a
+     * registered receive slot (rdma; a bounce buffer when the bytes span
+     * slots). Returns 0, -EMSGSIZE when len is more than the transport
+     * can lend at once (RDMAX_RX_LEND_MAX; nothing is consumed, the
+     * connection is then unusable for framing), -ECONNRESET when the peer
+     * closed before len bytes came, -ETIMEDOUT, or another -errno.
+     *
+     * rx_release: the receiving thread is done with the first len bytes
+     * of the loan (len <= the last rx_next's); they are consumed and the
+     * transport may reuse their memory (tcp: read over it; rdma: re-post
+     * the slot and return its credit). Any pointer from rx_next is void.
+     *
+     * recv and rx_next may be mixed on one connection, but not while a
+     * loan is outstanding: recv first hands out what rx_next read ahead.
+     */
+    int (*rx_next)(struct rdmax_conn *c, size_t len, uint8_t **p, int timeout_ms);
+    void (*rx_release)(struct rdmax_conn *c, size_t len);
+
     /* Wake any thread blocked in send/recv on c; they return -ECONNRESET. */
     void (*shutdown)(struct rdmax_conn *c);
 
     /* Free the connection. Accepts NULL. No other thread may be inside c. */
     void (*close)(struct rdmax_conn *c);
 };
+
+/*
+ * The most rx_next lends at once: a whole frame (wire.h RDMAX_FRAME_MAX
+ * plus its header) with room to spare. Memory grows to what the caller
+ * asks for, and the wire asks only after checking a frame's length
+ * against its own cap, so a peer cannot make it grow past that.
+ */
+#define RDMAX_RX_LEND_MAX ((size_t)(4u << 20) + 4096u)
 
 extern const struct rdmax_transport_ops rdmax_tcp_ops;
 #ifdef RDMAX_HAVE_RDMA
