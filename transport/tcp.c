@@ -304,10 +304,10 @@ static int tcp_connect(const char *host, const char *port, const struct rdmax_tr
 static int tcp_send(struct rdmax_conn *base, const struct iovec *iov, int iovcnt)
 {
     struct tcp_conn *c = tcp_conn_of(base);
-    struct iovec v[16];
+    struct iovec v[RDMAX_CONN_IOV_MAX];
     int n = iovcnt;
 
-    if (n > 16) {
+    if (n > RDMAX_CONN_IOV_MAX) {
         return -EINVAL;
     }
     memcpy(v, iov, sizeof(*iov) * n);

@@ -89,9 +89,12 @@ struct rdmax_transport_ops {
                    struct rdmax_conn **out);
 
     /*
-     * Send all bytes of iov as one unit (one wire frame). Blocks while the
-     * peer applies back-pressure. The iov buffers are only read until
-     * return. Returns 0, or -ECONNRESET/-EPIPE/-ETIMEDOUT/... on failure.
+     * Send all bytes of iov (at most RDMAX_CONN_IOV_MAX entries) as one
+     * unit (one wire frame). Blocks while the peer applies back-pressure.
+     * The iov buffers are the caller's; they are only read until return
+     * (tcp: the kernel has copied them; rdma: into registered send slots).
+     * Returns 0, -EINVAL for too many entries, or
+     * -ECONNRESET/-EPIPE/-ETIMEDOUT/... on failure.
      */
     int (*send)(struct rdmax_conn *c, const struct iovec *iov, int iovcnt);
 
@@ -138,6 +141,9 @@ struct rdmax_transport_ops {
     /* Free the connection. Accepts NULL. No other thread may be inside c. */
     void (*close)(struct rdmax_conn *c);
 };
+
+/* Entries of one send(): a frame header, a batch header, a run per page, and spare. */
+#define RDMAX_CONN_IOV_MAX 80
 
 /*
  * The most rx_next lends at once: a whole frame (wire.h RDMAX_FRAME_MAX

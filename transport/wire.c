@@ -104,14 +104,14 @@ int rdmax_frame_hdr_decode(const uint8_t in[RDMAX_FRAME_HDR], struct rdmax_frame
 int rdmax_wire_sendv(struct rdmax_wire *w, uint8_t type, uint8_t flags, uint16_t channel,
                      const struct iovec *iov, int iovcnt)
 {
-    struct iovec v[8];
+    struct iovec v[RDMAX_WIRE_IOV_MAX + 1];
     uint8_t hdr[RDMAX_FRAME_HDR];
     struct rdmax_frame_hdr h = {.type = type, .flags = flags, .channel = channel};
     uint32_t crc;
     size_t len = 0, wire_len;
     int r;
 
-    if (iovcnt > 7) {
+    if (iovcnt > RDMAX_WIRE_IOV_MAX) {
         return -EINVAL;
     }
     for (int i = 0; i < iovcnt; i++) {

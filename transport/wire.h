@@ -138,7 +138,13 @@ int rdmax_frame_hdr_decode(const uint8_t in[RDMAX_FRAME_HDR], struct rdmax_frame
  */
 void rdmax_wire_crypt_start(struct rdmax_wire *w, struct rdmax_crypt *tx, struct rdmax_crypt *rx);
 
-/* Send one frame (payload from iov). Thread-safe. 0 or -errno. */
+/* Payload entries of one frame: the connection's, less the frame header's. */
+#define RDMAX_WIRE_IOV_MAX (RDMAX_CONN_IOV_MAX - 1)
+
+/*
+ * Send one frame (payload from iov, at most RDMAX_WIRE_IOV_MAX entries,
+ * only read until return). Thread-safe. 0 or -errno (-EINVAL: too many).
+ */
 int rdmax_wire_sendv(struct rdmax_wire *w, uint8_t type, uint8_t flags, uint16_t channel,
                      const struct iovec *iov, int iovcnt);
 int rdmax_wire_send(struct rdmax_wire *w, uint8_t type, uint8_t flags, uint16_t channel,
