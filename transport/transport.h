@@ -3,8 +3,10 @@
  *
  * Every transport (tcp.c, rdma.c) exports one const ops table, listed in
  * transport.c. The data path above it (transport/wire.c) speaks in whole
- * frames for sending and exact byte counts for receiving, so a transport may
- * be a byte stream (TCP) or a message transport (RDMA SEND/RECV) underneath.
+ * frames for sending (gathered from the caller's iovecs) and in exact byte
+ * counts for receiving, either copied out (recv) or lent in place from the
+ * transport's own memory (rx_next/rx_release), so a transport may be a byte
+ * stream (TCP) or a message transport (RDMA SEND/RECV) underneath.
  *
  * Threads: one connection is used by at most one sending thread and at most
  * one receiving thread at a time (the wire layer serialises senders with its
