@@ -100,7 +100,14 @@ struct rdmax_lane_encoder {
     unsigned n, nfull;
     uint8_t *desc; /* DESC_MAX: the descriptor part being built */
     size_t desc_len;
-    uint8_t *full; /* FULL_MAX: full pages of this batch */
+    uint8_t *full; /* FULL_MAX: full pages of this batch copied by add() */
+    /*
+     * Where each FULL page of this batch lies, in order: in full[], or
+     * the caller's own page when add_ref() took a reference (the caller
+     * keeps it unchanged until the batch is sent). nref: how many do.
+     */
+    const uint8_t *fullp[RDMAX_BATCH_MAX_PAGES];
+    unsigned nref;
     uint32_t prev_block;
     uint64_t prev_index;
     size_t delta_cap; /* a delta above this goes FULL */
@@ -237,6 +244,7 @@ static void enc_reset_batch(struct rdmax_lane_encoder *e)
 {
     e->n = 0;
     e->nfull = 0;
+    e->nref = 0;
     e->desc_len = 0;
     e->prev_block = 0;
     e->prev_index = UINT64_MAX; /* "-1": the first page's expected index is 0 */
@@ -296,14 +304,19 @@ void rdmax_lane_encoder_destroy(struct rdmax_lane_encoder *e)
     free(e);
 }
 
-int rdmax_lane_encoder_add(struct rdmax_lane_encoder *e, struct rdmax_page_key key,
-                           const uint8_t *page)
+/*
+ * by_ref: the caller offers to keep page until the batch is sent. Returns
+ * 1 when the encoder took the offer, 0 when it copied what it needs.
+ */
+static int enc_add(struct rdmax_lane_encoder *e, struct rdmax_page_key key, const uint8_t *page,
+                   bool by_ref)
 {
     uint64_t index = key.offset / PS;
     uint8_t *d, tag;
     const uint8_t *old = NULL;
     size_t h = 0;
     enum rdmax_page_tier tier;
+    int ref = 0;
 
     if (e->n == RDMAX_BATCH_MAX_PAGES) {
         return -ENOSPC;
@@ -369,7 +382,19 @@ int rdmax_lane_encoder_add(struct rdmax_lane_encoder *e, struct rdmax_page_key k
             } else if (e->cache) {
                 slot = rdmax_page_cache_store(e->cache, key, NULL);
             }
-            rdmax_page_copy(e->full + (size_t)e->nfull * PS, page);
+            /*
+             * A batch that will likely go raw leaves its pages from where
+             * the caller has them (flush_iov gathers them if it compresses
+             * after all); else they are copied now, while cache-hot.
+             */
+            if (by_ref && (e->level <= 0 || e->full_skip > 0)) {
+                e->fullp[e->nfull] = page;
+                e->nref++;
+                ref = 1;
+            } else {
+                e->fullp[e->nfull] = e->full + (size_t)e->nfull * PS;
+                rdmax_page_copy(e->full + (size_t)e->nfull * PS, page);
+            }
             e->nfull++;
             if (slot) { /* NULL: a cache of capacity 0 */
                 rdmax_page_copy(slot, page);
@@ -387,7 +412,33 @@ int rdmax_lane_encoder_add(struct rdmax_lane_encoder *e, struct rdmax_page_key k
     } else {
         e->stats.cache_misses++;
     }
-    return 0;
+    return ref;
+}
+
+int rdmax_lane_encoder_add(struct rdmax_lane_encoder *e, struct rdmax_page_key key,
+                           const uint8_t *page)
+{
+    return enc_add(e, key, page, false);
+}
+
+int rdmax_lane_encoder_add_ref(struct rdmax_lane_encoder *e, struct rdmax_page_key key,
+                               const uint8_t *page)
+{
+    return enc_add(e, key, page, true);
+}
+
+/* Copy the FULL pages add_ref() left where they were into full[]: it holds them all then. */
+static void enc_gather(struct rdmax_lane_encoder *e)
+{
+    for (unsigned i = 0; e->nref && i < e->nfull; i++) {
+        uint8_t *dst = e->full + (size_t)i * PS;
+
+        if (e->fullp[i] != dst) {
+            rdmax_page_copy(dst, e->fullp[i]);
+            e->fullp[i] = dst;
+            e->nref--;
+        }
+    }
 }
 
 unsigned rdmax_lane_encoder_pending(const struct rdmax_lane_encoder *e)
@@ -433,7 +484,45 @@ static void enc_adapt(struct rdmax_lane_encoder *e)
     e->win_full_in = e->win_full_out = 0;
 }
 
+/*
+ * The raw full-page part as iov[1..): one entry per run of pages that lie
+ * back to back (all of full[] when add() copied them), appended to *iovcnt.
+ * When the runs need more than iov_max entries, they are gathered into
+ * full[] first.
+ */
+static void enc_full_iov(struct rdmax_lane_encoder *e, struct iovec *iov, int iov_max, int *iovcnt)
+{
+    int n;
+
+    for (;;) {
+        n = *iovcnt;
+        for (unsigned i = 0; i < e->nfull && n <= iov_max; i++) {
+            if (n > *iovcnt &&
+                (const uint8_t *)iov[n - 1].iov_base + iov[n - 1].iov_len == e->fullp[i]) {
+                iov[n - 1].iov_len += PS;
+                continue;
+            }
+            if (n < iov_max) {
+                iov[n].iov_base = (void *)e->fullp[i];
+                iov[n].iov_len = PS;
+            }
+            n++;
+        }
+        if (n <= iov_max || e->nref == 0) {
+            break;
+        }
+        enc_gather(e); /* now one run */
+    }
+    *iovcnt = n;
+}
+
 ssize_t rdmax_lane_encoder_flush_iov(struct rdmax_lane_encoder *e, struct iovec iov[2], int *iovcnt)
+{
+    return rdmax_lane_encoder_flush_iovs(e, iov, 2, iovcnt);
+}
+
+ssize_t rdmax_lane_encoder_flush_iovs(struct rdmax_lane_encoder *e, struct iovec *iov, int iov_max,
+                                      int *iovcnt)
 {
     size_t full_raw = (size_t)e->nfull * PS;
     size_t desc_len = e->desc_len, full_len = full_raw, pos, z;
@@ -488,6 +577,7 @@ ssize_t rdmax_lane_encoder_flush_iov(struct rdmax_lane_encoder *e, struct iovec 
         if (e->full_skip && !probe) {
             e->full_skip--;
         } else {
+            enc_gather(e);
             z = enc_try_zstd(e, out + pos, e->full, full_raw, level, 16);
             e->win_full_in += full_raw;
             e->win_full_out += z ? z : full_raw;
@@ -507,12 +597,11 @@ ssize_t rdmax_lane_encoder_flush_iov(struct rdmax_lane_encoder *e, struct iovec 
         iov[0].iov_len = pos + full_len;
         *iovcnt = 1;
     } else {
-        /* Raw pages leave from where add() put them. */
+        /* Raw pages leave from where add() put them or add_ref() found them. */
         iov[0].iov_len = pos;
-        iov[1].iov_base = e->full;
-        iov[1].iov_len = full_raw;
-        *iovcnt = full_raw ? 2 : 1;
+        *iovcnt = 1;
         if (full_raw) {
+            enc_full_iov(e, iov, iov_max, iovcnt);
             e->stats.full_raw_batches++;
         }
     }
@@ -547,7 +636,7 @@ ssize_t rdmax_lane_encoder_flush_iov(struct rdmax_lane_encoder *e, struct iovec 
 
 ssize_t rdmax_lane_encoder_flush(struct rdmax_lane_encoder *e, uint8_t *out, size_t cap)
 {
-    struct iovec iov[2];
+    struct iovec iov[RDMAX_LANE_IOV_MAX];
     int n;
     ssize_t len;
     size_t pos = 0;
@@ -555,7 +644,7 @@ ssize_t rdmax_lane_encoder_flush(struct rdmax_lane_encoder *e, uint8_t *out, siz
     if (cap < rdmax_lane_encoder_bound()) {
         return -EMSGSIZE;
     }
-    len = rdmax_lane_encoder_flush_iov(e, iov, &n);
+    len = rdmax_lane_encoder_flush_iovs(e, iov, RDMAX_LANE_IOV_MAX, &n);
     for (int i = 0; i < n; i++) {
         memcpy(out + pos, iov[i].iov_base, iov[i].iov_len);
         pos += iov[i].iov_len;

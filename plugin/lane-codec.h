@@ -89,6 +89,19 @@ void rdmax_lane_encoder_destroy(struct rdmax_lane_encoder *e);
 int rdmax_lane_encoder_add(struct rdmax_lane_encoder *e, struct rdmax_page_key key,
                            const uint8_t *page);
 
+/*
+ * As add(), but the caller offers to keep page readable and unchanged
+ * until the batch that holds it was sent (until it is done with the iov
+ * of the flush_iovs() that ends the batch, or that flush's return for the
+ * other flushes). Returns 1 when the encoder took the offer: a FULL page
+ * of a batch that is likely to go raw then leaves from page itself, not
+ * from a copy (flush gathers it when the batch compresses after all).
+ * Returns 0 when the encoder needs page no longer than add() does (the
+ * caller may release it now), or add()'s errors.
+ */
+int rdmax_lane_encoder_add_ref(struct rdmax_lane_encoder *e, struct rdmax_page_key key,
+                               const uint8_t *page);
+
 /* Pages queued in the current batch. */
 unsigned rdmax_lane_encoder_pending(const struct rdmax_lane_encoder *e);
 
@@ -107,11 +120,25 @@ ssize_t rdmax_lane_encoder_flush(struct rdmax_lane_encoder *e, uint8_t *out, siz
  * Encode the current batch and start a new one, without copying it out:
  * iov[0..*iovcnt) (at most 2) point at the batch in the encoder's own
  * buffers, valid until the next add() or flush on e. A raw full-page part
- * goes out from where add() put the pages. Returns the batch length, 0 when
+ * goes out from where add() put the pages (pages add_ref() left in place
+ * are gathered: see flush_iovs). Returns the batch length, 0 when
  * no page is pending (*iovcnt is then 0).
  */
 ssize_t rdmax_lane_encoder_flush_iov(struct rdmax_lane_encoder *e, struct iovec iov[2],
                                      int *iovcnt);
+
+/* The most entries flush_iovs() needs: the header and descriptor, then one per FULL page. */
+#define RDMAX_LANE_IOV_MAX (1 + (int)RDMAX_BATCH_MAX_PAGES)
+
+/*
+ * As flush_iov, into iov[0..iov_max) (iov_max >= 2): iov[0] the header,
+ * the descriptor part and a compressed full-page part; a raw full-page
+ * part follows as one entry per run of pages lying back to back (in the
+ * encoder's buffer, or where add_ref() found them), gathered into the
+ * encoder's buffer when the runs would need more than iov_max entries.
+ */
+ssize_t rdmax_lane_encoder_flush_iovs(struct rdmax_lane_encoder *e, struct iovec *iov, int iov_max,
+                                      int *iovcnt);
 
 /*
  * The level the pipe's controller chose (plugin/level.h): -1 uncached (FULL

@@ -163,19 +163,19 @@ static void *lane_main(void *arg)
      * make each of 64 lanes hold a 4 MiB frame.
      */
     size_t cap = rdmax_lane_encoder_bound() + RDMAX_TAG_LEN;
-    uint8_t *buf = malloc(cap + 1);
     struct rdmax_frame_hdr h;
+    uint8_t *buf;
 
-    if (!buf) {
-        rdmax_session_error(s, -ENOMEM, "out of memory");
-        return NULL;
-    }
+    /*
+     * Each frame is decoded where the transport received it (a loan,
+     * rdmax_wire_recv_lend), and given back once its pages are copied out.
+     */
     for (;;) {
         double t0 = rdmax_now();
         int r;
         /* The sender's keep-alives reach every lane: silence is a dead lane. */
         do {
-            r = rdmax_wire_recv(w, &h, buf, cap, s->o.timeout_ms);
+            r = rdmax_wire_recv_lend(w, &h, &buf, cap, s->o.timeout_ms);
         } while (r == 0 && h.type == RDMAX_F_KEEPALIVE);
         if (r < 0) {
             rdmax_session_error(s, r, "lane %u from %s: %s", l->idx, w->conn->peer,
@@ -213,8 +213,9 @@ static void *lane_main(void *arg)
                                 rdmax_frame_type_name(h.type));
             break;
         }
+        rdmax_wire_recv_release(w);
     }
-    free(buf);
+    rdmax_wire_recv_release(w);
     return NULL;
 }
 

@@ -71,6 +71,18 @@ struct send_lane {
         peer_bound_seen; /* ... a LANE_LOAD saying bound came since the main thread looked */
 
     bool dirty; /* main thread: pages committed since the last kick */
+
+    /*
+     * Lane thread only: intake blocks whose pages the pending batch sends
+     * from where they lie (rdmax_lane_encoder_add_ref took them), one entry
+     * per run of such pages from one block, with its count of references.
+     * They are dropped once the batch was sent (or the lane ends).
+     */
+    struct {
+        struct rdmax_in_block *blk;
+        unsigned n;
+    } held[RDMAX_BATCH_MAX_PAGES];
+    unsigned nheld;
 };
 
 /* The pipe's codec level (level.h): chosen by the main thread, applied by the lanes. */
@@ -148,19 +160,44 @@ static int ctrl_append(struct rdmax_send *p, const uint8_t *b, size_t n)
     return 0;
 }
 
+_Static_assert(RDMAX_LANE_IOV_MAX <= RDMAX_WIRE_IOV_MAX, "a batch's iovecs fit one frame");
+
+/* The pages of the batch just sent (or abandoned) need their blocks no more. */
+static void lane_drop_held(struct send_lane *l)
+{
+    for (unsigned i = 0; i < l->nheld; i++) {
+        rdmax_in_block_drop_n(l->held[i].blk, l->held[i].n);
+    }
+    l->nheld = 0;
+}
+
+static void lane_hold(struct send_lane *l, struct rdmax_in_block *b)
+{
+    if (l->nheld && l->held[l->nheld - 1].blk == b) {
+        l->held[l->nheld - 1].n++;
+        return;
+    }
+    l->held[l->nheld].blk = b; /* at most one entry per page of the batch */
+    l->held[l->nheld].n = 1;
+    l->nheld++;
+}
+
 static int lane_send_batch(struct send_lane *l)
 {
     struct rdmax_session *s = &l->p->s;
-    struct iovec iov[2];
+    struct iovec iov[RDMAX_LANE_IOV_MAX];
     int iovcnt;
-    ssize_t n = rdmax_lane_encoder_flush_iov(l->enc, iov, &iovcnt);
+    ssize_t n = rdmax_lane_encoder_flush_iovs(l->enc, iov, RDMAX_LANE_IOV_MAX, &iovcnt);
     int r;
 
     if (n <= 0) {
+        lane_drop_held(l);
         return 0;
     }
     double t0 = rdmax_now();
+    /* Raw pages go from the intake blocks straight into the transport. */
     r = rdmax_wire_sendv(&s->lane[l->idx], RDMAX_F_PAGES, 0, (uint16_t)(l->idx + 1), iov, iovcnt);
+    lane_drop_held(l);
     atomic_fetch_add_explicit(&l->p->link_ns_total, (uint64_t)((rdmax_now() - t0) * 1e9),
                               memory_order_relaxed);
     atomic_fetch_add_explicit(&l->p->wire_total, (uint64_t)n, memory_order_relaxed);
@@ -178,9 +215,19 @@ static int lane_send_batch(struct send_lane *l)
  * no page is held back while nothing else moves. It sleeps until it can
  * fill its batch rather than waking for every page.
  */
+static void lane_run(struct send_lane *l);
+
 static void *lane_main(void *arg)
 {
     struct send_lane *l = arg;
+
+    lane_run(l);
+    lane_drop_held(l); /* a failed run's batch: its blocks go back all the same */
+    return NULL;
+}
+
+static void lane_run(struct send_lane *l)
+{
     struct rdmax_session *s = &l->p->s;
     uint64_t pages = 0;
     uint8_t eof[8];
@@ -191,7 +238,7 @@ static void *lane_main(void *arg)
         struct page_slot *sl = rdmax_ring_peek_at(&l->ring, 0);
 
         if (rdmax_session_failed(s)) {
-            return NULL;
+            return;
         }
         rdmax_lane_encoder_set_level(l->enc,
                                      atomic_load_explicit(&l->p->pipe_level, memory_order_relaxed));
@@ -200,13 +247,13 @@ static void *lane_main(void *arg)
         }
         if (!sl) {
             if (rdmax_ring_aborted(&l->ring)) {
-                return NULL;
+                return;
             }
             if (rdmax_ring_closed_and_empty(&l->ring)) {
                 break;
             }
             if (rdmax_ring_kicked(&l->ring) && lane_send_batch(l) < 0) {
-                return NULL;
+                return;
             }
             continue;
         }
@@ -219,7 +266,13 @@ static void *lane_main(void *arg)
         struct rdmax_in_block *run = NULL;
         unsigned run_n = 0, taken = 0;
         do {
-            rdmax_lane_encoder_add(l->enc, sl->key, sl->data); /* copies the page */
+            if (rdmax_lane_encoder_add_ref(l->enc, sl->key, sl->data) == 1) {
+                /* The page leaves from its block: hold it until the batch is sent. */
+                lane_hold(l, sl->blk);
+                taken++;
+                continue;
+            }
+            /* Copied (or not needed): drop the reference with the others of its block. */
             if (sl->blk != run) {
                 if (run_n) {
                     rdmax_in_block_drop_n(run, run_n);
@@ -231,15 +284,17 @@ static void *lane_main(void *arg)
             taken++;
         } while (rdmax_lane_encoder_pending(l->enc) < RDMAX_BATCH_MAX_PAGES &&
                  (sl = rdmax_ring_peek_at(&l->ring, taken)));
-        rdmax_in_block_drop_n(run, run_n);
+        if (run_n) {
+            rdmax_in_block_drop_n(run, run_n);
+        }
         rdmax_ring_release_n(&l->ring, taken);
         pages += taken;
         if (rdmax_lane_encoder_pending(l->enc) == RDMAX_BATCH_MAX_PAGES && lane_send_batch(l) < 0) {
-            return NULL;
+            return;
         }
     }
     if (lane_send_batch(l) < 0) {
-        return NULL;
+        return;
     }
     for (int i = 0; i < 8; i++) {
         eof[i] = (uint8_t)(pages >> (56 - 8 * i));
@@ -250,7 +305,7 @@ static void *lane_main(void *arg)
         rdmax_session_error(s, r, "lane %u: %s", l->idx,
                             rdmax_conn_strerror(s->lane[l->idx].conn, r));
     }
-    return NULL;
+    return;
 }
 
 /* The return path to QEMU, in pieces that never block past an error. */

@@ -200,8 +200,20 @@ struct rdma_conn {
      * sending thread (it copies into it without the lock) until posted, then
      * to the HCA until its completion pushes it back. A receive slot belongs
      * to the HCA while posted, then (through ready) to the receiving thread,
-     * which copies out of it without the lock and re-posts it when empty.
+     * which copies out of it without the lock (recv) or lends it in place
+     * (rx_next, until rx_release) and re-posts it when empty.
      */
+
+    /*
+     * rx_next's bounce buffer, for a loan that spans receive slots (a frame
+     * longer than what is left of the head slot): owned by the receiving
+     * thread, no lock. bounced: the loan is bounce[0..bounce_len), already
+     * consumed from the slots; else the loan lies in the head slot from
+     * ready_off on and nothing is consumed until rx_release.
+     */
+    uint8_t *bounce;
+    size_t bounce_cap, bounce_len;
+    bool bounced;
 };
 
 struct rdma_listener {
@@ -525,6 +537,7 @@ static void rdma_conn_free(struct rdma_conn *c)
     free(c->send_free);
     free(c->ready);
     free(c->recv_len);
+    free(c->bounce);
     close(c->wake_fd);
     pthread_cond_destroy(&c->cond);
     pthread_mutex_destroy(&c->lock);
@@ -1725,6 +1738,116 @@ static int rdma_op_recv(struct rdmax_conn *base, void *buf, size_t len, int time
     return r;
 }
 
+/* Until a receive slot holds data (0), or the error recv would return. */
+static int rdma_rx_wait_locked(struct rdma_conn *c, int64_t deadline)
+{
+    int r;
+
+    for (;;) {
+        if (c->shut) {
+            return -ECONNRESET;
+        }
+        if (c->ready_count == 0) {
+            r = rdma_progress_locked(c);
+            if (r < 0 && c->ready_count == 0) {
+                return r;
+            }
+        }
+        if (c->ready_count > 0) {
+            return 0;
+        }
+        if (c->error) {
+            return c->error;
+        }
+        if (c->state != RDMA_CONN_CONNECTED) {
+            return -ECONNRESET;
+        }
+        r = rdma_wait_locked(c, deadline);
+        if (r < 0 && (r == -ETIMEDOUT || c->ready_count == 0)) {
+            return r;
+        }
+    }
+}
+
+static int rdma_op_rx_next(struct rdmax_conn *base, size_t len, uint8_t **out, int timeout_ms)
+{
+    struct rdma_conn *c = rdma_conn_of(base);
+    int r;
+
+    if (len > RDMAX_RX_LEND_MAX) {
+        return -EMSGSIZE;
+    }
+    if (!c->bounced) {
+        pthread_mutex_lock(&c->lock);
+        r = rdma_rx_wait_locked(c, rdma_deadline(timeout_ms));
+        if (r == 0) {
+            unsigned slot = c->ready[c->ready_head];
+
+            if (c->recv_len[slot] - c->ready_off >= len) {
+                /* In place: the head slot stays the receiving thread's until rx_release. */
+                *out = rdma_recv_slot(c, slot) + c->ready_off;
+                pthread_mutex_unlock(&c->lock);
+                return 0;
+            }
+        }
+        pthread_mutex_unlock(&c->lock);
+        if (r < 0) {
+            return r;
+        }
+        /* Longer than the head slot's rest: gather it (recv consumes from ready_off on). */
+        c->bounced = true;
+        c->bounce_len = 0;
+    }
+    if (c->bounce_cap < len) {
+        uint8_t *b = realloc(c->bounce, len);
+
+        if (!b) {
+            return -ENOMEM;
+        }
+        c->bounce = b;
+        c->bounce_cap = len;
+    }
+    if (c->bounce_len < len) {
+        r = rdma_op_recv(base, c->bounce + c->bounce_len, len - c->bounce_len, timeout_ms);
+        if (r < 0) {
+            return r;
+        }
+        c->bounce_len = len;
+    }
+    *out = c->bounce;
+    return 0;
+}
+
+static void rdma_op_rx_release(struct rdmax_conn *base, size_t len)
+{
+    struct rdma_conn *c = rdma_conn_of(base);
+    unsigned slot;
+
+    if (c->bounced) {
+        /* Its slots went back when the bytes were gathered. */
+        if (len < c->bounce_len) {
+            memmove(c->bounce, c->bounce + len, c->bounce_len - len);
+            c->bounce_len -= len;
+        } else {
+            c->bounced = false;
+            c->bounce_len = 0;
+        }
+        return;
+    }
+    pthread_mutex_lock(&c->lock);
+    if (len > 0 && c->ready_count > 0) {
+        slot = c->ready[c->ready_head];
+        c->ready_off += len;
+        if (c->ready_off >= c->recv_len[slot]) {
+            c->ready_head = (c->ready_head + 1) % c->n_recv;
+            c->ready_count--;
+            c->ready_off = 0;
+            rdma_repost_locked(c, slot);
+        }
+    }
+    pthread_mutex_unlock(&c->lock);
+}
+
 static void rdma_op_shutdown(struct rdmax_conn *base)
 {
     struct rdma_conn *c = rdma_conn_of(base);
@@ -1779,6 +1902,8 @@ const struct rdmax_transport_ops rdmax_rdma_ops = {
     .connect = rdma_op_connect,
     .send = rdma_op_send,
     .recv = rdma_op_recv,
+    .rx_next = rdma_op_rx_next,
+    .rx_release = rdma_op_rx_release,
     .shutdown = rdma_op_shutdown,
     .close = rdma_op_close,
 };

@@ -34,9 +34,31 @@
 #define TCP_NOTSENT_LOWAT_BYTES (256u << 10)
 #define TCP_DEFAULT_RCVBUF (1u << 20) /* the kernel doubles it */
 
+/*
+ * rx_next reads what it was asked for and at most TCP_RX_AHEAD bytes more
+ * (the next frame's header, a few small frames), all in one recv() when the
+ * socket holds them: one call per frame instead of a header and a payload
+ * read. The bytes read ahead move to the front when the frame is released,
+ * so every frame starts at the front (where the cache is warm) and the
+ * buffer grows only to the largest frame plus TCP_RX_AHEAD (from
+ * TCP_RX_BUF up): a lane holds about what it did when it read each frame
+ * into a buffer of its own.
+ */
+#define TCP_RX_AHEAD 4096u
+#define TCP_RX_BUF (64u << 10)
+
 struct tcp_conn {
     struct rdmax_conn base; /* first: container_of by cast */
-    int fd;
+    int fd;                 /* set at create; shutdown() may act on it from any thread */
+    /*
+     * Receive buffer of rx_next/rx_release and recv: owned by the receiving
+     * thread, no lock. Bytes [rx_head, rx_tail) came from the socket and
+     * are not consumed yet; the first ones are on loan between rx_next and
+     * rx_release. Allocated at the first rx_next, freed by close.
+     */
+    uint8_t *rx;
+    size_t rx_cap;
+    size_t rx_head, rx_tail;
 };
 
 struct tcp_listener {
@@ -282,10 +304,10 @@ static int tcp_connect(const char *host, const char *port, const struct rdmax_tr
 static int tcp_send(struct rdmax_conn *base, const struct iovec *iov, int iovcnt)
 {
     struct tcp_conn *c = tcp_conn_of(base);
-    struct iovec v[16];
+    struct iovec v[RDMAX_CONN_IOV_MAX];
     int n = iovcnt;
 
-    if (n > 16) {
+    if (n > RDMAX_CONN_IOV_MAX) {
         return -EINVAL;
     }
     memcpy(v, iov, sizeof(*iov) * n);
@@ -318,6 +340,21 @@ static int tcp_recv(struct rdmax_conn *base, void *buf, size_t len, int timeout_
     int64_t deadline = timeout_ms < 0 ? 0 : now_ms() + timeout_ms;
     uint8_t *p = buf;
 
+    if (c->rx_tail > c->rx_head) {
+        /* What rx_next read ahead comes first. */
+        size_t k = c->rx_tail - c->rx_head;
+
+        if (k > len) {
+            k = len;
+        }
+        memcpy(p, c->rx + c->rx_head, k);
+        c->rx_head += k;
+        if (c->rx_head == c->rx_tail) {
+            c->rx_head = c->rx_tail = 0;
+        }
+        p += k;
+        len -= k;
+    }
     while (len > 0) {
         struct pollfd pfd = {.fd = c->fd, .events = POLLIN};
         int64_t left = timeout_ms < 0 ? -1 : deadline - now_ms();
@@ -348,6 +385,103 @@ static int tcp_recv(struct rdmax_conn *base, void *buf, size_t len, int timeout_
     return 0;
 }
 
+/* Room for len + TCP_RX_AHEAD bytes from rx_head on: move the unconsumed bytes to the front, or
+ * grow. */
+static int tcp_rx_room(struct tcp_conn *c, size_t len)
+{
+    size_t have = c->rx_tail - c->rx_head, want = len + TCP_RX_AHEAD;
+
+    if (c->rx_head + want <= c->rx_cap) {
+        return 0;
+    }
+    if (want > c->rx_cap) {
+        size_t cap = c->rx_cap ? c->rx_cap : TCP_RX_BUF;
+        uint8_t *b;
+
+        while (cap < want) {
+            cap *= 2;
+        }
+        /* Not realloc: it would copy (and touch) the whole old buffer, not the few bytes held. */
+        b = malloc(cap);
+        if (!b) {
+            return -ENOMEM;
+        }
+        if (have) {
+            memcpy(b, c->rx + c->rx_head, have);
+        }
+        free(c->rx);
+        c->rx = b;
+        c->rx_cap = cap;
+    } else if (c->rx_head && have) {
+        memmove(c->rx, c->rx + c->rx_head, have);
+    }
+    c->rx_head = 0;
+    c->rx_tail = have;
+    return 0;
+}
+
+static int tcp_rx_next(struct rdmax_conn *base, size_t len, uint8_t **out, int timeout_ms)
+{
+    struct tcp_conn *c = tcp_conn_of(base);
+    int64_t deadline = timeout_ms < 0 ? 0 : now_ms() + timeout_ms;
+    int r;
+
+    if (len > RDMAX_RX_LEND_MAX) {
+        return -EMSGSIZE;
+    }
+    r = tcp_rx_room(c, len);
+    if (r < 0) {
+        return r;
+    }
+    while (c->rx_tail - c->rx_head < len) {
+        /* What the socket holds, up to TCP_RX_AHEAD past the loan: poll only when it is empty. */
+        size_t end = c->rx_head + len + TCP_RX_AHEAD;
+        ssize_t n = recv(c->fd, c->rx + c->rx_tail,
+                         (end < c->rx_cap ? end : c->rx_cap) - c->rx_tail, MSG_DONTWAIT);
+
+        if (n > 0) {
+            c->rx_tail += (size_t)n;
+            continue;
+        }
+        if (n == 0) {
+            return -ECONNRESET;
+        }
+        if (errno == EINTR) {
+            continue;
+        }
+        if (errno != EAGAIN && errno != EWOULDBLOCK) {
+            return -errno;
+        }
+        struct pollfd pfd = {.fd = c->fd, .events = POLLIN};
+        int64_t left = timeout_ms < 0 ? -1 : deadline - now_ms();
+        /* One deadline for the whole call, as in tcp_recv. */
+        r = poll(&pfd, 1, left < 0 ? (timeout_ms < 0 ? -1 : 0) : (int)left);
+        if (r < 0 && errno != EINTR) {
+            return -errno;
+        }
+        if (r == 0) {
+            return -ETIMEDOUT;
+        }
+    }
+    *out = c->rx + c->rx_head;
+    return 0;
+}
+
+static void tcp_rx_release(struct rdmax_conn *base, size_t len)
+{
+    struct tcp_conn *c = tcp_conn_of(base);
+
+    c->rx_head += len;
+    if (c->rx_head >= c->rx_tail) {
+        c->rx_head = c->rx_tail = 0;
+    } else if (c->rx_tail - c->rx_head <= TCP_RX_AHEAD) {
+        /* A few bytes read ahead: the next frame starts at the front, where the cache is warm. */
+        memmove(c->rx, c->rx + c->rx_head, c->rx_tail - c->rx_head);
+        c->rx_tail -= c->rx_head;
+        c->rx_head = 0;
+    }
+}
+
 static void tcp_shutdown(struct rdmax_conn *base)
 {
     shutdown(tcp_conn_of(base)->fd, SHUT_RDWR);
@@ -357,6 +491,7 @@ static void tcp_close(struct rdmax_conn *base)
 {
     if (base) {
         close(tcp_conn_of(base)->fd);
+        free(tcp_conn_of(base)->rx);
         free(base);
     }
 }
@@ -369,6 +504,8 @@ const struct rdmax_transport_ops rdmax_tcp_ops = {
     .connect = tcp_connect,
     .send = tcp_send,
     .recv = tcp_recv,
+    .rx_next = tcp_rx_next,
+    .rx_release = tcp_rx_release,
     .shutdown = tcp_shutdown,
     .close = tcp_close,
 };

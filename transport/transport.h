@@ -3,8 +3,10 @@
  *
  * Every transport (tcp.c, rdma.c) exports one const ops table, listed in
  * transport.c. The data path above it (transport/wire.c) speaks in whole
- * frames for sending and exact byte counts for receiving, so a transport may
- * be a byte stream (TCP) or a message transport (RDMA SEND/RECV) underneath.
+ * frames for sending (gathered from the caller's iovecs) and in exact byte
+ * counts for receiving, either copied out (recv) or lent in place from the
+ * transport's own memory (rx_next/rx_release), so a transport may be a byte
+ * stream (TCP) or a message transport (RDMA SEND/RECV) underneath.
  *
  * Threads: one connection is used by at most one sending thread and at most
  * one receiving thread at a time (the wire layer serialises senders with its
@@ -89,9 +91,12 @@ struct rdmax_transport_ops {
                    struct rdmax_conn **out);
 
     /*
-     * Send all bytes of iov as one unit (one wire frame). Blocks while the
-     * peer applies back-pressure. The iov buffers are only read until
-     * return. Returns 0, or -ECONNRESET/-EPIPE/-ETIMEDOUT/... on failure.
+     * Send all bytes of iov (at most RDMAX_CONN_IOV_MAX entries) as one
+     * unit (one wire frame). Blocks while the peer applies back-pressure.
+     * The iov buffers are the caller's; they are only read until return
+     * (tcp: the kernel has copied them; rdma: into registered send slots).
+     * Returns 0, -EINVAL for too many entries, or
+     * -ECONNRESET/-EPIPE/-ETIMEDOUT/... on failure.
      */
     int (*send)(struct rdmax_conn *c, const struct iovec *iov, int iovcnt);
 
@@ -103,12 +108,52 @@ struct rdmax_transport_ops {
      */
     int (*recv)(struct rdmax_conn *c, void *buf, size_t len, int timeout_ms);
 
+    /*
+     * Receive by lending (optional: NULL in a transport without its own
+     * receive buffer; wire.c then reads with recv into a buffer of its own).
+     *
+     * rx_next: make the next len bytes of the stream readable in place, in
+     * one piece, and point *p at them; within timeout_ms (-1: forever) in
+     * all. Consumes nothing: calling it again with a larger len (say, the
+     * header first, then header + payload) extends the same loan, and *p
+     * may move then (earlier pointers are void). The bytes belong to the
+     * transport; the receiving thread borrows them until rx_release (or
+     * the next rx_next) and may modify them in place (decrypt). They lie
+     * in the transport's own memory: a socket buffer (tcp) or a
+     * registered receive slot (rdma; a bounce buffer when the bytes span
+     * slots). Returns 0, -EMSGSIZE when len is more than the transport
+     * can lend at once (RDMAX_RX_LEND_MAX; nothing is consumed, the
+     * connection is then unusable for framing), -ECONNRESET when the peer
+     * closed before len bytes came, -ETIMEDOUT, or another -errno.
+     *
+     * rx_release: the receiving thread is done with the first len bytes
+     * of the loan (len <= the last rx_next's); they are consumed and the
+     * transport may reuse their memory (tcp: read over it; rdma: re-post
+     * the slot and return its credit). Any pointer from rx_next is void.
+     *
+     * recv and rx_next may be mixed on one connection, but not while a
+     * loan is outstanding: recv first hands out what rx_next read ahead.
+     */
+    int (*rx_next)(struct rdmax_conn *c, size_t len, uint8_t **p, int timeout_ms);
+    void (*rx_release)(struct rdmax_conn *c, size_t len);
+
     /* Wake any thread blocked in send/recv on c; they return -ECONNRESET. */
     void (*shutdown)(struct rdmax_conn *c);
 
     /* Free the connection. Accepts NULL. No other thread may be inside c. */
     void (*close)(struct rdmax_conn *c);
 };
+
+/* Entries of one send(): a frame header, a batch header, a run per page, and spare. */
+#define RDMAX_CONN_IOV_MAX 80
+
+/*
+ * The most rx_next lends at once: a whole frame (wire.h RDMAX_FRAME_MAX
+ * plus its header) with room to spare. Memory grows to what the caller
+ * asks for, and the wire asks only after checking a frame's length
+ * against its own cap, so a peer cannot make it grow past that.
+ */
+#define RDMAX_RX_LEND_MAX ((size_t)(4u << 20) + 4096u)
 
 extern const struct rdmax_transport_ops rdmax_tcp_ops;
 #ifdef RDMAX_HAVE_RDMA

@@ -31,8 +31,10 @@ void rdmax_wire_destroy(struct rdmax_wire *w)
     rdmax_crypt_destroy(w->tx);
     rdmax_crypt_destroy(w->rx);
     free(w->seal_buf);
+    free(w->rx_buf);
     w->tx = w->rx = NULL;
     w->seal_buf = NULL;
+    w->rx_buf = NULL;
     pthread_mutex_destroy(&w->send_lock);
 }
 
@@ -102,14 +104,14 @@ int rdmax_frame_hdr_decode(const uint8_t in[RDMAX_FRAME_HDR], struct rdmax_frame
 int rdmax_wire_sendv(struct rdmax_wire *w, uint8_t type, uint8_t flags, uint16_t channel,
                      const struct iovec *iov, int iovcnt)
 {
-    struct iovec v[8];
+    struct iovec v[RDMAX_WIRE_IOV_MAX + 1];
     uint8_t hdr[RDMAX_FRAME_HDR];
     struct rdmax_frame_hdr h = {.type = type, .flags = flags, .channel = channel};
     uint32_t crc;
     size_t len = 0, wire_len;
     int r;
 
-    if (iovcnt > 7) {
+    if (iovcnt > RDMAX_WIRE_IOV_MAX) {
         return -EINVAL;
     }
     for (int i = 0; i < iovcnt; i++) {
@@ -212,6 +214,95 @@ int rdmax_wire_recv(struct rdmax_wire *w, struct rdmax_frame_hdr *h, uint8_t *bu
         h->len = (uint32_t)r;
     }
     return 0;
+}
+
+/* The next len bytes of the frame, without a transport that lends: into w->rx_buf. */
+static int wire_fill(struct rdmax_wire *w, size_t have, size_t len, uint8_t **f, int timeout_ms)
+{
+    int r;
+
+    if (w->conn->ops->rx_next) {
+        return w->conn->ops->rx_next(w->conn, len, f, timeout_ms);
+    }
+    if (w->rx_cap < len) {
+        uint8_t *b = realloc(w->rx_buf, len);
+        if (!b) {
+            return -ENOMEM;
+        }
+        w->rx_buf = b;
+        w->rx_cap = len;
+    }
+    r = w->conn->ops->recv(w->conn, w->rx_buf + have, len - have, timeout_ms);
+    *f = w->rx_buf;
+    return r;
+}
+
+static void wire_unlend(struct rdmax_wire *w, size_t len)
+{
+    if (len && w->conn->ops->rx_release) {
+        w->conn->ops->rx_release(w->conn, len);
+    }
+}
+
+int rdmax_wire_recv_lend(struct rdmax_wire *w, struct rdmax_frame_hdr *h, uint8_t **payload,
+                         size_t cap, int timeout_ms)
+{
+    uint8_t hdr[RDMAX_FRAME_HDR], *f;
+    uint32_t crc;
+    int r;
+
+    rdmax_wire_recv_release(w);
+    r = wire_fill(w, 0, sizeof(hdr), &f, timeout_ms);
+    if (r < 0) {
+        return r;
+    }
+    memcpy(hdr, f, sizeof(hdr)); /* f may move when the loan grows */
+    r = rdmax_frame_hdr_decode(hdr, h);
+    if (r < 0) {
+        wire_unlend(w, sizeof(hdr));
+        /* A flipped bit in the header reads as a bad header: say checksum. */
+        crc = rdmax_crc32c(0, hdr, 8);
+        return crc == h->crc ? r : -EBADMSG;
+    }
+    if (h->len > cap) {
+        wire_unlend(w, sizeof(hdr));
+        return -EPROTO;
+    }
+    if (h->len) {
+        /* As in rdmax_wire_recv: a payload that never comes is a corrupted length. */
+        int pt = timeout_ms < 0 ? RDMAX_PAYLOAD_TIMEOUT_MS : 2 * timeout_ms;
+        r = wire_fill(w, sizeof(hdr), sizeof(hdr) + h->len, &f, pt);
+        if (r < 0) {
+            wire_unlend(w, sizeof(hdr));
+            return r == -ETIMEDOUT ? -EBADMSG : r;
+        }
+    }
+    w->lent = sizeof(hdr) + h->len;
+    crc = rdmax_crc32c(0, hdr, 8);
+    if (!w->rx) {
+        crc = rdmax_crc32c(crc, f + sizeof(hdr), h->len);
+    }
+    if (crc != h->crc) {
+        rdmax_wire_recv_release(w);
+        return -EBADMSG;
+    }
+    w->bytes_received += sizeof(hdr) + h->len;
+    if (w->rx) {
+        r = rdmax_crypt_open(w->rx, hdr, 8, f + sizeof(hdr), h->len);
+        if (r < 0) {
+            rdmax_wire_recv_release(w);
+            return -EKEYREJECTED;
+        }
+        h->len = (uint32_t)r;
+    }
+    *payload = f + sizeof(hdr);
+    return 0;
+}
+
+void rdmax_wire_recv_release(struct rdmax_wire *w)
+{
+    wire_unlend(w, w->lent);
+    w->lent = 0;
 }
 
 void rdmax_hello_encode(uint8_t out[RDMAX_HELLO_LEN], const struct rdmax_hello *h)

@@ -130,6 +130,16 @@ struct rdmax_wire {
     struct rdmax_crypt *rx;    /* --encrypt: owned by the receiving thread */
     uint8_t *seal_buf;         /* ciphertext of the frame being sent (send_lock) */
     size_t seal_cap;
+    /*
+     * rdmax_wire_recv_lend: owned by the receiving thread. lent: bytes of
+     * the frame on loan from the transport (header included) until
+     * rdmax_wire_recv_release, 0 when none. rx_buf/rx_cap: the frame's
+     * bytes when the transport has no rx_next (grows to the largest cap
+     * asked for, never the peer's choice).
+     */
+    size_t lent;
+    uint8_t *rx_buf;
+    size_t rx_cap;
 };
 
 void rdmax_wire_init(struct rdmax_wire *w, struct rdmax_conn *c);
@@ -145,7 +155,13 @@ int rdmax_frame_hdr_decode(const uint8_t in[RDMAX_FRAME_HDR], struct rdmax_frame
  */
 void rdmax_wire_crypt_start(struct rdmax_wire *w, struct rdmax_crypt *tx, struct rdmax_crypt *rx);
 
-/* Send one frame (payload from iov). Thread-safe. 0 or -errno. */
+/* Payload entries of one frame: the connection's, less the frame header's. */
+#define RDMAX_WIRE_IOV_MAX (RDMAX_CONN_IOV_MAX - 1)
+
+/*
+ * Send one frame (payload from iov, at most RDMAX_WIRE_IOV_MAX entries,
+ * only read until return). Thread-safe. 0 or -errno (-EINVAL: too many).
+ */
 int rdmax_wire_sendv(struct rdmax_wire *w, uint8_t type, uint8_t flags, uint16_t channel,
                      const struct iovec *iov, int iovcnt);
 int rdmax_wire_send(struct rdmax_wire *w, uint8_t type, uint8_t flags, uint16_t channel,
@@ -159,6 +175,21 @@ int rdmax_wire_send(struct rdmax_wire *w, uint8_t type, uint8_t flags, uint16_t 
  */
 int rdmax_wire_recv(struct rdmax_wire *w, struct rdmax_frame_hdr *h, uint8_t *buf, size_t cap,
                     int timeout_ms);
+
+/*
+ * Receive one frame without copying it: *payload points at its payload
+ * (h->len bytes, plaintext: checked and decrypted in place) where the
+ * transport received it (transport.h rx_next; a wire buffer when the
+ * transport cannot lend). The receiving thread owns those bytes until
+ * rdmax_wire_recv_release(w), which must come before the next receive
+ * on w; they may be modified. Errors as rdmax_wire_recv (a frame larger
+ * than cap: -EPROTO, checked before its payload is read); after an error
+ * nothing is on loan and the connection is done.
+ */
+int rdmax_wire_recv_lend(struct rdmax_wire *w, struct rdmax_frame_hdr *h, uint8_t **payload,
+                         size_t cap, int timeout_ms);
+/* Give the frame of the last rdmax_wire_recv_lend back (nothing when none is on loan). */
+void rdmax_wire_recv_release(struct rdmax_wire *w);
 
 void rdmax_hello_encode(uint8_t out[RDMAX_HELLO_LEN], const struct rdmax_hello *h);
 /*

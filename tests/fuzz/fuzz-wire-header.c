@@ -5,6 +5,8 @@
  *   opts bit 0: the connection is encrypted (AES-256-GCM with a fixed test
  *               key, so the corpus can hold valid encrypted frames)
  *   opts bits 1-2: receive buffer cap: 64, 512, 65536 or RDMAX_FRAME_MAX
+ *   opts bit 3: receive by lending (rdmax_wire_recv_lend over a transport
+ *               with rx_next/rx_release that lends the peer bytes in place)
  *
  * The peer bytes go through rdmax_wire_recv (header decode, length caps,
  * CRC, decryption) frame by frame, as a receiver reads them; HELLO payloads
@@ -13,6 +15,7 @@
  * a hello that decodes re-encodes to the same bytes.
  */
 #include <errno.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -47,10 +50,42 @@ static void fake_close(struct rdmax_conn *c)
 {
 }
 
+/* Lends the peer bytes where they lie (a writable copy: the wire decrypts in place). */
+static int fake_rx_next(struct rdmax_conn *c, size_t len, uint8_t **p, int timeout_ms)
+{
+    struct fake_conn *f = (struct fake_conn *)c;
+
+    if (f->left < len) {
+        return -ECONNRESET;
+    }
+    *p = (uint8_t *)f->p;
+    return 0;
+}
+
+static void fake_rx_release(struct rdmax_conn *c, size_t len)
+{
+    struct fake_conn *f = (struct fake_conn *)c;
+
+    if (len > f->left) {
+        abort(); /* the wire gave back more than it was lent */
+    }
+    f->p += len;
+    f->left -= len;
+}
+
 static const struct rdmax_transport_ops fake_ops = {
     .name = "fuzz",
     .send = fake_send,
     .recv = fake_recv,
+    .close = fake_close,
+};
+
+static const struct rdmax_transport_ops fake_lend_ops = {
+    .name = "fuzz-lend",
+    .send = fake_send,
+    .recv = fake_recv,
+    .rx_next = fake_rx_next,
+    .rx_release = fake_rx_release,
     .close = fake_close,
 };
 
@@ -94,8 +129,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
     check_hello(data + 1, size - 1);
 
-    fc.p = data + 1;
+    bool lend = data[0] & 8;
+    uint8_t *copy = malloc(size); /* the loan is writable */
+    if (!copy) {
+        abort();
+    }
+    memcpy(copy, data + 1, size - 1);
+    fc.p = copy;
     fc.left = size - 1;
+    if (lend) {
+        fc.base.ops = &fake_lend_ops;
+    }
     rdmax_wire_init(&w, &fc.base);
     if (data[0] & 1) {
         struct rdmax_crypt *rx;
@@ -109,18 +153,25 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         abort();
     }
     for (int i = 0; i < 64; i++) {
-        int r = rdmax_wire_recv(&w, &h, buf, cap, 0);
+        uint8_t *pl = buf;
+        int r =
+            lend ? rdmax_wire_recv_lend(&w, &h, &pl, cap, 0) : rdmax_wire_recv(&w, &h, buf, cap, 0);
         if (r < 0) {
             break;
         }
         if (h.len > cap || h.type == 0 || h.type > RDMAX_F_TYPE_MAX) {
             abort();
         }
+        if (lend && (pl < copy || pl + h.len > copy + size - 1)) {
+            abort(); /* the payload lies inside what was lent */
+        }
         if (h.type == RDMAX_F_HELLO || h.type == RDMAX_F_HELLO_ACK) {
-            check_hello(buf, h.len);
+            check_hello(pl, h.len);
         }
     }
+    rdmax_wire_recv_release(&w);
     free(buf);
+    free(copy);
     w.conn = NULL;
     rdmax_wire_destroy(&w);
     return 0;

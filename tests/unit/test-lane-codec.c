@@ -767,3 +767,101 @@ Test(lane_codec, unaligned_page_pointers_are_fine)
     free(buf);
     pair_free(p);
 }
+
+/* Concatenate a flush's iovecs, decode, and compare with what pair_add recorded. */
+static void pair_decode_iov(struct pair *p, const struct iovec *iov, int cnt, ssize_t len)
+{
+    static struct sink s;
+    size_t pos = 0;
+
+    for (int i = 0; i < cnt; i++) {
+        memcpy(p->out + pos, iov[i].iov_base, iov[i].iov_len);
+        pos += iov[i].iov_len;
+    }
+    cr_assert_eq((ssize_t)pos, len);
+    memset(&s, 0, sizeof(s));
+    s.fail_at = -1;
+    cr_assert_eq(rdmax_lane_decoder_decode(p->dec, p->out, pos, sink_cb, &s), (int)p->n);
+    for (unsigned i = 0; i < p->n; i++) {
+        cr_assert(memcmp(s.pages[i], p->pages[i], PS) == 0, "page %u differs", i);
+    }
+    cr_assert_eq(rdmax_lane_encoder_cache_digest(p->enc), rdmax_lane_decoder_cache_digest(p->dec));
+    p->n = 0;
+}
+
+static void pair_add_ref(struct pair *p, struct rdmax_page_key key, const uint8_t *page, int want)
+{
+    cr_assert_eq(rdmax_lane_encoder_add_ref(p->enc, key, page), want);
+    p->keys[p->n] = key;
+    memcpy(p->pages[p->n], page, PS);
+    p->n++;
+}
+
+Test(lane_codec, raw_pages_taken_by_reference_leave_from_where_they_lie)
+{
+    struct pair *p = pair_new(1 << 20, -1); /* never compress: raw */
+    uint8_t *src = malloc((size_t)2 * MAXP * PS);
+    struct iovec iov[RDMAX_LANE_IOV_MAX];
+    int cnt;
+    ssize_t len;
+
+    for (size_t i = 0; i < (size_t)2 * MAXP * PS; i++) {
+        src[i] = (uint8_t)(i * 2654435761u >> 13);
+    }
+    /* Every other page of src: no two lie back to back, one iovec each. */
+    for (unsigned i = 0; i < MAXP; i++) {
+        pair_add_ref(p, key_of(0, i), src + (size_t)2 * i * PS, 1);
+    }
+    len = rdmax_lane_encoder_flush_iovs(p->enc, iov, RDMAX_LANE_IOV_MAX, &cnt);
+    cr_assert_eq(cnt, 1 + MAXP);
+    for (unsigned i = 0; i < MAXP; i++) {
+        cr_assert_eq(iov[1 + i].iov_base, src + (size_t)2 * i * PS, "page %u was copied", i);
+    }
+    pair_decode_iov(p, iov, cnt, len);
+
+    /* Back to back pages make one run; a page cached before goes as a delta. */
+    for (unsigned i = 0; i < 8; i++) {
+        pair_add_ref(p, key_of(1, i), src + (size_t)i * PS, 1);
+    }
+    uint8_t changed[PS];
+    memcpy(changed, src, PS); /* key (0, 0)'s page, one byte changed */
+    changed[5] ^= 1;
+    pair_add_ref(p, key_of(0, 0), changed, 0);
+    len = rdmax_lane_encoder_flush_iovs(p->enc, iov, RDMAX_LANE_IOV_MAX, &cnt);
+    cr_assert_eq(cnt, 2);
+    cr_assert_eq(iov[1].iov_base, src);
+    cr_assert_eq(iov[1].iov_len, 8 * PS);
+    pair_decode_iov(p, iov, cnt, len);
+
+    /* Too few iovecs for the runs: gathered into the encoder's buffer. */
+    for (unsigned i = 0; i < 4; i++) {
+        pair_add_ref(p, key_of(2, i), src + (size_t)2 * i * PS, 1);
+    }
+    len = rdmax_lane_encoder_flush_iov(p->enc, iov, &cnt);
+    cr_assert_eq(cnt, 2);
+    cr_assert_eq(iov[1].iov_len, 4 * PS);
+    cr_assert_neq(iov[1].iov_base, src);
+    pair_decode_iov(p, iov, cnt, len);
+    free(src);
+    pair_free(p);
+}
+
+Test(lane_codec, a_compressing_lane_copies_pages_offered_by_reference)
+{
+    struct pair *p = pair_new(1 << 20, 3);
+    uint8_t page[PS];
+    struct iovec iov[RDMAX_LANE_IOV_MAX];
+    int cnt;
+    ssize_t len;
+
+    for (unsigned i = 0; i < 16; i++) {
+        memset(page, 'a' + (int)i, PS);
+        page[0] = (uint8_t)i;
+        pair_add_ref(p, key_of(0, i), page, 0); /* copied: page may change at once */
+    }
+    len = rdmax_lane_encoder_flush_iovs(p->enc, iov, RDMAX_LANE_IOV_MAX, &cnt);
+    cr_assert_eq(cnt, 1);
+    cr_assert_eq(stats(p)->full_zstd_batches, 1);
+    pair_decode_iov(p, iov, cnt, len);
+    pair_free(p);
+}
