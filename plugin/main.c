@@ -7,8 +7,12 @@
 #include <unistd.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
+
+#include <openssl/crypto.h>
 
 #include "cli.h"
+#include "crypt.h"
 #include "disks.h"
 #include "front-unix.h"
 #include "recv.h"
@@ -94,6 +98,24 @@ static int run_one(struct rdmax_opts o, struct rdmax_status *st)
     return status;
 }
 
+/*
+ * What would fail every migration alike fails the start instead: a
+ * service must not spin through "migration N failed" on a bad key file.
+ */
+static int check_start(const struct rdmax_opts *o)
+{
+    uint8_t key[RDMAX_PSK_MAX];
+    size_t len;
+    char err[400];
+
+    if (o->psk_file && rdmax_psk_load(o->psk_file, key, sizeof(key), &len, err, sizeof(err)) < 0) {
+        fprintf(stderr, "rdma-x: error: %s\n", err);
+        return -1;
+    }
+    OPENSSL_cleanse(key, sizeof(key));
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     struct rdmax_opts o = {0};
@@ -136,6 +158,9 @@ int main(int argc, char **argv)
     /* A closed peer or QEMU pipe is an error to report, not a signal to die of. */
     signal(SIGPIPE, SIG_IGN);
     rdmax_log_init();
+    if (check_start(&o) < 0) {
+        return 1;
+    }
     if (o.unix_path && o.sender) {
         /*
          * The listener lives as long as we do: QEMU's multifd and preempt
@@ -168,12 +193,18 @@ int main(int argc, char **argv)
         rdmax_status_disks(st, disks);
     }
     for (unsigned n = 1;; n++) {
+        double t0 = rdmax_now();
         status = run_one(o, st);
         if (!o.serve) {
             break;
         }
         fprintf(stderr, "rdma-x: note: migration %u %s; ready for the next one\n", n,
                 status == 0 ? "done" : "failed");
+        if (status != 0 && rdmax_now() - t0 < 1.0) {
+            /* Failing at once again and again (a peer that keeps refusing): not in a tight loop. */
+            struct timespec ts = {1, 0};
+            nanosleep(&ts, NULL);
+        }
     }
     if (status != 0) {
         rdmax_disks_abort(disks); /* nothing will close them now: QEMU's job fails */

@@ -11,6 +11,8 @@ migrations (2 channels, return-path):
    migration fails, dst1's guest keeps running, both services stay up.
 3. dst1 -> dst3 through the same services: completes, dst3 verifies.
 Both services log each outcome and are still running at the end.
+A key file that every migration would refuse stops the service at start
+(one error line, exit 1) instead of failing migration after migration.
 `rdma-x status` on their --status-socket: idle before, the migration in
 flight (bytes, rate) during 2, two done and one failed at the end.
 Usage: test-serve.py [RDMAX]
@@ -44,6 +46,16 @@ def body(rig):
         f.write('listen = 127.0.0.1:%d\nconnect-unix = %s\n'
                 'connect-timeout = 20   # QEMU may come later\n'
                 'status-socket = %s\n' % (port, dst_sock, p('recv.status')))
+    # a key file every migration would refuse: the service does not start
+    with open(p('bad.key'), 'w') as f:
+        f.write('00' * 32 + '\n')
+    os.chmod(p('bad.key'), 0o644)
+    r = subprocess.run([rig.rdmax, 'recv', '--serve', '--config', p('recv.conf'),
+                        '--psk-file', p('bad.key')], capture_output=True, text=True, timeout=10)
+    lines = r.stderr.strip().splitlines()
+    check(r.returncode == 1 and len(lines) == 1 and 'readable by others' in lines[0],
+          'a bad key file must stop the service at start: rc %d, %r' % (r.returncode, lines[:3]))
+    log('bad key file: %s' % lines[0])
     recv = rig.spawn([rig.rdmax, 'recv', '--serve', '--config', p('recv.conf')], 'recv.err')
     wait_for(lambda: is_listening(port), 15, 'rdma-x recv to listen')
     send = rig.spawn([rig.rdmax, 'send', '--serve', '--config', p('send.conf')], 'send.err')
