@@ -426,6 +426,17 @@ def run(rig, src, dst):
         m = re.search(r'([0-9.]+) MiB %s' % what, disk_notes(side, name)[-1])
         return float(m.group(1)) if m else -1
 
+    def service_tails(n=12):
+        """What the rdma-x services said last: the why of a failed virsh migrate."""
+        out = ''
+        for who, s in (('send', src), ('recv', dst)):
+            try:
+                with open(os.path.join(s.dir, who + '.err')) as f:
+                    out += 'rdma-x %s:\n%s' % (who, ''.join(f.readlines()[-n:]))
+            except OSError:
+                pass
+        return out
+
     def services_up():
         for who, pr, s in (('send', send, src), ('recv', recv, dst)):
             if pr.poll() is not None:
@@ -468,8 +479,9 @@ def run(rig, src, dst):
         took = time.monotonic() - t0
         if r.returncode != 0:
             raise TestFailure('virsh migrate %s failed (%.1f s): %s\nsrc libvirtd:\n%s'
-                              'dst libvirtd:\n%s' % (tag, took, r.stderr.strip(),
-                                                    src.log_tail(), dst.log_tail()))
+                              'dst libvirtd:\n%s%s' % (tag, took, r.stderr.strip(),
+                                                      src.log_tail(), dst.log_tail(),
+                                                      service_tails()))
         log('virsh migrate %s: done in %.1f s' % (tag, took))
         check(DOM not in src.virsh('list', '--all', '--name').stdout.split(),
               'the domain is still on the source')
