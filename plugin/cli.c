@@ -86,7 +86,9 @@ static void usage_sub(FILE *f, bool sender)
                 "  --listen-unix PATH    take the stream from QEMU's 'migrate unix:PATH'\n"
                 "                        instead of stdin/stdout (multifd, preempt too)\n"
                 "  --serve               with --listen-unix: carry migration after migration\n"
-                "                        (one at a time) instead of exiting after one\n"
+                "                        (one at a time) instead of exiting after one;\n"
+                "                        --listen-unix N times: N slots, one migration\n"
+                "                        each at once, slot k to PORT+k (docs/unix.md)\n"
                 "  --listen-disks-unix PATH  with --listen-unix: carry the source QEMU's NBD\n"
                 "                        connections to PATH (storage migration, libvirt\n"
                 "                        --disks-uri unix://PATH) to the receiver too\n"
@@ -132,7 +134,8 @@ static void usage_sub(FILE *f, bool sender)
                    "  --connect-timeout S   keep retrying PATH for S seconds (default 10)\n"
                    "  --serve               with --connect-unix: carry migration after\n"
                    "                        migration (one at a time); PATH is connected\n"
-                   "                        once a sender is in\n"
+                   "                        once a sender is in; --connect-unix N times:\n"
+                   "                        N slots at once, slot k listening on PORT+k\n"
                    "  --connect-disks-unix PATH  connect the sender's disk (NBD) connections\n"
                    "                        to the destination QEMU's NBD server at PATH\n"
                    "  --config FILE         options from FILE, one 'name = value' (or 'name')\n"
@@ -297,7 +300,7 @@ fail:
 }
 
 /* Splice --config FILE's options in after argv[0]. */
-static int with_config(int *argc, char ***argv)
+static int with_config(int *argc, char ***argv, int *config_end)
 {
     const char *path = NULL;
     char **cv, **nv;
@@ -331,6 +334,7 @@ static int with_config(int *argc, char ***argv)
     free(cv);
     *argc += n;
     *argv = nv;
+    *config_end = n;
     return 0;
 }
 
@@ -405,6 +409,8 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
         {NULL, 0, NULL, 0},
     };
     const char *sub = argv[0];
+    bool slots_from_cmdline = false;
+    int config_end = 0; /* argv[1..config_end] came from --config */
     long v;
     int c;
 
@@ -414,7 +420,7 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
     o->timeout_ms = 5000;
     o->connect_timeout_ms = 10000;
     o->cache_bytes = UINT64_MAX; /* "not given" */
-    if (with_config(&argc, &argv) < 0) {
+    if (with_config(&argc, &argv, &config_end) < 0) {
         return -1;
     }
     optind = 1;
@@ -427,7 +433,24 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
         case O_CONFIG:
             break; /* read by with_config */
         case O_UNIX:
-            o->unix_path = optarg;
+            /* Repeated: one slot each; the command line's replace the config file's. */
+            if (optind > config_end + 1 && !slots_from_cmdline) {
+                slots_from_cmdline = true;
+                o->nslots = 0;
+            }
+            if (o->nslots == RDMAX_SLOTS_MAX) {
+                fprintf(stderr, "rdma-x: error: at most %u %s paths (slots)\n", RDMAX_SLOTS_MAX,
+                        o->sender ? "--listen-unix" : "--connect-unix");
+                return -1;
+            }
+            for (unsigned k = 0; k < o->nslots; k++) {
+                if (strcmp(o->slot_path[k], optarg) == 0) {
+                    fprintf(stderr, "rdma-x: error: %s given twice\n", optarg);
+                    return -1;
+                }
+            }
+            o->slot_path[o->nslots++] = optarg;
+            o->unix_path = o->slot_path[0];
             break;
         case O_DISKS:
             o->disks_path = optarg;
@@ -554,9 +577,17 @@ int rdmax_cli_parse(int argc, char **argv, struct rdmax_opts *o)
                         "connect before the migration starts, so send must already run)\n");
         return -1;
     }
-    if (o->disks_path && o->unix_path && strcmp(o->disks_path, o->unix_path) == 0) {
-        fprintf(stderr, "rdma-x: error: the disks socket and the migration socket are both %s\n",
-                o->unix_path);
+    for (unsigned k = 0; k < o->nslots; k++) {
+        if (o->disks_path && strcmp(o->disks_path, o->slot_path[k]) == 0) {
+            fprintf(stderr,
+                    "rdma-x: error: the disks socket and a migration socket are both %s\n",
+                    o->slot_path[k]);
+            return -1;
+        }
+    }
+    if (o->nslots > 1 && !o->serve) {
+        fprintf(stderr, "rdma-x: error: %u %s paths (slots) need --serve\n", o->nslots,
+                o->sender ? "--listen-unix" : "--connect-unix");
         return -1;
     }
     if (o->encrypt && !o->psk_file) {

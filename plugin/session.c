@@ -4,6 +4,8 @@
  */
 #include "session.h"
 
+#include "admission.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -150,6 +152,7 @@ int rdmax_session_init(struct rdmax_session *s, const struct rdmax_opts *o)
 void rdmax_session_destroy(struct rdmax_session *s)
 {
     rdmax_session_stop(s); /* an error after the run may have started a farewell */
+    rdmax_admission_release(s->o.admission, s);
     /* The wire closes its connection. */
     if (s->ctrl.conn) {
         rdmax_wire_destroy(&s->ctrl);
@@ -491,7 +494,8 @@ int rdmax_session_finish(struct rdmax_session *s, int r)
 {
     if (r < 0 || rdmax_session_failed(s)) {
         const char *why = rdmax_session_failed(s) ? s->reason : strerror(-r);
-        fprintf(stderr, "rdma-x: error: %s\n", why);
+        fprintf(stderr, "rdma-x: error: %s%s%s\n", s->o.label ? s->o.label : "",
+                s->o.label ? ": " : "", why);
         rdmax_progress_final(s);
         rdmax_stats_write(s, why);
         return 1;
@@ -1256,23 +1260,36 @@ static uint64_t mem_available(void)
  * has available, less --host-reserve. Refused at the handshake, before a
  * byte of the stream moved, rather than by the OOM killer halfway.
  */
-static int preflight(const struct rdmax_session *s, const struct rdmax_hello *h, char *err,
-                     size_t err_len)
+static int preflight(struct rdmax_session *s, const struct rdmax_hello *h, bool commit,
+                     char *err, size_t err_len)
 {
-    uint64_t need, avail = mem_available();
+    uint64_t need, held = 0, avail = mem_available();
+    int r = 0;
 
     if (s->o.no_preflight || !(h->features & RDMAX_FEAT_GUEST_RAM) || avail == 0) {
         return 0;
     }
     need = h->guest_ram + h->cache_bytes * h->lanes;
     avail = avail > s->o.host_reserve ? avail - s->o.host_reserve : 0;
-    if (need > avail) {
+    if (s->o.admission && commit) {
+        /* Migrations admitted at once in the other slots still fill their guests' RAM. */
+        r = rdmax_admission_admit(s->o.admission, s, need, avail, &s->c.bytes_in,
+                                  &s->c.chan_bytes, &held);
+        if (r == -ENOSPC) {
+            snprintf(err, err_len, "pre-flight: too many migrations at once");
+            return r;
+        }
+    } else if (need > avail) {
+        r = -ENOMEM;
+    }
+    if (r < 0) {
         snprintf(err, err_len,
                  "pre-flight: this host cannot take the guest: %.1f GiB of guest RAM and "
                  "%.1f GiB of page caches, %.1f GiB available (MemAvailable less "
-                 "--host-reserve; recv --no-preflight skips this check)",
+                 "--host-reserve%s; recv --no-preflight skips this check)",
                  (double)h->guest_ram / (1 << 30), (double)(h->cache_bytes * h->lanes) / (1 << 30),
-                 (double)avail / (1 << 30));
+                 (double)(avail - (held < avail ? held : avail)) / (1 << 30),
+                 held ? " and what the migrations in flight still fill" : "");
         return -ENOMEM;
     }
     return 0;
@@ -1283,9 +1300,9 @@ static int preflight(const struct rdmax_session *s, const struct rdmax_hello *h,
  * before the proofs (to refuse early) and again at the commit. as->mu held.
  */
 static int admit(struct accept_state *as, const struct rdmax_conn *c, const struct rdmax_hello *h,
-                 bool *lane_mismatch, char *err, size_t err_len)
+                 bool commit, bool *lane_mismatch, char *err, size_t err_len)
 {
-    const struct rdmax_session *s = as->s;
+    struct rdmax_session *s = as->s;
 
     *lane_mismatch = false;
     if (h->role == RDMAX_ROLE_CONTROL) {
@@ -1301,7 +1318,7 @@ static int admit(struct accept_state *as, const struct rdmax_conn *c, const stru
                      (unsigned long long)(as->cache_cap >> 20));
             return -EINVAL;
         }
-        if (preflight(s, h, err, err_len) < 0) {
+        if (preflight(s, h, commit, err, err_len) < 0) {
             return -ENOMEM;
         }
         if (s->o.lanes && h->lanes != s->o.lanes) {
@@ -1438,7 +1455,7 @@ static void *handshake_main(void *arg)
         double left = p->deadline - rdmax_now();
         rdmax_cond_wait_s(&as->ctrl_cv, &as->mu, left < 0.05 ? left : 0.05);
     }
-    r = admit(as, c, &h, &lane_mismatch, err, sizeof(err));
+    r = admit(as, c, &h, false, &lane_mismatch, err, sizeof(err));
     p->hello_ok = r == 0;
     pthread_mutex_unlock(&as->mu);
     if (r < 0) {
@@ -1459,7 +1476,7 @@ static void *handshake_main(void *arg)
         return NULL;
     }
     pthread_mutex_lock(&as->mu);
-    r = admit(as, c, &h, &lane_mismatch, err, sizeof(err));
+    r = admit(as, c, &h, true, &lane_mismatch, err, sizeof(err));
     if (r == 0 && h.role == RDMAX_ROLE_DISK) {
         p->c = NULL;
         pthread_mutex_unlock(&as->mu);

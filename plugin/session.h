@@ -16,10 +16,24 @@
 #include "sanitize.h"
 #include "wire.h"
 
+#define RDMAX_SLOTS_MAX 8u
+
+struct rdmax_admission;
+
 struct rdmax_opts {
     bool sender;
     const char *addr;       /* --to / --listen */
-    const char *unix_path;  /* send --listen-unix / recv --connect-unix */
+    const char *unix_path;  /* send --listen-unix / recv --connect-unix (this slot's) */
+    /*
+     * --serve with --listen-unix / --connect-unix given several times:
+     * one slot per path, each carrying its own migrations, all at once
+     * (main.c; slot k uses the port of addr + k). nslots 0 or 1: one.
+     */
+    const char *slot_path[RDMAX_SLOTS_MAX];
+    unsigned nslots;
+    unsigned slot;       /* this pipeline's slot, 0-based */
+    const char *label;   /* with several slots: names this slot in its lines, else NULL */
+    struct rdmax_admission *admission; /* recv: shared pre-flight bookkeeping, or NULL */
     bool serve;             /* --serve: migration after migration (main.c) */
     unsigned lanes;         /* 0: sender = cores, receiver = take the sender's */
     const char *stats_json; /* --stats-json */
@@ -294,6 +308,8 @@ void rdmax_stats_write(struct rdmax_session *s, const char *result);
 void rdmax_stats_json(struct rdmax_session *s, FILE *f, const char *result);
 /* One line of the same: bytes, ratio, pages, tier mix (rdma-x status). */
 void rdmax_stats_summary(struct rdmax_session *s, FILE *f);
+/* s as a JSON string, quoted and escaped. */
+void rdmax_json_string(FILE *f, const char *s);
 /* Bytes of QEMU's stream and its further channels so far. */
 uint64_t rdmax_stats_qemu_bytes(struct rdmax_session *s);
 void rdmax_progress_start(struct rdmax_session *s);

@@ -11,7 +11,7 @@
 #include <string.h>
 #include <unistd.h>
 
-static void json_string(FILE *f, const char *s)
+void rdmax_json_string(FILE *f, const char *s)
 {
     fputc('"', f);
     for (; *s; s++) {
@@ -103,7 +103,7 @@ void rdmax_stats_json(struct rdmax_session *s, FILE *f, const char *result)
 
     fprintf(f, "{\n  \"role\": \"%s\",\n", s->o.sender ? "send" : "recv");
     fprintf(f, "  \"result\": ");
-    json_string(f, result);
+    rdmax_json_string(f, result);
     fprintf(f, ",\n  \"transport\": \"%s\",\n", s->tp ? s->tp->name : "none");
     fprintf(f, "  \"seconds\": %.3f,\n", secs);
     fprintf(f, "  \"lanes\": %u,\n", s->nlanes);

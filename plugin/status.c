@@ -20,6 +20,18 @@
 
 #define RATE_WINDOW_S 5.0 /* "now" in the rate: the last few seconds */
 
+/* One slot's migration (main.c: one per --listen-unix / --connect-unix path). */
+struct slot_status {
+    struct rdmax_session *cur; /* mu: readable only while set */
+    unsigned number;           /* mu: the slot's current migration's, or its last one's */
+    unsigned ended;            /* mu: the slot's migrations that ended */
+    double cur_t0;             /* mu */
+    /* A few samples of bytes_in (status thread, mu), for the recent rate. */
+    double sample_t[8];
+    uint64_t sample_in[8];
+    unsigned nsamples;
+};
+
 struct rdmax_status {
     char *path;
     bool sender;
@@ -28,15 +40,10 @@ struct rdmax_status {
     bool started;
     double t0;
     pthread_mutex_t mu;
-    struct rdmax_session *cur; /* mu: readable only while set */
-    unsigned number;           /* mu: the current migration's, or the last one's */
-    unsigned done, failed;     /* mu */
-    double cur_t0;             /* mu */
-    struct rdmax_disks *disks; /* mu */
-    /* A few samples of bytes_in (status thread only), for the recent rate. */
-    double sample_t[8];
-    uint64_t sample_in[8];
-    unsigned nsamples;
+    struct slot_status slot[RDMAX_SLOTS_MAX]; /* mu */
+    unsigned nslots;                          /* mu: slots seen so far */
+    unsigned done, failed;                    /* mu: all slots together */
+    struct rdmax_disks *disks;                /* mu */
 };
 
 static double mono(void)
@@ -44,75 +51,111 @@ static double mono(void)
     return rdmax_now();
 }
 
-/* Once a second: remember what the migration had moved, for its recent rate. */
-static void sample(struct rdmax_status *st)
+/* Once a second: remember what the migration had moved, for its recent rate. mu held. */
+static void sample(struct slot_status *ss)
 {
-    unsigned n = sizeof(st->sample_t) / sizeof(st->sample_t[0]);
+    unsigned n = sizeof(ss->sample_t) / sizeof(ss->sample_t[0]);
 
-    if (!st->cur) {
-        st->nsamples = 0;
+    if (!ss->cur) {
+        ss->nsamples = 0;
         return;
     }
-    if (st->nsamples == n) {
-        memmove(st->sample_t, st->sample_t + 1, sizeof(st->sample_t[0]) * (n - 1));
-        memmove(st->sample_in, st->sample_in + 1, sizeof(st->sample_in[0]) * (n - 1));
-        st->nsamples--;
+    if (ss->nsamples == n) {
+        memmove(ss->sample_t, ss->sample_t + 1, sizeof(ss->sample_t[0]) * (n - 1));
+        memmove(ss->sample_in, ss->sample_in + 1, sizeof(ss->sample_in[0]) * (n - 1));
+        ss->nsamples--;
     }
-    st->sample_t[st->nsamples] = mono();
-    st->sample_in[st->nsamples] = rdmax_stats_qemu_bytes(st->cur);
-    st->nsamples++;
+    ss->sample_t[ss->nsamples] = mono();
+    ss->sample_in[ss->nsamples] = rdmax_stats_qemu_bytes(ss->cur);
+    ss->nsamples++;
 }
 
 /* MiB/s over the last RATE_WINDOW_S seconds (0 without two samples). mu held. */
-static double recent_rate(struct rdmax_status *st)
+static double recent_rate(const struct slot_status *ss)
 {
     double now = mono();
-    uint64_t in = rdmax_stats_qemu_bytes(st->cur);
+    uint64_t in = rdmax_stats_qemu_bytes(ss->cur);
 
-    for (unsigned i = 0; i < st->nsamples; i++) {
-        if (now - st->sample_t[i] <= RATE_WINDOW_S + 0.5 && now - st->sample_t[i] > 0.5) {
-            return (double)(in - st->sample_in[i]) / (now - st->sample_t[i]) / 1048576.0;
+    for (unsigned i = 0; i < ss->nsamples; i++) {
+        if (now - ss->sample_t[i] <= RATE_WINDOW_S + 0.5 && now - ss->sample_t[i] > 0.5) {
+            return (double)(in - ss->sample_in[i]) / (now - ss->sample_t[i]) / 1048576.0;
         }
     }
     return 0;
 }
 
-static const char *phase(const struct rdmax_status *st)
+/* A receiver's session exists while it only listens: no migration yet. mu held. */
+static bool in_flight(const struct rdmax_status *st, const struct slot_status *ss)
 {
-    if (!st->cur) {
-        return st->sender ? "waiting for QEMU" : "waiting for a sender";
-    }
-    if (!st->cur->ctrl.conn) {
-        return st->sender ? "connecting to the receiver" : "waiting for a sender";
-    }
-    return "migrating";
+    return ss->cur && (st->sender || ss->cur->ctrl.conn);
 }
 
-/* A receiver's session exists while it only listens: no migration yet. mu held. */
-static bool in_flight(const struct rdmax_status *st)
+/* The busiest slot's phase stands for the process. mu held. */
+static const char *phase(const struct rdmax_status *st)
 {
-    return st->cur && (st->sender || st->cur->ctrl.conn);
+    bool connecting = false;
+
+    for (unsigned k = 0; k < st->nslots; k++) {
+        const struct slot_status *ss = &st->slot[k];
+        if (ss->cur && ss->cur->ctrl.conn) {
+            return "migrating";
+        }
+        connecting |= ss->cur && st->sender;
+    }
+    if (connecting) {
+        return "connecting to the receiver";
+    }
+    return st->sender ? "waiting for QEMU" : "waiting for a sender";
+}
+
+static void migration_json(const struct rdmax_status *st, const struct slot_status *ss, FILE *f)
+{
+    fprintf(f, "{\"number\": %u, \"slot\": %u, \"socket\": ", ss->number,
+            (unsigned)(ss - st->slot) + 1);
+    if (ss->cur->o.unix_path) {
+        rdmax_json_string(f, ss->cur->o.unix_path);
+    } else {
+        fprintf(f, "null");
+    }
+    fprintf(f, ", \"seconds\": %.1f, \"rate_mib_s\": %.1f, \"stats\": ", mono() - ss->cur_t0,
+            recent_rate(ss));
+    rdmax_stats_json(ss->cur, f, "running");
+    fprintf(f, "}");
 }
 
 static void snapshot(struct rdmax_status *st, FILE *f, bool json)
 {
     pthread_mutex_lock(&st->mu);
     double up = mono() - st->t0;
+    const struct slot_status *first = NULL;
+    unsigned flying = 0;
+    for (unsigned k = 0; k < st->nslots; k++) {
+        if (in_flight(st, &st->slot[k])) {
+            first = first ? first : &st->slot[k];
+            flying++;
+        }
+    }
     if (json) {
         fprintf(f,
                 "{\"role\": \"%s\", \"pid\": %d, \"uptime_seconds\": %.1f, "
                 "\"migrations_done\": %u, \"migrations_failed\": %u, \"phase\": \"%s\", "
-                "\"migration\": ",
-                st->sender ? "send" : "recv", (int)getpid(), up, st->done, st->failed, phase(st));
-        if (in_flight(st)) {
-            fprintf(f, "{\"number\": %u, \"seconds\": %.1f, \"rate_mib_s\": %.1f, \"stats\": ",
-                    st->number, mono() - st->cur_t0, recent_rate(st));
-            rdmax_stats_json(st->cur, f, "running");
-            fprintf(f, "}");
+                "\"slots\": %u, \"migration\": ",
+                st->sender ? "send" : "recv", (int)getpid(), up, st->done, st->failed, phase(st),
+                st->nslots);
+        /* "migration": the first in flight, as before slots; "migrations": all of them. */
+        if (first) {
+            migration_json(st, first, f);
         } else {
             fprintf(f, "null");
         }
-        fprintf(f, ", \"disks\": ");
+        fprintf(f, ", \"migrations\": [");
+        for (unsigned k = 0, n = 0; k < st->nslots; k++) {
+            if (in_flight(st, &st->slot[k])) {
+                fprintf(f, n++ ? ", " : "");
+                migration_json(st, &st->slot[k], f);
+            }
+        }
+        fprintf(f, "], \"disks\": ");
         if (st->disks) {
             rdmax_disks_report(st->disks, f, true);
         } else {
@@ -120,12 +163,24 @@ static void snapshot(struct rdmax_status *st, FILE *f, bool json)
         }
         fprintf(f, "}\n");
     } else {
-        fprintf(f, "rdma-x %s (pid %d), up %.0f s: %u migrations done, %u failed; %s\n",
+        fprintf(f, "rdma-x %s (pid %d), up %.0f s: %u migrations done, %u failed; %s",
                 st->sender ? "send" : "recv", (int)getpid(), up, st->done, st->failed, phase(st));
-        if (in_flight(st)) {
-            fprintf(f, "migration %u: %.1f s, %.1f MiB/s now; ", st->number, mono() - st->cur_t0,
-                    recent_rate(st));
-            rdmax_stats_summary(st->cur, f);
+        if (st->nslots > 1) {
+            fprintf(f, " (%u of %u slots busy)", flying, st->nslots);
+        }
+        fprintf(f, "\n");
+        for (unsigned k = 0; k < st->nslots; k++) {
+            const struct slot_status *ss = &st->slot[k];
+            if (!in_flight(st, ss)) {
+                continue;
+            }
+            if (st->nslots > 1) {
+                fprintf(f, "slot %u (%s) ", k + 1,
+                        ss->cur->o.unix_path ? ss->cur->o.unix_path : "-");
+            }
+            fprintf(f, "migration %u: %.1f s, %.1f MiB/s now; ", ss->number, mono() - ss->cur_t0,
+                    recent_rate(ss));
+            rdmax_stats_summary(ss->cur, f);
             fprintf(f, "\n");
         }
         if (st->disks) {
@@ -171,7 +226,9 @@ static void *status_main(void *arg)
             break;
         }
         pthread_mutex_lock(&st->mu);
-        sample(st);
+        for (unsigned k = 0; k < st->nslots; k++) {
+            sample(&st->slot[k]);
+        }
         pthread_mutex_unlock(&st->mu);
         if (n > 0 && (p[0].revents & POLLIN)) {
             int c = accept4(st->listen_fd, NULL, NULL, SOCK_CLOEXEC);
@@ -220,32 +277,44 @@ int rdmax_status_start(const char *path, bool sender, struct rdmax_status **out)
     return 0;
 }
 
-void rdmax_status_begin(struct rdmax_status *st, struct rdmax_session *s)
+void rdmax_status_begin(struct rdmax_status *st, unsigned k, struct rdmax_session *s)
 {
-    if (!st) {
+    if (!st || k >= RDMAX_SLOTS_MAX) {
         return;
     }
     pthread_mutex_lock(&st->mu);
-    st->cur = s;
-    st->number = st->done + st->failed + 1;
-    st->cur_t0 = mono();
-    st->nsamples = 0;
+    struct slot_status *ss = &st->slot[k];
+    ss->cur = s;
+    ss->number = ss->ended + 1;
+    ss->cur_t0 = mono();
+    ss->nsamples = 0;
+    st->nslots = k + 1 > st->nslots ? k + 1 : st->nslots;
     pthread_mutex_unlock(&st->mu);
 }
 
-void rdmax_status_end(struct rdmax_status *st, bool ok)
+void rdmax_status_end(struct rdmax_status *st, unsigned k, bool ok)
 {
-    if (!st) {
+    if (!st || k >= RDMAX_SLOTS_MAX) {
         return;
     }
     pthread_mutex_lock(&st->mu);
-    st->cur = NULL;
+    st->slot[k].cur = NULL;
+    st->slot[k].ended++;
     if (ok) {
         st->done++;
     } else {
         st->failed++;
     }
     pthread_mutex_unlock(&st->mu);
+}
+
+void rdmax_status_slots(struct rdmax_status *st, unsigned n)
+{
+    if (st) {
+        pthread_mutex_lock(&st->mu);
+        st->nslots = n < RDMAX_SLOTS_MAX ? n : RDMAX_SLOTS_MAX;
+        pthread_mutex_unlock(&st->mu);
+    }
 }
 
 void rdmax_status_disks(struct rdmax_status *st, struct rdmax_disks *d)

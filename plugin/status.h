@@ -18,12 +18,15 @@ struct rdmax_status;
 int rdmax_status_start(const char *path, bool sender, struct rdmax_status **out);
 
 /*
- * The migration now running (s), or none (NULL) before its session is
- * destroyed: status reads s only between the two calls. ok: how the one
- * that ends with set(NULL) went. st may be NULL (no --status-socket).
+ * The migration now running in slot k (s), or none (end) before its
+ * session is destroyed: status reads s only between the two calls. ok:
+ * how it went. st may be NULL (no --status-socket). k < RDMAX_SLOTS_MAX.
  */
-void rdmax_status_begin(struct rdmax_status *st, struct rdmax_session *s);
-void rdmax_status_end(struct rdmax_status *st, bool ok);
+void rdmax_status_begin(struct rdmax_status *st, unsigned k, struct rdmax_session *s);
+void rdmax_status_end(struct rdmax_status *st, unsigned k, bool ok);
+
+/* How many slots the process serves (main.c), before the first begin. */
+void rdmax_status_slots(struct rdmax_status *st, unsigned n);
 
 /* The process's disk connections (disks.h), for the snapshot. */
 void rdmax_status_disks(struct rdmax_status *st, struct rdmax_disks *d);
