@@ -361,11 +361,50 @@ out:
     return NULL;
 }
 
+/*
+ * Where the destination QEMU's return-path messages (be16 type, be16 len,
+ * payload) begin, to know whether the last one was SHUT: QEMU sends SHUT
+ * whenever it ends a migration whose return path it opened, even a failed
+ * one, so an open return path that closes without one is a QEMU that
+ * died. RECV_BITMAP (postcopy recovery) carries unframed data: the scan
+ * gives up there.
+ */
+struct rp_scan {
+    uint8_t hdr[4];
+    unsigned have;
+    uint32_t skip;
+    bool lost, shut;
+};
+
+static void rp_scan(struct rp_scan *sc, const uint8_t *b, size_t n)
+{
+    while (n && !sc->lost) {
+        if (sc->skip) {
+            size_t k = n < sc->skip ? n : sc->skip;
+            sc->skip -= (uint32_t)k;
+            b += k;
+            n -= k;
+            continue;
+        }
+        sc->hdr[sc->have++] = *b++;
+        n--;
+        if (sc->have == 4) {
+            unsigned type = (unsigned)sc->hdr[0] << 8 | sc->hdr[1];
+            sc->skip = (uint32_t)sc->hdr[2] << 8 | sc->hdr[3];
+            sc->have = 0;
+            sc->shut = type == 1;
+            sc->lost = type == 0 || type == 5 || type > 7;
+        }
+    }
+}
+
 static void *rp_main(void *arg)
 {
     struct rdmax_recv *p = arg;
     struct rdmax_session *s = &p->s;
     uint8_t *buf = malloc(RP_BUF);
+    struct rp_scan sc = {0};
+    bool rp_seen = false;
 
     if (!buf) {
         rdmax_session_error(s, -ENOMEM, "out of memory");
@@ -383,6 +422,19 @@ static void *rp_main(void *arg)
         }
         if (n <= 0) {
             /* QEMU closed its end: it finished, or gave up on the stream. */
+            if (s->o.unix_path && rp_seen && !sc.lost && !sc.shut &&
+                !atomic_load(&p->stream_done)) {
+                /*
+                 * The destination QEMU died mid-stream: say so here.
+                 * Passed on as RP_EOF, the source QEMU (over the unix
+                 * front end, whose return path then ends) would fail
+                 * first, and both sides would blame it.
+                 */
+                rdmax_session_error(s, -EPIPE,
+                                    "destination QEMU closed its socket before the stream "
+                                    "ended (it exited, or rejected the migration)");
+                break;
+            }
             /* Mid-stream, the splice notices the closed qemu_out on its own. */
             r = rdmax_wire_send(&s->ctrl, RDMAX_F_RP_EOF, 0, 0, NULL, 0);
             if (r < 0 && !atomic_load(&p->stream_done)) {
@@ -392,6 +444,8 @@ static void *rp_main(void *arg)
             break;
         }
         atomic_fetch_add_explicit(&s->c.rp_bytes, (uint64_t)n, memory_order_relaxed);
+        rp_seen = true;
+        rp_scan(&sc, buf, (size_t)n);
         r = rdmax_wire_send(&s->ctrl, RDMAX_F_RP, 0, 0, buf, (size_t)n);
         if (r < 0 && !atomic_load(&p->stream_done)) {
             rdmax_session_error(s, r, "control connection: %s",

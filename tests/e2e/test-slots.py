@@ -11,7 +11,8 @@ channels each, one through each slot:
    destination QEMU is killed: A fails, its source guest keeps running;
    B completes and its destination guest verifies.
 2. A again through the same slot of the same services: completes, verifies.
-Each side logs one error line (A's, named by its slot), each slot its own
+Each side logs one error line (A's, named by its slot, blaming the
+destination QEMU that died), each slot its own
 notes and --stats-json file, and both services are still running.
 Usage: test-slots.py [RDMAX]
 """
@@ -161,6 +162,8 @@ def body(rig):
     errors = [l for l in open(p('send.err')).read().splitlines() if 'rdma-x: error:' in l]
     check(len(errors) == 1 and errors[0].startswith('rdma-x: error: %s: ' % src_sock['A']),
           'send: one error line, A\'s, named by its slot; got %r' % errors)
+    # the reason blames the destination QEMU that died, not the source that then failed
+    check('receiver: destination QEMU' in errors[0], 'send: the reason: %r' % errors[0])
     log('send: %s' % errors[0])
     for side, files in (('send', ('send.json.1', 'send.json.2')),
                         ('recv', ('recv.json.1', 'recv.json.2'))):
