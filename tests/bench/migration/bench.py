@@ -856,6 +856,14 @@ def markdown(doc):
         with open(replay) as f:
             body = f.read().splitlines()
         L.extend(l for l in body if not l.startswith('# '))
+    evac = os.path.join(TOP, 'docs', 'benchmarks-evac.md')
+    if os.path.exists(evac) and not on_10:
+        L.append('')
+        L.append('## Host evacuation')
+        L.append('')
+        L.append('Several guests leaving one host at once or one after another, QEMU')
+        L.append("against rdma-x's service with slots: docs/benchmarks-evac.md, made by")
+        L.append('`scripts/evac-bench`; what it shows: docs/evacuation.md.')
     L.append('')
     return '\n'.join(L)
 
