@@ -1361,7 +1361,7 @@ static int admit(struct accept_state *as, const struct rdmax_conn *c, const stru
         for (unsigned k = 0; k < RDMAX_CHAN_MAX; k++) {
             caches += s->chan[k].conn != NULL;
         }
-        if (s->codec.cache_bytes * caches > as->cache_cap) {
+        if (!s->chan_nocache && s->codec.cache_bytes * caches > as->cache_cap) {
             snprintf(err, err_len,
                      "QEMU channel %u: %u page caches of %llu MiB (lanes and channels) are above "
                      "this receiver's cap of %llu MiB (recv --cache-max, or send --cache-size)",
@@ -1496,6 +1496,7 @@ static void *handshake_main(void *arg)
             s->ctrl = w;
             into = &s->ctrl;
             s->peer_channels = (h.features & RDMAX_FEAT_CHANNELS) != 0;
+            s->chan_nocache = (h.features & RDMAX_FEAT_CHAN_NOCACHE) != 0;
             as->have_ctrl = true;
             as->ctrl_tp = c->ops;
             pthread_cond_broadcast(&as->ctrl_cv);

@@ -157,6 +157,7 @@ struct rdmax_session {
     /* Sender: channel k's page encoder counters, once it has one (channels.c). */
     _Atomic(const struct rdmax_lane_stats *) chan_stats[RDMAX_CHAN_MAX];
     bool peer_channels; /* receiver: the sender may open channels (set with the control conn) */
+    bool chan_nocache;  /* channel page codecs have no cache (sender: always; receiver: peer's) */
     /* Receiver: channel k's connection is in (called from a handshake thread). */
     void (*on_channel)(void *arg, unsigned k);
     void *on_channel_arg;

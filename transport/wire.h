@@ -49,8 +49,15 @@
  * reserved), for the receiver's pre-flight check. Sender only, not matched.
  */
 #define RDMAX_FEAT_GUEST_RAM 0x8u
+/*
+ * The QEMU channels' page codecs run without a page cache (no DELTA or
+ * UNCHANGED pages on them). Sender only, not matched; without it the
+ * receiver decodes channel pages with the lanes' cache size (rdma-x before).
+ */
+#define RDMAX_FEAT_CHAN_NOCACHE 0x10u
 #define RDMAX_FEAT_KNOWN                                                                           \
-    (RDMAX_FEAT_PSK | RDMAX_FEAT_ENCRYPT | RDMAX_FEAT_CHANNELS | RDMAX_FEAT_GUEST_RAM)
+    (RDMAX_FEAT_PSK | RDMAX_FEAT_ENCRYPT | RDMAX_FEAT_CHANNELS | RDMAX_FEAT_GUEST_RAM |            \
+     RDMAX_FEAT_CHAN_NOCACHE)
 /* QEMU channels besides the main one (multifd channels + the preempt channel). */
 #define RDMAX_CHAN_MAX 64u
 /* Disk (NBD) connections open at once (libvirt opens one per migrated disk). */
