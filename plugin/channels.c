@@ -100,12 +100,17 @@ static struct rdmax_channels *channels_new(struct rdmax_session *s, const char *
     pthread_cond_init(&ch->cv, NULL);
     pthread_mutex_init(&ch->lvl_mu, NULL);
     /*
-     * At most zstd 1, QEMU's own multifd level: its channel threads run
+     * Zstd 1 at most, QEMU's own multifd level: the channel threads run
      * next to the guest's vCPUs, and level 2 cost more time than its
      * bytes saved (scripts/evac-bench, 2 guests one after another: 12.6
-     * and 10.9 s in migration against 13.2 and 14.4 s, fewer wire bytes).
+     * and 10.9 s in migration against 13.2 and 14.4 s). And from 1, not
+     * raw: where the CPU, not the link, is the limit raw moves no faster
+     * and the controller never leaves it, sending ~1.8x the bytes (8.4-8.6 s
+     * and 471-519 MiB from raw, 8.0-9.1 s and 283-296 MiB from 1, QEMU's
+     * multifd+zstd 273-280 MiB); a link that outruns zstd still walks it
+     * down to raw within a few windows.
      */
-    rdmax_level_ctl_init(&ch->ctl, 0, 0, 1);
+    rdmax_level_ctl_init(&ch->ctl, 1, 0, 1);
     atomic_store(&ch->level, ch->ctl.level);
     return ch;
 }
